@@ -1,0 +1,61 @@
+"""`dynamicvit` command line: one sub-command per module in `dynamicvit.commands`.
+
+Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported only when their command runs, so `dynamicvit --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .errors import DynamicViTError
+
+COMMANDS = {
+    "demo": "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures.",
+    "train": "Train a dense ViT or fine-tune a DynamicViT from a dense teacher.",
+    "eval": "Top-1/top-5 of a model on a dataset at a chosen keep ratio, plus its MACs.",
+    "visualize": "Draw the tokens a DynamicViT keeps at each stage.",
+    "flops": "Count multiply-accumulates (GMACs) and parameters, per stage and in total.",
+    "bench": "Throughput and latency of dense vs DynamicViT, side by side.",
+    "info": "Build a DynamicViT and print its stages and token counts.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamicvit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    top, rest = parser.parse_known_args(argv)
+    if top.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if top.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    module = importlib.import_module(f"dynamicvit.commands.{top.command}")
+    cmd_parser = argparse.ArgumentParser(prog=f"dynamicvit {top.command}", description=COMMANDS[top.command])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except DynamicViTError as e:
+        print(f"dynamicvit {top.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dynamicvit {top.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Sparsification settings: where to prune and how many tokens each stage keeps."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .errors import ConfigError
+
+
+def default_prune_locs(depth: int, num_stages: int = 3) -> tuple[int, ...]:
+    """Evenly spaced stages: (3, 6, 9) for 12 blocks, (4, 8, 12) for 16, (5, 10, 15) for 20."""
+    if depth < num_stages + 1:
+        raise ConfigError(
+            f"a model with {depth} blocks is too shallow for {num_stages} pruning stages; "
+            f"pass prune_locs explicitly (block indices in 1..{depth - 1})"
+        )
+    return tuple(int(depth * s / (num_stages + 1)) for s in range(1, num_stages + 1))
+
+
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:
+    """Patch tokens kept after each stage: int(N * rho ** s), as the reference computes it."""
+    return tuple(int(num_patches * keep_ratio ** s) for s in range(1, num_stages + 1))
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How a DynamicViT prunes tokens.
+
+    Attributes:
+        keep_ratio: rho; stage s keeps int(N * rho ** s) of the N original patch tokens. 1.0 keeps all.
+        prune_locs: 0-indexed blocks before which a prediction module prunes, strictly increasing.
+    """
+
+    keep_ratio: float = 0.7
+    prune_locs: tuple[int, ...] = (3, 6, 9)
+
+    @classmethod
+    def create(
+        cls, keep_ratio: float, prune_locs: Optional[Sequence[int]], depth: int, num_patches: int
+    ) -> "SparsityConfig":
+        """Validate the settings against a model of `depth` blocks and `num_patches` patch tokens."""
+        locs = default_prune_locs(depth) if prune_locs is None else _as_locs(prune_locs)
+        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs)
+        cfg.validate(depth, num_patches)
+        return cfg
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.prune_locs)
+
+    def keep_counts(self, num_patches: int) -> tuple[int, ...]:
+        return keep_counts(num_patches, self.keep_ratio, self.num_stages)
+
+    def replace(self, **changes) -> "SparsityConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, depth: int, num_patches: int) -> None:
+        _as_ratio(self.keep_ratio)
+        locs = _as_locs(self.prune_locs)
+        bad = [i for i in locs if not 0 < i < depth]
+        if bad:
+            raise ConfigError(
+                f"prune_locs {list(locs)} has block indices {bad} out of range: the model has {depth} "
+                f"blocks, so each location must be in 1..{depth - 1} (pruning happens before that block)"
+            )
+        counts = self.keep_counts(num_patches)
+        if counts and counts[-1] < 1:
+            stage = next(s for s, k in enumerate(counts) if k < 1)
+            min_ratio = (1.0 / num_patches) ** (1.0 / (stage + 1))
+            raise ConfigError(
+                f"keep_ratio {self.keep_ratio} keeps zero of the {num_patches} patch tokens at stage "
+                f"{stage + 1} (int({num_patches} * {self.keep_ratio}^{stage + 1}) = 0); use a keep ratio "
+                f"of at least {math.ceil(min_ratio * 1000) / 1000} or fewer stages"
+            )
+
+
+def _as_ratio(keep_ratio) -> float:
+    try:
+        r = float(keep_ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from None
+    if not (0.0 < r <= 1.0) or math.isnan(r):
+        raise ConfigError(
+            f"keep_ratio must be in (0, 1] (the fraction of tokens each stage keeps), got {keep_ratio!r}"
+        )
+    return r
+
+
+def _as_locs(prune_locs) -> tuple[int, ...]:
+    try:
+        locs = tuple(int(i) for i in prune_locs)
+        if any(int(i) != i for i in prune_locs):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"prune_locs must be a sequence of block indices, got {prune_locs!r}") from None
+    if not locs:
+        raise ConfigError("prune_locs is empty: give at least one block index, e.g. (3, 6, 9)")
+    if len(set(locs)) != len(locs):
+        raise ConfigError(f"prune_locs {list(locs)} repeats a block index; each stage needs its own block")
+    if list(locs) != sorted(locs):
+        raise ConfigError(
+            f"prune_locs {list(locs)} is not sorted; stages prune in order, e.g. {sorted(locs)}"
+        )
+    return locs

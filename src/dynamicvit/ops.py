@@ -1,0 +1,155 @@
+"""The math of DynamicViT, with no knowledge of any host model.
+
+- `PredictionModule`: scores every patch token (keep vs drop) from local and mask-aware global features.
+- `sample_keep`: straight-through Gumbel-softmax decisions for training.
+- `masked_softmax` / `masked_attention`: attention where dropped tokens cannot influence any other token,
+  differentiable in the decision (the training path).
+- `select_tokens`: top-k selection and gather for the inference path (tokens physically removed).
+
+Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PredictionModule(nn.Module):
+    """Per-token keep/drop scores (the paper's prediction module).
+
+    Submodule names and indices follow the reference checkpoints (`in_conv.0`, `in_conv.1`,
+    `out_conv.0/2/4`), so their weights load after renaming the `score_predictor.` prefix alone.
+    Channel 0 of the output is "keep".
+    """
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        C = embed_dim
+        self.in_conv = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(C, C // 2),
+            nn.GELU(),
+            nn.Linear(C // 2, C // 4),
+            nn.GELU(),
+            nn.Linear(C // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def logits(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unnormalized (keep, drop) logits, (B, N, 2).
+
+        Args:
+            x: patch tokens, (B, N, C).
+            policy: current keep decision, (B, N, 1); None means every token is present.
+        """
+        h = self.in_conv(x)  # (B, N, C)
+        C = h.shape[-1]
+        local, glob = h[..., : C // 2], h[..., C // 2 :]
+        if policy is None:
+            glob = glob.mean(dim=1, keepdim=True)  # (B, 1, C/2)
+        else:
+            # Masked mean: dropped tokens must not leak into the global feature. An all-dropped
+            # row gives 0 / eps = 0 instead of the reference's 0 / 0 = NaN.
+            glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        z = torch.cat([local, glob.expand(-1, h.shape[1], -1)], dim=-1)  # (B, N, C)
+        for layer in self.out_conv[:-1]:
+            z = layer(z)
+        return z
+
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Log-probabilities of (keep, drop), (B, N, 2)."""
+        return F.log_softmax(self.logits(x, policy), dim=-1)
+
+    def keep_score(self, x: torch.Tensor) -> torch.Tensor:
+        """A score monotone in the keep probability, (B, N), for ranking at inference.
+
+        log p_keep = l0 - logsumexp(l0, l1) is monotone in l0 - l1, so the ranking needs no softmax.
+        """
+        z = self.logits(x)
+        return z[..., 0] - z[..., 1]
+
+
+def sample_keep(log_probs: torch.Tensor, prev_decision: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hard keep decisions with straight-through gradients, (B, N, 1).
+
+    Args:
+        log_probs: predictor output, (B, N, 2), channel 0 = keep.
+        prev_decision: decision of the previous stage, (B, N, 1); dropped tokens stay dropped.
+    """
+    return F.gumbel_softmax(log_probs, tau=tau, hard=True)[..., 0:1] * prev_decision
+
+
+def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys in which dropped keys get zero weight ("softmax with policy").
+
+    attn_ij = exp(A_ij - m_i) G_ij / sum_k exp(A_ik - m_i) G_ik with G_ij = g_j (i != j), G_ii = 1.
+    Gradients flow into g, which is how the predictor learns. Computed in fp32.
+
+    Unlike the reference, the row max m_i is taken over the keys that are present only, so a dropped
+    key with a large logit cannot make the kept ones underflow; the denominator is then >= 1 and the
+    reference's eps is not needed (an all-kept policy gives exactly the ordinary softmax).
+
+    Args:
+        attn: attention logits, (B, H, M, M).
+        policy: (B, M, 1) or (B, M); 1 for prefix and kept tokens, 0 for dropped ones.
+    """
+    B, H, M, _ = attn.shape
+    g = policy.reshape(B, 1, 1, M).to(torch.float32)
+    eye = torch.eye(M, dtype=torch.float32, device=attn.device).view(1, 1, M, M)
+    G = g + (1.0 - g) * eye  # (B, 1, M, M): g_j off the diagonal, 1 on it
+    a = attn.to(torch.float32)
+    present = G.detach() > 0
+    m = a.masked_fill(~present, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    e = torch.exp(a - m) * G
+    return (e / e.sum(dim=-1, keepdim=True)).to(attn.dtype)
+
+
+def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """A timm `Attention` module's forward with `masked_softmax` in place of the softmax.
+
+    Uses the module's own weights (qkv, q/k norm, output norm, proj) and dropouts.
+
+    Args:
+        attn: a `timm.layers.Attention`.
+        x: tokens, (B, M, C).
+        policy: (B, M, 1).
+    """
+    B, M, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
+    a = attn.attn_drop(masked_softmax(a, policy))
+    x = (a @ v).transpose(1, 2).reshape(B, M, H * D)
+    x = attn.norm(x)
+    return attn.proj_drop(attn.proj(x))
+
+
+def select_tokens(
+    x: torch.Tensor, score: torch.Tensor, num_keep: int, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the prefix tokens and the `num_keep` highest-scoring patch tokens.
+
+    Args:
+        x: tokens, (B, P + N, C).
+        score: keep score of the patch tokens, (B, N).
+        num_keep: k, patch tokens to keep.
+        num_prefix_tokens: P.
+
+    Returns:
+        (tokens (B, P + k, C), positions of the kept patch tokens in the current sequence (B, k)).
+        Kept tokens come out in score order; the position embedding was added at the input.
+    """
+    B, _, C = x.shape
+    P = num_prefix_tokens
+    keep = score.topk(num_keep, dim=1, sorted=False).indices  # (B, k)
+    if P:
+        prefix = torch.arange(P, device=x.device).expand(B, P)
+        index = torch.cat([prefix, keep + P], dim=1)  # (B, P + k)
+    else:
+        index = keep
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, C)), keep
