@@ -82,6 +82,9 @@ def sample_keep(log_probs: torch.Tensor, prev_decision: torch.Tensor, tau: float
     return F.gumbel_softmax(log_probs, tau=tau, hard=True)[..., 0:1] * prev_decision
 
 
+_MAX_EXPONENT = 60.0  # exp(60) ~ 1e26: far from fp32 overflow, far above any kept logit's term (<= 1)
+
+
 def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Softmax over keys in which dropped keys get zero weight ("softmax with policy").
 
@@ -90,7 +93,8 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
 
     Unlike the reference, the row max m_i is taken over the keys that are present only, so a dropped
     key with a large logit cannot make the kept ones underflow; the denominator is then >= 1 and the
-    reference's eps is not needed (an all-kept policy gives exactly the ordinary softmax).
+    reference's eps is not needed (an all-kept policy gives exactly the ordinary softmax). Dropped
+    keys keep a finite exp term, so gradients still reach their g.
 
     Args:
         attn: attention logits, (B, H, M, M).
@@ -103,7 +107,9 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     a = attn.to(torch.float32)
     present = G.detach() > 0
     m = a.masked_fill(~present, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    e = torch.exp(a - m) * G
+    # A dropped key may sit far above m; capping its exponent keeps exp finite (its weight is
+    # multiplied by 0 anyway) while its gradient into g stays defined.
+    e = torch.exp((a - m).clamp_max(_MAX_EXPONENT)) * G
     return (e / e.sum(dim=-1, keepdim=True)).to(attn.dtype)
 
 

@@ -1,0 +1,212 @@
+"""Invariants of the timm adapter: dense equivalence, path agreement, token counts, gradients."""
+import pytest
+import timm
+import torch
+
+import dynamicvit
+from dynamicvit import DynamicViT, DynamicViTOutput
+from dynamicvit.errors import ConfigError, UnsupportedModelError
+
+from conftest import tiny_kwargs, tiny_model
+
+# Variants covering prefix tokens, LayerScale, qk-norm, pooling, position embedding styles, grids.
+VARIANTS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers_avgpool": ("vit_tiny_patch16_224", dict(reg_tokens=4, global_pool="avg", class_token=False, no_embed_class=True)),
+    "registers_token": ("vit_tiny_patch16_224", dict(reg_tokens=2)),
+    "layerscale_qknorm": ("vit_tiny_patch16_224", dict(init_values=0.1, qk_norm=True)),
+    "deit3_noembedclass": ("deit3_small_patch16_224", dict(embed_dim=48, num_heads=3)),
+    "img48_patch8": ("vit_tiny_patch16_224", dict(img_size=48, patch_size=8)),
+    "nonsquare": ("vit_tiny_patch16_224", dict(img_size=(32, 48), patch_size=8)),
+}
+
+
+def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    h, w = model.backbone.patch_embed.img_size
+    return torch.randn(batch, 3, h, w)
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request) -> DynamicViT:
+    name, kw = VARIANTS[request.param]
+    return tiny_model(name, **kw).eval()
+
+
+def test_keep_ratio_one_reproduces_timm(variant):
+    variant.set_keep_ratio(1.0)
+    x = _images(variant)
+    with torch.no_grad():
+        torch.testing.assert_close(variant(x), variant.backbone(x), atol=1e-5, rtol=1e-4)
+
+
+def test_training_path_with_all_tokens_kept_equals_dense(variant):
+    x = _images(variant)
+    ones = [torch.ones(x.shape[0], variant.num_patches)] * len(variant.prune_locs)
+    with torch.no_grad():
+        out = variant.forward_masked(x, decisions=ones)
+        dense = variant.backbone.forward_features(x)
+        torch.testing.assert_close(out.logits, variant.backbone.forward_head(dense), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.tokens, dense[:, variant.num_prefix_tokens :], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
+def test_inference_and_training_paths_agree_on_kept_tokens(variant, keep_ratio):
+    variant.set_keep_ratio(keep_ratio)
+    x = _images(variant)
+    with torch.no_grad():
+        pruned = variant.forward_pruned(x)
+        masks = []
+        for idx in pruned.kept_indices:
+            m = torch.zeros(x.shape[0], variant.num_patches)
+            masks.append(m.scatter(1, idx, 1.0))
+        masked = variant.forward_masked(x, decisions=masks)
+    torch.testing.assert_close(pruned.logits, masked.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masked.mask, masks[-1])
+
+
+def test_token_counts_per_stage_and_prefix_tokens_kept(variant):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in variant.backbone.blocks]
+    x = _images(variant)
+    with torch.no_grad():
+        out = variant.forward_pruned(x)
+    for h in hooks:
+        h.remove()
+    N, P = variant.num_patches, variant.num_prefix_tokens
+    counts = [int(N * variant.keep_ratio ** s) for s in range(1, len(variant.prune_locs) + 1)]
+    assert list(variant.keep_counts()) == counts
+    expected, stage = [], 0
+    for i in range(len(variant.backbone.blocks)):
+        if stage < len(variant.prune_locs) and i == variant.prune_locs[stage]:
+            stage += 1
+        expected.append(P + (counts[stage - 1] if stage else N))
+    assert [t.shape[1] for t in seen] == expected
+    # The prefix tokens entering each pruning block are the very tokens that left the block before.
+    outputs = [None]
+    with torch.no_grad():
+        hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in variant.backbone.blocks]
+        variant.forward_pruned(x)
+        for h in hooks:
+            h.remove()
+    for loc in variant.prune_locs:
+        torch.testing.assert_close(seen[loc][:, :P], outputs[loc][:, :P])
+    # Kept indices: right count, unique, in range, nested across stages.
+    prev = None
+    for idx, k in zip(out.kept_indices, counts):
+        assert idx.shape == (x.shape[0], k)
+        for b in range(x.shape[0]):
+            s = set(idx[b].tolist())
+            assert len(s) == k and all(0 <= i < N for i in s)
+            if prev is not None:
+                assert s <= set(prev[b].tolist())
+        prev = idx
+
+
+def test_every_parameter_gets_a_gradient(variant):
+    variant.train()
+    x = _images(variant, batch=4)
+    out = variant(x)
+    assert isinstance(out, DynamicViTOutput)
+    logits = out.logits if torch.is_tensor(out.logits) else sum(out.logits)
+    (logits.square().sum() + out.tokens.square().mean()).backward()
+    missing = [n for n, p in variant.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_training_decisions_are_hierarchical():
+    model = tiny_model().train()
+    out = model(_images(model, batch=4))
+    assert len(out.decisions) == 3
+    for a, b in zip(out.decisions, out.decisions[1:]):
+        assert (b <= a).all()
+    torch.testing.assert_close(out.mask, out.decisions[-1].detach())
+    assert out.tokens.shape == (4, model.num_patches, model.embed_dim)
+
+
+def test_batch_independence_at_inference():
+    model = tiny_model().eval()
+    x = _images(model, batch=5)
+    with torch.no_grad():
+        batch = model.forward_pruned(x)
+        for i in range(5):
+            single = model.forward_pruned(x[i : i + 1])
+            torch.testing.assert_close(single.logits[0], batch.logits[i], atol=1e-5, rtol=1e-4)
+            for a, b in zip(single.kept_indices, batch.kept_indices):
+                assert set(a[0].tolist()) == set(b[i].tolist())
+
+
+def test_keep_ratio_can_change_at_inference():
+    model = tiny_model(keep_ratio=0.7).eval()
+    x = _images(model)
+    with torch.no_grad():
+        a = model.forward_pruned(x)
+        model.set_keep_ratio(0.5)
+        b = model.forward_pruned(x)
+    assert [i.shape[1] for i in a.kept_indices] == [44, 31, 21]
+    assert [i.shape[1] for i in b.kept_indices] == [32, 16, 8]
+    with pytest.raises(ConfigError):
+        model.set_keep_ratio(0.0)
+    assert model.keep_ratio == 0.5  # a rejected value leaves the model as it was
+
+
+def test_keep_scores_on_original_grid():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model.forward_pruned(_images(model), return_scores=True)
+    first, second = out.keep_scores[0], out.keep_scores[1]
+    assert first.shape == (3, model.num_patches) and torch.isfinite(first).all()
+    assert (first <= 0).all()  # log-probabilities
+    # Stage 2 scores exist exactly for the tokens stage 1 kept.
+    for b in range(3):
+        finite = set(torch.nonzero(torch.isfinite(second[b])).flatten().tolist())
+        assert finite == set(out.kept_indices[0][b].tolist())
+
+
+def test_timm_registry_and_sparsify_share_weights():
+    m = timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.5, **tiny_kwargs())
+    assert isinstance(m, DynamicViT) and m.keep_ratio == 0.5 and m.prune_locs == (1, 3, 4)
+    dense = timm.create_model("vit_tiny_patch16_224", **tiny_kwargs())
+    wrapped = dynamicvit.sparsify(dense, keep_ratio=0.8, prune_locs=[2, 4])
+    assert wrapped.backbone is dense and wrapped.keep_counts() == (51, 40)
+    assert wrapped.backbone.blocks[0].attn.qkv.weight is dense.blocks[0].attn.qkv.weight
+
+
+def test_default_prune_locs_follow_the_paper():
+    assert dynamicvit.create_model("deit_small_patch16_224").prune_locs == (3, 6, 9)
+    assert dynamicvit.create_model("deit_small_patch16_224").keep_counts() == (137, 96, 67)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(keep_ratio=0.0), "keep_ratio must be in (0, 1]"),
+        (dict(keep_ratio=1.2), "keep_ratio must be in (0, 1]"),
+        (dict(keep_ratio="high"), "keep_ratio must be a number"),
+        (dict(prune_locs=[0, 3]), "out of range"),
+        (dict(prune_locs=[2, 6]), "out of range"),
+        (dict(prune_locs=[3, 2]), "not sorted"),
+        (dict(prune_locs=[2, 2]), "repeats"),
+        (dict(prune_locs=[]), "empty"),
+        (dict(keep_ratio=0.2), "keeps zero"),
+    ],
+)
+def test_validation_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_model(**kwargs)
+
+
+def test_unsupported_models_are_rejected():
+    with pytest.raises(UnsupportedModelError, match="did you mean deit_small_patch16_224"):
+        dynamicvit.create_model("deit_smal_patch16_224")
+    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+        dynamicvit.sparsify(timm.create_model("resnet18"))
+    with pytest.raises(UnsupportedModelError, match="global_pool='map'"):
+        tiny_model(global_pool="map")
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = tiny_model().eval()
+    with pytest.raises(Exception, match="32"):
+        model(torch.randn(1, 3, 64, 64))

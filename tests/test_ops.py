@@ -1,0 +1,92 @@
+"""The math in isolation: prediction module, masked softmax, Gumbel decisions, top-k gather."""
+import torch
+import torch.nn.functional as F
+
+from dynamicvit.ops import PredictionModule, masked_softmax, sample_keep, select_tokens
+
+
+def test_masked_softmax_all_kept_is_softmax():
+    a = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(masked_softmax(a, torch.ones(2, 5)), a.softmax(-1))
+
+
+def test_masked_softmax_blocks_dropped_keys_but_keeps_diagonal():
+    a = torch.randn(1, 2, 4, 4)
+    g = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    w = masked_softmax(a, g)
+    for i in range(4):
+        for j in (1, 3):
+            if i != j:
+                assert w[0, :, i, j].abs().max() == 0  # nobody attends to a dropped token
+        assert (w[0, :, i, i] > 0).all()  # a token always sees itself
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 4))
+    # Kept rows equal a softmax over the kept keys alone.
+    kept = [0, 2]
+    torch.testing.assert_close(w[0][:, kept][:, :, kept], a[0][:, kept][:, :, kept].softmax(-1))
+
+
+def test_masked_softmax_does_not_underflow_on_large_dropped_logits():
+    # The reference takes the max over dropped keys too: exp(0 - 1000) underflows to 0 for every kept key.
+    a = torch.zeros(1, 1, 3, 3)
+    a[..., 2] = 1000.0
+    w = masked_softmax(a, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[0, 0, 0], torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_masked_softmax_gradient_reaches_policy():
+    a = torch.randn(1, 1, 4, 4)
+    g = torch.tensor([[1.0, 1.0, 0.0, 1.0]], requires_grad=True)
+    (masked_softmax(a, g) * torch.randn(1, 1, 4, 4)).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+
+
+def test_prediction_module_global_feature_ignores_dropped_tokens():
+    torch.manual_seed(0)
+    pm = PredictionModule(16).eval()
+    x = torch.randn(2, 6, 16)
+    policy = torch.tensor([1, 1, 0, 1, 0, 1.0]).view(1, 6, 1).expand(2, 6, 1)
+    out = pm(x, policy)
+    x2 = x.clone()
+    x2[:, [2, 4]] = torch.randn(2, 2, 16) * 10  # change only dropped tokens
+    out2 = pm(x2, policy)
+    kept = [0, 1, 3, 5]
+    torch.testing.assert_close(out[:, kept], out2[:, kept])
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 6))
+    # The global term really is a masked mean: dropping a token changes the kept tokens' scores.
+    assert not torch.allclose(pm(x, torch.ones(2, 6, 1))[:, kept], out[:, kept])
+
+
+def test_prediction_module_keep_score_ranks_like_log_prob():
+    torch.manual_seed(0)
+    pm = PredictionModule(16).eval()
+    x = torch.randn(3, 10, 16)
+    assert torch.equal(pm.keep_score(x).argsort(1), pm(x)[..., 0].argsort(1))
+
+
+def test_prediction_module_all_dropped_row_is_finite():
+    pm = PredictionModule(8)
+    assert torch.isfinite(pm(torch.randn(1, 4, 8), torch.zeros(1, 4, 1))).all()
+
+
+def test_sample_keep_is_hard_hierarchical_and_differentiable():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 20, 2, requires_grad=True)
+    prev = (torch.rand(4, 20, 1) > 0.5).float()
+    d = sample_keep(F.log_softmax(logits, -1), prev)
+    assert set(d.unique().tolist()) <= {0.0, 1.0}
+    assert (d <= prev).all()  # once dropped, a token stays dropped
+    d.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_select_tokens_keeps_prefix_and_top_k():
+    B, P, N, C = 2, 2, 6, 3
+    x = torch.arange(B * (P + N) * C, dtype=torch.float32).view(B, P + N, C)
+    score = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.8, 0.0], [0.7, 0.1, 0.2, 0.9, 0.3, 0.4]])
+    out, keep = select_tokens(x, score, 3, P)
+    assert out.shape == (B, P + 3, C)
+    torch.testing.assert_close(out[:, :P], x[:, :P])
+    assert [sorted(k.tolist()) for k in keep] == [[1, 2, 4], [0, 3, 5]]
+    for b in range(B):
+        torch.testing.assert_close(out[b, P:], x[b, P + keep[b]])
