@@ -90,3 +90,14 @@ def test_select_tokens_keeps_prefix_and_top_k():
     assert [sorted(k.tolist()) for k in keep] == [[1, 2, 4], [0, 3, 5]]
     for b in range(B):
         torch.testing.assert_close(out[b, P:], x[b, P + keep[b]])
+
+
+def test_prediction_module_equals_the_concatenated_formulation():
+    # The paper's formula: z = concat(local, global) then the MLP; ours splits the first weight.
+    torch.manual_seed(0)
+    pm = PredictionModule(16)
+    x, policy = torch.randn(2, 5, 16), (torch.rand(2, 5, 1) > 0.3).float()
+    h = pm.in_conv(x)
+    glob = (h[..., 8:] * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True)
+    z = torch.cat([h[..., :8], glob.expand(-1, 5, -1)], dim=-1)
+    torch.testing.assert_close(pm(x, policy), pm.out_conv(z))

@@ -54,8 +54,12 @@ class PredictionModule(nn.Module):
             # Masked mean: dropped tokens must not leak into the global feature. An all-dropped
             # row gives 0 / eps = 0 instead of the reference's 0 / 0 = NaN.
             glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        z = torch.cat([local, glob.expand(-1, h.shape[1], -1)], dim=-1)  # (B, N, C)
-        for layer in self.out_conv[:-1]:
+        # out_conv[0] acts on concat(local, global). Split its weight instead of concatenating: the
+        # global half is one row per image, so it costs (C/2)^2 per image instead of per token, and
+        # no (B, N, C) copy is made. Same weights and result as the reference layout.
+        fc = self.out_conv[0]
+        z = F.linear(local, fc.weight[:, : C // 2]) + F.linear(glob, fc.weight[:, C // 2 :], fc.bias)
+        for layer in self.out_conv[1:-1]:
             z = layer(z)
         return z
 
