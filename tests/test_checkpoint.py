@@ -176,3 +176,20 @@ def test_failed_download_says_how_to_pass_a_local_file(monkeypatch):
     with pytest.raises(CheckpointError, match="checkpoint_path=") as err:
         dynamicvit.create_model("vit_tiny_patch16_224", pretrained=True, **tiny_kwargs())
     assert "couldn't connect" in str(err.value)
+
+
+def test_saved_model_loads_at_another_image_size(tmp_path):
+    path = dynamicvit.save_model(tiny_model(), tmp_path / "m.safetensors")
+    model = dynamicvit.load_model(path, img_size=48).eval()
+    assert model.num_patches == 144 and model.keep_counts() == (100, 70, 49)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_saved_files_are_readable_like_any_file(tmp_path):
+    import os
+    import stat
+
+    path = dynamicvit.save_model(tiny_model(), tmp_path / "m.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

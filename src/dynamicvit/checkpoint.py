@@ -70,10 +70,18 @@ def atomic_write(path: PathLike, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or the old file's).
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model(model: nn.Module, path: PathLike, overwrite: bool = False, extra: Optional[dict] = None) -> Path:
@@ -173,7 +181,10 @@ def is_own_format(state: dict) -> bool:
 def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
     """Map any supported layout onto DynamicViT's keys: (state, has_predictors)."""
     if is_own_format(state):
-        return dict(state), any(k.startswith("predictors.") for k in state)
+        # Resize the position embedding etc. when the model is built for another image size.
+        dense = filter_dense_state({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, backbone)
+        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        return {**{"backbone." + k: v for k, v in dense.items()}, **rest}, any(k.startswith("predictors.") for k in rest)
     predictors = {
         "predictors." + k[len("score_predictor."):]: v for k, v in state.items() if k.startswith("score_predictor.")
     }
