@@ -1,0 +1,527 @@
+"""Throughput and latency of a dense timm ViT and DynamicViTs, measured side by side.
+
+Timing protocol (`compare_throughput`):
+- every model runs in eval mode under `torch.inference_mode` (and autocast when asked) on the same
+  random batch; with `threads` set, `torch.set_num_threads` for the duration;
+- warm-up forwards first (they also absorb `torch.compile`), then `repeats` timed repetitions,
+  interleaved round-robin across the models (the starting model rotates each round), so slow
+  drifts and bursts of machine noise fall on all models alike;
+- a repetition is one or more forwards (enough to last `min_repeat_s`, fixed per model after the
+  warm-up), timed with `time.perf_counter` and, on CUDA, `torch.cuda.synchronize` on both ends;
+- the median repetition gives the latency per batch; images/s = batch size / latency.
+
+Peak memory (`BenchResult.peak_memory_mb`, measured in a separate untimed forward): the model's
+weights + the input + the most memory its tensors hold at once during the forward.
+On CUDA this comes from the allocator (`torch.cuda.max_memory_allocated`); on CPU from tracking
+the storages every operator creates and frees, so scratch space inside a kernel and allocator
+overhead are not included there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import ConfigError
+from .model import DynamicViT
+
+_logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.5)
+
+
+@dataclass
+class BenchResult:
+    """Timing of one model at one batch size.
+
+    Attributes:
+        name: the key the model was given.
+        batch_size: images per forward.
+        images_per_s: batch_size / latency.
+        latency_ms: median time of one forward of the whole batch, in milliseconds.
+        peak_memory_mb: weights + input + peak tensor memory of one forward, MiB (see module doc).
+        times_ms: time of one forward in each timed repetition (the repetition time / forwards).
+        forwards_per_repeat: forwards in each timed repetition.
+    """
+
+    name: str
+    batch_size: int
+    images_per_s: float
+    latency_ms: float
+    peak_memory_mb: Optional[float]
+    times_ms: list[float] = field(default_factory=list)
+    forwards_per_repeat: int = 1
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """'auto' (or None) -> cuda when available, else cpu; a clear error for an absent GPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_amp(amp: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """'none' / 'bf16' / 'fp16' (or a dtype) -> the autocast dtype, None for full precision."""
+    if amp is None or isinstance(amp, torch.dtype):
+        return None if amp in (None, torch.float32) else amp
+    key = str(amp).lower()
+    if key not in AMP_DTYPES:
+        raise ConfigError(f"unknown autocast mode {amp!r}; choose one of {sorted(AMP_DTYPES)}")
+    return AMP_DTYPES[key]
+
+
+def with_keep_ratio(model: DynamicViT, keep_ratio: float) -> DynamicViT:
+    """A DynamicViT at `keep_ratio` that shares `model`'s backbone and prediction modules.
+
+    A dense timm ViT is wrapped with new (untrained) prediction modules instead.
+    """
+    if not isinstance(model, DynamicViT):
+        from .factory import sparsify
+
+        return sparsify(model, keep_ratio)
+    twin = DynamicViT(model.backbone, keep_ratio, model.prune_locs, model.model_name, model.timm_kwargs)
+    twin.predictors = model.predictors
+    return twin
+
+
+def compare_throughput(
+    models: Mapping[str, nn.Module],
+    input_size: Sequence[int],
+    batch_size: int,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    repeats: int = 10,
+    warmup: int = 3,
+    amp_dtype: Union[str, torch.dtype, None] = None,
+    threads: Optional[int] = None,
+    min_repeat_s: float = 0.05,
+    measure_memory: bool = True,
+    progress: bool = False,
+) -> dict[str, BenchResult]:
+    """Time several models on the same batch, interleaved, and report the median of each.
+
+    The models are moved to `device` and put in eval mode.
+
+    Args:
+        models: name -> model taking (B, C, H, W) images.
+        input_size: (C, H, W).
+        batch_size: images per forward.
+        device: "cpu", "cuda", "cuda:1", or "auto".
+        repeats: timed repetitions per model.
+        warmup: untimed forwards per model first.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16, or "bf16" / "fp16"); None: full precision.
+        threads: intra-op CPU threads for the duration (restored afterwards); None leaves torch's setting.
+        min_repeat_s: a repetition runs enough forwards to last at least this long (short forwards,
+            e.g. at batch 1, are too brief to time one by one).
+        measure_memory: also measure peak memory (one extra forward per model).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        name -> `BenchResult`, in the order of `models`.
+    """
+    if not models:
+        raise ConfigError("compare_throughput needs at least one model")
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ConfigError(f"need repeats >= 1, warmup >= 0 and batch_size >= 1; got {repeats}, {warmup}, {batch_size}")
+    dev = resolve_device(device)
+    amp = resolve_amp(amp_dtype)
+    names = list(models)
+    x = torch.randn(batch_size, *input_size, device=dev)
+    with _threads(threads):
+        for m in models.values():
+            m.to(dev).eval()
+        run = {name: _runner(models[name], x, dev, amp) for name in names}
+
+        # Warm-up, interleaved too; the last warm-up forward of each model sizes its repetitions.
+        last = {name: 0.0 for name in names}
+        for _ in range(max(warmup, 1)):
+            for name in names:
+                last[name] = _timed(run[name], 1, dev)
+        inner = {name: max(1, min(1000, math.ceil(min_repeat_s / max(last[name], 1e-9)))) for name in names}
+
+        times: dict[str, list[float]] = {name: [] for name in names}
+        bar = _progress(repeats * len(names), f"batch {batch_size}", progress)
+        for r in range(repeats):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(_timed(run[name], inner[name], dev) / inner[name])
+                bar.update(1)
+        bar.close()
+
+        results = {}
+        for name in names:
+            latency = statistics.median(times[name])
+            peak = peak_memory_mb(models[name], x, dev, amp) if measure_memory else None
+            results[name] = BenchResult(
+                name=name,
+                batch_size=batch_size,
+                images_per_s=batch_size / latency,
+                latency_ms=latency * 1e3,
+                peak_memory_mb=peak,
+                times_ms=[t * 1e3 for t in times[name]],
+                forwards_per_repeat=inner[name],
+            )
+    return results
+
+
+def _runner(model: nn.Module, x: torch.Tensor, dev: torch.device, amp: Optional[torch.dtype]):
+    def forward():
+        with torch.inference_mode(), _autocast(dev, amp):
+            return model(x)
+
+    return forward
+
+
+def _autocast(dev: torch.device, amp: Optional[torch.dtype]):
+    return torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(forward, n: int, dev: torch.device) -> float:
+    """Seconds for `n` forwards, synchronized on both ends."""
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(n):
+        forward()
+    _sync(dev)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def _threads(threads: Optional[int]) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="run")
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def peak_memory_mb(model: nn.Module, x: torch.Tensor, device: Union[str, torch.device], amp=None) -> float:
+    """Weights + input + the most tensor memory held at once during one forward, in MiB."""
+    dev = torch.device(device)
+    amp = resolve_amp(amp)
+    fixed = _tensor_bytes(model) + x.numel() * x.element_size()
+    forward = _runner(model, x, dev, amp)
+    if dev.type == "cuda":
+        _sync(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        out = forward()
+        _sync(dev)
+        grown = torch.cuda.max_memory_allocated(dev) - before
+        del out
+    else:
+        tracker = _LiveTensorBytes()
+        tracker.ignore([*model.parameters(), *model.buffers(), x])
+        with tracker:
+            out = forward()
+        del out
+        grown = tracker.peak
+    return (fixed + grown) / 2**20
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Follows the bytes of storages created by operators while the mode is on; keeps the peak.
+
+    A storage counts from the operator that creates it until it is freed (a finalizer on the
+    storage object, which torch keeps alive exactly as long as the storage). Views share their
+    base's storage and are not counted again.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def ignore(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            self._seen.add(t.untyped_storage().data_ptr())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            if t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen:
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+# -- the keep-ratio sweep ------------------------------------------------------------------------
+
+
+def run_benchmark(
+    base: nn.Module,
+    keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
+    batch_sizes: Sequence[int] = (32,),
+    *,
+    input_size: Optional[Sequence[int]] = None,
+    device: Union[str, torch.device] = "cpu",
+    repeats: int = 10,
+    warmup: int = 3,
+    amp: Union[str, torch.dtype, None] = None,
+    threads: Optional[int] = None,
+    compile: bool = False,
+    model_name: Optional[str] = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Dense model vs DynamicViT at several keep ratios, one row per (batch size, keep ratio).
+
+    Keep ratio 1.0 is the unmodified dense timm model (the baseline; added when missing). The other
+    ratios are DynamicViTs sharing `base`'s weights. All models of a batch size are timed together
+    by `compare_throughput`.
+
+    Args:
+        base: a DynamicViT (its prediction modules are used) or a dense timm ViT (random ones).
+        keep_ratios: rho values; 1.0 means the dense model.
+        batch_sizes: one timing round per batch size.
+        input_size: (C, H, W); default the model's.
+        compile: `torch.compile` every model (compilation happens in the warm-up).
+        Others: as in `compare_throughput`.
+
+    Returns:
+        Rows with keep_ratio, batch_size, images_per_s, latency_ms, speedup (vs dense at the same
+        batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings of the run.
+    """
+    from .flops import count_macs, default_input_size
+
+    ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
+    if 1.0 not in {float(r) for r in keep_ratios}:
+        _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
+    if not isinstance(base, DynamicViT) and min(ratios) < 1.0:
+        from .factory import sparsify
+
+        base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
+    dense = base.backbone if isinstance(base, DynamicViT) else base
+    models = {r: dense if r == 1.0 else with_keep_ratio(base, r) for r in ratios}
+    size = tuple(input_size or default_input_size(dense))
+    macs = {r: count_macs(m, size) for r, m in models.items()}
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp)
+    runnable = {_label(r): m for r, m in models.items()}
+    if compile:
+        runnable = {k: torch.compile(m) for k, m in runnable.items()}
+
+    settings = dict(
+        model=model_name or getattr(base, "model_name", None) or dense.pretrained_cfg.get("architecture"),
+        img_size=list(size[1:]),
+        device=str(dev),
+        device_name=device_name(dev),
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        threads=threads if threads is not None else torch.get_num_threads(),
+        compile=bool(compile),
+        repeats=repeats,
+        warmup=warmup,
+        torch=torch.__version__,
+    )
+    rows = []
+    for bs in batch_sizes:
+        _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
+        try:
+            results = compare_throughput(
+                runnable, size, bs, device=dev, repeats=repeats, warmup=warmup,
+                amp_dtype=amp_dtype, threads=threads, progress=progress,
+            )
+        except Exception as e:
+            if compile and not isinstance(e, ConfigError):
+                raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without --compile") from e
+            raise
+        base_rate = results[_label(1.0)].images_per_s
+        for r in ratios:
+            res = results[_label(r)]
+            m = models[r]
+            rows.append(dict(
+                keep_ratio=r,
+                batch_size=bs,
+                images_per_s=res.images_per_s,
+                latency_ms=res.latency_ms,
+                latency_ms_per_image=res.latency_ms / bs,
+                speedup=res.images_per_s / base_rate,
+                gmacs=macs[r].gmacs,
+                macs_ratio=macs[r].total / macs[1.0].total,
+                params=macs[r].params,
+                peak_memory_mb=res.peak_memory_mb,
+                keep_counts=list(m.keep_counts()) if isinstance(m, DynamicViT) else [],
+                times_ms=res.times_ms,
+                **settings,
+            ))
+    return rows
+
+
+def _label(keep_ratio: float) -> str:
+    return "dense" if keep_ratio >= 1.0 else f"keep {keep_ratio:g}"
+
+
+def device_name(dev: torch.device) -> str:
+    """A readable name of the accelerator or CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    """A Markdown table of the rows, with the setup in a line above it."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    setup = (
+        f"{r0['model']}, {'x'.join(map(str, r0['img_size']))} px, {r0['amp']}, {r0['device_name']}"
+        + (f", {r0['threads']} threads" if r0["device"] == "cpu" else "")
+        + (", torch.compile" if r0["compile"] else "")
+        + f", median of {r0['repeats']} interleaved repetitions, torch {r0['torch']}"
+    )
+    lines = [
+        setup,
+        "",
+        "| keep ratio | batch | images/s | latency (ms / batch) | speed-up | GMACs | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "1.0 (dense)" if r["keep_ratio"] >= 1.0 else f"{r['keep_ratio']:g}"
+        mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {ratio} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['latency_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {format_gmacs(r['gmacs'])} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_gmacs(gmacs: float) -> str:
+    """Two decimals, or three significant digits for small models (0.0134)."""
+    return f"{gmacs:.2f}" if gmacs >= 1 else f"{gmacs:.3g}"
+
+
+def save_json(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: Path(f).write_text(json.dumps(list(rows), indent=2) + "\n"))
+    return path
+
+
+def save_markdown(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: Path(f).write_text(to_markdown(rows)))
+    return path
+
+
+def save_plot(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
+    """Speed-up (one line per batch size) and GMACs against keep ratio, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
+    ratios = sorted({r["keep_ratio"] for r in rows})
+    for bs in sorted({r["batch_size"] for r in rows}):
+        pts = sorted((r["keep_ratio"], r["speedup"]) for r in rows if r["batch_size"] == bs)
+        ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {bs}")
+    macs = {r["keep_ratio"]: r["gmacs"] for r in rows}
+    dense = macs[max(ratios)]
+    ax_speed.plot(ratios, [dense / macs[k] for k in ratios], "k--", label="dense MACs / MACs")
+    ax_speed.axhline(1.0, color="grey", lw=0.8)
+    ax_speed.set(xlabel="keep ratio", ylabel="speed-up vs dense", title="throughput")
+    ax_speed.legend()
+    ax_macs.plot(ratios, [macs[k] for k in ratios], marker="o", color="tab:green")
+    for k in ratios:
+        ax_macs.annotate(format_gmacs(macs[k]), (k, macs[k]), textcoords="offset points", xytext=(0, 6), ha="center")
+    ax_macs.margins(y=0.15)
+    ax_macs.set(xlabel="keep ratio", ylabel="GMACs per image", title="multiply-accumulates")
+    r0 = rows[0]
+    fig.suptitle(f"{r0['model']} on {r0['device_name']} ({r0['amp']})", fontsize=10)
+    fig.tight_layout()
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "BenchResult",
+    "compare_throughput",
+    "peak_memory_mb",
+    "run_benchmark",
+    "save_json",
+    "save_markdown",
+    "save_plot",
+    "to_markdown",
+    "with_keep_ratio",
+]

@@ -1,0 +1,89 @@
+"""`dynamicvit bench`: throughput, latency, MACs and peak memory of dense vs DynamicViT, side by side.
+
+The Markdown table goes to stdout; progress and notes go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .flops import add_model_arguments, build_base_model
+
+HELP = "Throughput and latency of dense vs DynamicViT, side by side."
+
+_logger = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1.0,0.7; got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,1; got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--keep-ratios", type=_floats, default=[1.0, 0.9, 0.8, 0.7, 0.5],
+        help="comma-separated keep ratios; 1.0 is the unmodified dense timm model, the baseline (default: 1.0,0.9,0.8,0.7,0.5)",
+    )
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--batch-size", type=int, default=None, help="one batch size")
+    sizes.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated batch sizes (default: 32,1)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none = fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled during warm-up)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first (default: %(default)s)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as a JSON list")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of speed-up and GMACs against keep ratio")
+    parser.add_argument("--output", default=None, metavar="DIR", help="write bench.json, bench.md and bench.png into DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
+    from ..errors import ConfigError
+    from ..model import DynamicViT
+
+    if any(not 0.0 < r <= 1.0 for r in args.keep_ratios):
+        raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
+    batch_sizes = [args.batch_size] if args.batch_size else (args.batch_sizes or [32, 1])
+    base = build_base_model(args, keep_ratio=min(r for r in args.keep_ratios))
+    if not isinstance(base, DynamicViT):
+        _logger.warning("the checkpoint holds a dense model: the DynamicViTs get untrained prediction modules")
+    if args.checkpoint is None:
+        _logger.info("random weights: fine for speed and MACs (pass --checkpoint for a trained model)")
+    rows = run_benchmark(
+        base,
+        args.keep_ratios,
+        batch_sizes,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        amp=args.amp,
+        threads=args.threads,
+        compile=args.compile,
+        model_name=getattr(base, "model_name", None) or args.model,
+        progress=True,
+    )
+    json_path, md_path, plot_path = args.json_path, args.markdown, args.plot
+    if args.output:
+        out = Path(args.output)
+        json_path = json_path or out / "bench.json"
+        md_path = md_path or out / "bench.md"
+        plot_path = plot_path or out / "bench.png"
+    for path, save in ((json_path, save_json), (md_path, save_markdown), (plot_path, save_plot)):
+        if path:
+            _logger.info("wrote %s", save(rows, path))
+    print(to_markdown(rows), end="")
+    return 0

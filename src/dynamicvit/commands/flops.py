@@ -1,0 +1,143 @@
+"""`dynamicvit flops`: multiply-accumulates (GMACs) and parameters of one image, per stage and in total."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Optional
+
+HELP = "Count multiply-accumulates (GMACs) and parameters, per stage and in total."
+
+_logger = logging.getLogger(__name__)
+
+
+# -- model arguments shared with `dynamicvit bench` ---------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --checkpoint, --img-size, --prune-locs, --model-kwargs."""
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint", default=None, metavar="PATH",
+        help="weights to load: a file saved by dynamicvit (its settings are used), a training checkpoint, "
+        "or timm/DeiT/reference DynamicViT weights for --model",
+    )
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--prune-locs", default=None, help="comma-separated block indices, e.g. 3,6,9 (default: three even stages)")
+    parser.add_argument(
+        "--model-kwargs", default=None, metavar="KWARGS",
+        help="extra timm.create_model arguments, as a JSON object ('{\"patch_size\": 8}') or "
+        "comma-separated key=value pairs (patch_size=8,embed_dim=192)",
+    )
+
+
+def parse_model_kwargs(text: Optional[str]) -> dict:
+    """`{"a": 1}` or `a=1,b=x` -> dict; values in key=value pairs are read as JSON when they parse."""
+    from ..errors import ConfigError
+
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-kwargs is not valid JSON ({e}); e.g. '{{\"patch_size\": 8}}'") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--model-kwargs must be a JSON object, e.g. '{\"patch_size\": 8}'")
+        return value
+    kwargs = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-kwargs item {item!r} is not key=value; e.g. patch_size=8,embed_dim=192")
+        try:
+            kwargs[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = raw.strip()
+    return kwargs
+
+
+def parse_prune_locs(text: Optional[str]) -> Optional[list[int]]:
+    from ..errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--prune-locs must be comma-separated block indices, e.g. 3,6,9; got {text!r}") from None
+
+
+def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    return kwargs
+
+
+def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
+    """The model the command works on: a DynamicViT, or a dense timm model from a dense checkpoint."""
+    from ..checkpoint import load_model, read_checkpoint
+    from ..factory import create_backbone, create_model
+
+    kwargs = timm_kwargs_from_args(args)
+    locs = parse_prune_locs(args.prune_locs)
+    if keep_ratio == 1.0 and not args.checkpoint:
+        return create_backbone(args.model, **kwargs)  # any timm model, ViT or not
+    if args.checkpoint:
+        _, settings = read_checkpoint(args.checkpoint)
+        if settings is not None:
+            model = load_model(args.checkpoint, **kwargs)
+            _logger.info("loaded %s (%s) from %s", settings.get("model_name"), settings.get("kind", "dynamicvit"), args.checkpoint)
+            return model
+        return create_model(args.model, checkpoint_path=args.checkpoint, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
+    return create_model(args.model, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
+
+
+def at_keep_ratio(base, keep_ratio: float):
+    """The dense timm model for keep ratio 1.0, else a DynamicViT at `keep_ratio` sharing `base`'s weights."""
+    from ..bench import with_keep_ratio
+    from ..model import DynamicViT
+
+    if keep_ratio >= 1.0:
+        return base.backbone if isinstance(base, DynamicViT) else base
+    if not isinstance(base, DynamicViT):
+        _logger.warning("the checkpoint holds a dense model: its prediction modules are untrained (random)")
+    return with_keep_ratio(base, keep_ratio)
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--keep-ratio", type=float, default=0.7,
+        help="rho: stage s keeps int(N * rho^s) tokens; 1.0 counts the plain (dense) timm model (default: %(default)s)",
+    )
+    parser.add_argument("--dense", action="store_true", help="count the plain timm model (same as --keep-ratio 1.0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..flops import count_macs
+    from ..model import DynamicViT
+
+    keep_ratio = 1.0 if args.dense else args.keep_ratio
+    base = build_base_model(args, keep_ratio=keep_ratio)
+    model = at_keep_ratio(base, keep_ratio)
+    report = count_macs(model)
+    name = base.model_name if isinstance(base, DynamicViT) else args.model
+    if args.json:
+        print(json.dumps({"model": name, "dense": not isinstance(model, DynamicViT), **report.to_dict()}, indent=2))
+        return 0
+    C, H, W = report.input_size
+    if isinstance(model, DynamicViT):
+        what = (f"DynamicViT on {name}, keep ratio {model.keep_ratio}, prune before blocks "
+                f"{list(model.prune_locs)}, patch tokens kept {list(model.keep_counts())}")
+    else:
+        what = f"{name} (dense)"
+    print(f"{what}; one {C}x{H}x{W} image")
+    print(report.format_table())
+    return 0
