@@ -1,0 +1,450 @@
+"""`dynamicvit visualize`: draw the tokens a DynamicViT keeps at each stage.
+
+Per image one PNG: the original as the model sees it, one panel per stage with the dropped patches
+faded, and the first stage's keep probability. Optionally contact sheets, an HTML page, or (with
+--average) the keep frequency of every grid position over all inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+HELP = "Draw the tokens a DynamicViT keeps at each stage."
+
+_logger = logging.getLogger("dynamicvit.visualize")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)")
+    add("--model", default=None, help="timm model name (optional with a checkpoint saved by dynamicvit)")
+    add("--checkpoint", default=None, metavar="PATH",
+        help="weights: a file saved by dynamicvit (knows its architecture), or reference DynamicViT / timm / "
+        "DeiT weights for --model; without it the prediction modules are random")
+    add("--output", required=True, metavar="DIR", help="folder for the pictures")
+    add("--keep-ratio", type=float, default=None, help="rho (default: the checkpoint's, else 0.7)")
+    add("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    add("--model-kwargs", "--timm-kwargs", default=None, metavar="KWARGS",
+        help="extra timm.create_model arguments, as a JSON object ('{\"in_chans\": 1}') or comma-separated "
+        "key=value pairs (in_chans=1,num_classes=10,patch_size=4)")
+    add("--dataset", default=None,
+        help="draw samples of a dataset: fashion-mnist, or an ImageFolder root (train/ and val/ of class folders); "
+        "a plain folder is read as images")
+    add("--split", default="val", choices=("train", "val", "test"), help="dataset split (test = val; default val)")
+    add("--data-dir", default=None, help="Fashion-MNIST: the folder with the IDX files (default: the system package)")
+    add("--num-samples", type=int, default=16, help="dataset images, a fixed random subset (default 16; 0 = all)")
+    add("--seed", type=int, default=0, help="which random subset of the dataset (default 0)")
+    add("--average", action="store_true",
+        help="instead of one picture per image: the keep frequency of each grid position over all inputs, per stage")
+    add("--contact-sheet", action="store_true", help="also draw all images in one sheet (several if many)")
+    add("--sheet-rows", type=int, default=24, help="images per contact sheet (default 24)")
+    add("--html", action="store_true", help="also write DIR/index.html showing every picture")
+    add("--embed", action="store_true", help="embed the pictures in the HTML page instead of linking them")
+    add("--mean", type=_floats, default=None, metavar="M[,M,M]",
+        help="normalization mean of image files, e.g. 0.485,0.456,0.406 (default: the model's)")
+    add("--std", type=_floats, default=None, metavar="S[,S,S]",
+        help="normalization std of image files (default: the model's)")
+    add("--crop-pct", type=float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
+    add("--batch-size", type=int, default=32, help="images per forward pass")
+    add("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import visualize as vis
+    from ..errors import ConfigError, DataError
+
+    parse_model_kwargs(args.model_kwargs)  # fail before building anything
+    if not args.inputs and not args.dataset:
+        raise ConfigError("nothing to draw: give image files or folders, or --dataset NAME --num-samples N")
+    if args.batch_size < 1 or args.sheet_rows < 1 or args.num_samples < 0:
+        raise ConfigError("--batch-size and --sheet-rows must be at least 1, --num-samples at least 0")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model, trained, train_dataset = load_model(args)
+    if not trained:
+        _logger.warning(
+            "warning: the prediction modules have random weights (no trained DynamicViT checkpoint given); "
+            "the kept tokens are arbitrary and the picture is meaningless"
+        )
+    model.to(device).eval()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped: list[tuple[str, str]] = []
+    sources = []  # iterators of (name, image tensor, label or None)
+    class_names = _class_names(model)
+    mean = std = None
+    use_dataset = bool(args.dataset) and _is_dataset(args.dataset)
+    if use_dataset:
+        samples, mean, std, class_names = _dataset_samples(args, model)
+        sources.append(samples)
+    inputs = list(args.inputs) + ([args.dataset] if args.dataset and not use_dataset else [])
+    if inputs:
+        files, missing = vis.find_images(inputs)
+        if args.dataset and not args.inputs and args.num_samples:
+            files = files[: args.num_samples]
+        norm = _file_normalization(args, args.dataset if use_dataset else train_dataset)
+        transform, config = vis.eval_transform(model, **norm)
+        if mean is None:
+            mean, std = config["mean"], config["std"]
+        elif tuple(config["mean"]) != tuple(mean) or tuple(config["std"]) != tuple(std):
+            raise ConfigError("image files and --dataset need the same normalization here; draw them in two runs")
+        skipped += [(str(p), why) for p, why in missing]
+        for p, why in missing:
+            _logger.warning("skipping %s: %s", p, why)
+        sources.append(_load_files(files, transform, config["input_size"][0], skipped))
+        _logger.debug("image files: %s", config)
+
+    batches = _batched((item for source in sources for item in source), args.batch_size)
+    entries: list[tuple[str, Path]] = []
+    if args.average:
+        drawn = _draw_average(model, batches, out, entries)
+    else:
+        drawn = _draw_images(model, batches, out, mean, std, class_names, args, entries)
+
+    if args.html and entries:
+        notes = [f"{getattr(model, 'model_name', '')}, keep ratio {model.keep_ratio}, "
+                 f"tokens kept per stage {list(model.keep_counts())} of {model.num_patches}"]
+        if not trained:
+            notes.append("Warning: random prediction modules; the kept tokens are arbitrary.")
+        page = vis.write_html(out / "index.html", entries, notes=notes, embed=args.embed)
+        print(f"wrote {page}")
+    if drawn == 0:
+        reasons = "; ".join(why for _, why in skipped[:5]) or "no inputs"
+        raise DataError(f"nothing could be drawn from {len(skipped)} input(s): {reasons}")
+    print(f"drew {drawn} image(s) into {out}" + (f"; skipped {len(skipped)} (see warnings)" if skipped else ""))
+    return 0
+
+
+def _is_dataset(spec: str) -> bool:
+    """fashion-mnist, or an ImageFolder root (with train/ or val/); any other folder is a folder of images."""
+    from ..data import IMAGE_FOLDER_VAL_NAMES, is_fashion_mnist
+
+    p = Path(spec)
+    if is_fashion_mnist(spec):
+        return True
+    if p.is_dir():
+        return any((p / n).is_dir() for n in ("train", *IMAGE_FOLDER_VAL_NAMES))
+    return True  # let the data module explain what is wrong with the name
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+def parse_model_kwargs(text: Optional[str]) -> dict:
+    """`{"a": 1}` or `a=1,b=(2, 3),c=x` -> dict; values are JSON or Python literals where they parse, else strings."""
+    import json
+
+    from ..errors import ConfigError
+
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            kwargs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-kwargs is not valid JSON ({e}): {text}") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--model-kwargs must be a JSON object, got {text}")
+        return kwargs
+    kwargs = {}
+    for item in _split_top_level(text):
+        key, sep, value = item.strip().partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(
+                f"--model-kwargs takes comma-separated KEY=VALUE pairs (e.g. in_chans=1,num_classes=10) or a "
+                f"JSON object; cannot read {item.strip()!r}"
+            )
+        kwargs[key] = _literal(value.strip())
+    return kwargs
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so img_size=(32, 48) stays one item."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [i for i in items + [current] if i.strip()]
+
+
+def _literal(value: str):
+    import json
+
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(value)
+        except (ValueError, SyntaxError):
+            continue
+    return value
+
+
+def load_model(args: argparse.Namespace):
+    """Build the model from --checkpoint / --model.
+
+    Returns:
+        (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
+    """
+    from ..checkpoint import load_model as load_saved
+    from ..checkpoint import load_weights
+    from ..errors import ConfigError
+    from ..factory import create_model, sparsify
+    from ..model import DynamicViT
+
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    trained, train_dataset = False, None
+    if args.checkpoint:
+        settings = _peek_settings(args.checkpoint)
+        if settings is not None:
+            train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
+            if args.model and args.model.removeprefix("dynamicvit_") != settings.get("model_name"):
+                _logger.warning("warning: --model %s ignored: %s holds a %s",
+                                args.model, args.checkpoint, settings.get("model_name"))
+            model = load_saved(args.checkpoint, **kwargs)
+            trained = isinstance(model, DynamicViT)
+        elif args.model:
+            model = create_model(args.model, **kwargs)
+            before = [p.detach().clone() for p in model.predictors.parameters()]
+            load_weights(model, args.checkpoint)
+            trained = any(not _same(a, b) for a, b in zip(before, model.predictors.parameters()))
+        else:
+            raise ConfigError(
+                f"{args.checkpoint} holds weights without dynamicvit settings; name its architecture with "
+                "--model NAME (e.g. --model deit_small_patch16_224)"
+            )
+    elif args.model:
+        model = create_model(args.model, **kwargs)
+    else:
+        raise ConfigError("give --checkpoint PATH (a file saved by dynamicvit) and/or --model NAME")
+    if not isinstance(model, DynamicViT):
+        _logger.info("the checkpoint holds a dense model; adding fresh prediction modules")
+        model = sparsify(model)
+    if args.keep_ratio is not None:
+        model.set_keep_ratio(args.keep_ratio)
+    return model, trained, train_dataset
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b.detach())
+
+
+def _peek_settings(path: str) -> Optional[dict]:
+    """The dynamicvit settings stored in a checkpoint, or None; reads only the header of safetensors files."""
+    import json
+
+    from ..checkpoint import METADATA_KEY, read_checkpoint
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    except Exception:  # noqa: BLE001 - not a safetensors file: let read_checkpoint tell (and explain errors)
+        return read_checkpoint(path)[1]
+
+
+def _class_names(model) -> Optional[list[str]]:
+    if model.num_classes == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            return [info.index_to_description(i) for i in range(1000)]
+        except Exception:  # noqa: BLE001 - names are a nicety
+            return None
+    return None
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def _load_files(files, transform, in_chans: int, skipped: list) -> Iterator[tuple[str, object, None]]:
+    """Yield (name, image tensor, None) per readable file; unreadable ones are logged and added to `skipped`."""
+    from .. import visualize as vis
+    from ..errors import DataError
+
+    for path in files:
+        try:
+            yield str(path), vis.load_image(path, transform, in_chans), None
+        except DataError as e:
+            _logger.warning("skipping %s", e)
+            skipped.append((str(path), str(e)))
+
+
+def _file_normalization(args, train_dataset: Optional[str]) -> dict:
+    """Normalization of image files: the command line's, else that of the dataset drawn alongside or
+    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config."""
+    from ..data import is_fashion_mnist, resolve_dataset
+    from ..errors import DataError
+
+    norm = {"mean": args.mean, "std": args.std, "crop_pct": args.crop_pct}
+    if train_dataset is not None and (args.mean is None or args.std is None):
+        try:
+            info = resolve_dataset(train_dataset, args.data_dir)
+        except DataError:  # an ImageFolder that is not here any more: fall back to the model's config
+            _logger.debug("cannot describe training dataset %s; using the model's normalization", train_dataset)
+            return norm
+        norm["mean"] = args.mean if args.mean is not None else info.mean
+        norm["std"] = args.std if args.std is not None else info.std
+        if args.crop_pct is None and is_fashion_mnist(train_dataset):
+            norm["crop_pct"] = 1.0  # as the data module's validation transform: whole objects, no crop
+        _logger.info("image files normalized as %s (the checkpoint's training data)", info.name)
+    return norm
+
+
+def _dataset_samples(args, model):
+    """(samples, mean, std, class names) for --dataset, from dynamicvit.data; samples yield (name, image, label)."""
+    from ..data import build_dataset, resolve_dataset
+    from ..errors import ConfigError
+
+    info = resolve_dataset(args.dataset, args.data_dir)
+    backbone = model.backbone
+    C = backbone.patch_embed.proj.in_channels
+    H, W = backbone.patch_embed.img_size
+    if C != info.in_chans or H != W:
+        raise ConfigError(
+            f"{info.name} has {info.in_chans}-channel images but the model takes {C}x{H}x{W} inputs; "
+            f"build the model with in_chans={info.in_chans} and a square img_size "
+            f"(--model-kwargs in_chans={info.in_chans})"
+        )
+    split = "val" if args.split == "test" else args.split
+    dataset = build_dataset(args.dataset, "val" if split == "val" else "train", img_size=H, data_dir=args.data_dir,
+                            subset=args.num_samples or None, seed=args.seed)
+    if split == "train":
+        _logger.info("note: training images are drawn with training augmentation")
+    indices = getattr(dataset, "indices", range(len(dataset)))
+    classes = list(info.classes) or None
+
+    def samples():
+        for i, idx in enumerate(indices):
+            x, y = dataset[i]
+            label = classes[y] if classes and 0 <= y < len(classes) else str(y)
+            yield f"{info.name}_{split}_{idx:05d}", x, label
+
+    return samples(), info.mean, info.std, classes
+
+
+def _batched(samples, batch_size: int):
+    """Group (name, tensor, label) triples into (names, (B, C, H, W) tensor, labels) batches."""
+    import torch
+
+    names, tensors, labels = [], [], []
+    for name, x, label in samples:
+        names.append(name)
+        tensors.append(x)
+        labels.append(label)
+        if len(tensors) == batch_size:
+            yield names, torch.stack(tensors), labels
+            names, tensors, labels = [], [], []
+    if tensors:
+        yield names, torch.stack(tensors), labels
+
+
+# -- drawing ------------------------------------------------------------------------------------
+
+
+def _unique_png(out: Path, name: str, used: set) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
+    candidate, n = stem, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    used.add(candidate)
+    return out / f"{candidate}.png"
+
+
+def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
+    import numpy as np
+
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    k = int(p.argmax())
+    predicted = class_names[k] if class_names and k < len(class_names) else f"class {k}"
+    truth = f"true {label}, " if label is not None else ""
+    return f"{name}: {truth}predicted {predicted} ({p[k]:.0%})"
+
+
+def _draw_images(model, batches, out: Path, mean, std, class_names, args, entries: list) -> int:
+    from tqdm.auto import tqdm
+
+    from .. import visualize as vis
+
+    used: set = set()
+    sheet_images, sheet_masks, sheet_titles = [], [], []
+    drawn = 0
+    for names, x, labels in tqdm(batches, desc="visualize", unit="batch", disable=None):
+        tm = vis.kept_token_masks(model, x)
+        pics = vis.to_uint8(x, mean, std)
+        titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(names)]
+        for i, (name, title) in enumerate(zip(names, titles)):
+            path = vis.render_tokens(pics[i], tm, i, title=title).save(_unique_png(out, name, used))
+            entries.append((title, path))
+            drawn += 1
+        if args.contact_sheet:
+            sheet_images.append(pics)
+            sheet_masks.append(tm)
+            sheet_titles += titles
+    if args.contact_sheet and sheet_images:
+        import numpy as np
+
+        images, tm = np.concatenate(sheet_images), vis.TokenMasks.concat(sheet_masks)
+        pages = range(0, len(images), args.sheet_rows)
+        for page, start in enumerate(pages, 1):
+            stop = start + args.sheet_rows
+            name = "contact_sheet.png" if len(pages) == 1 else f"contact_sheet_{page:02d}.png"
+            grid = vis.render_contact_sheet(images[start:stop], tm[start:stop], sheet_titles[start:stop])
+            path = grid.save(out / name)
+            entries.insert(page - 1, (f"contact sheet {page}/{len(pages)}", path))
+            print(f"wrote {path}")
+    return drawn
+
+
+def _draw_average(model, batches, out: Path, entries: list) -> int:
+    import numpy as np
+
+    from .. import visualize as vis
+    from ..errors import DataError
+
+    count = 0
+
+    def images():
+        nonlocal count
+        for _, x, _ in batches:
+            count += len(x)
+            yield x
+
+    try:
+        maps = vis.average_keep_maps(model, images(), progress=True)
+    except DataError:  # no image could be read
+        return 0
+    title = f"keep frequency per position over {count} image(s)"
+    path = vis.save_average(maps, out / "average_keep.png", model.keep_counts(), title=title)
+    np.save(out / "average_keep.npy", maps)
+    entries.append((title, path))
+    print(f"wrote {path} and {out / 'average_keep.npy'} (shape {maps.shape}: stage, row, column)")
+    return count
