@@ -1,0 +1,122 @@
+"""`dynamicvit eval`: top-1/top-5 of a model on a dataset at one or more keep ratios, plus its MACs.
+
+A DynamicViT is evaluated on its inference path (tokens removed), so the MACs printed are the ones
+the accuracy was measured at. The keep ratio can be changed without retraining.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import ConfigError
+from .train import _json_dict
+
+HELP = "Top-1/top-5 of a model on a dataset at a chosen keep ratio, plus its MACs."
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7 or 0.5,0.7,0.9, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model file (model.safetensors or last.pth from `dynamicvit train`, "
+                        "or plain weights with --model)")
+    parser.add_argument("--model", default=None, help="timm name, needed only for plain weights without settings")
+    parser.add_argument("--timm-kwargs", type=_json_dict, default={}, metavar="JSON",
+                        help="timm.create_model arguments for plain weights, e.g. '{\"embed_dim\": 64, \"depth\": 6}'")
+    parser.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder root with a val/ folder")
+    parser.add_argument("--data-dir", "--data", default=None, help="Fashion-MNIST: folder holding the IDX files")
+    parser.add_argument("--download", action="store_true", help="download Fashion-MNIST when missing")
+    parser.add_argument("--keep-ratio", type=_ratios, default=None,
+                        help="keep ratio(s) to evaluate at, e.g. 0.7 or 0.5,0.7,0.9 (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this many images")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def load_for_eval(path: str, model_name=None, timm_kwargs=None):
+    """A DynamicViT or dense timm model from any checkpoint `dynamicvit` reads."""
+    from ..checkpoint import is_reference_format, load_model, read_checkpoint
+    from ..factory import create_model
+    from ..train import load_dense
+
+    state, settings = read_checkpoint(path)
+    if settings is not None:
+        return load_model(path)
+    if model_name is None:
+        raise ConfigError(f"{path} holds plain weights without settings; name the architecture with --model")
+    if is_reference_format(state) or any(k.startswith("predictors.") for k in state):
+        return create_model(model_name, checkpoint_path=path, **(timm_kwargs or {}))
+    return load_dense(path, model_name, timm_kwargs or {}, {}, "checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import build_dataset, resolve_dataset
+    from ..model import DynamicViT
+    from ..train import _check_model_fits, _img_size, evaluate, resolve_device
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    info = resolve_dataset(args.dataset, args.data_dir)
+    model = load_for_eval(
+        args.checkpoint, args.model,
+        {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs},
+    )
+    _check_model_fits(model, info)
+    is_dynamic = isinstance(model, DynamicViT)
+    ratios = args.keep_ratio or [model.keep_ratio if is_dynamic else 1.0]
+    if not is_dynamic and args.keep_ratio:
+        print("note: a dense model keeps every token; --keep-ratio is ignored")
+        ratios = [1.0]
+    img_size = _img_size(model)
+    dataset = build_dataset(args.dataset, "val", img_size=img_size, data_dir=args.data_dir,
+                            download=args.download, subset=args.subset)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
+    device = resolve_device(args.device)
+    in_chans = getattr(model, "backbone", model).patch_embed.proj.in_channels
+
+    rows = []
+    for ratio in ratios:
+        if is_dynamic:
+            model.set_keep_ratio(ratio)
+        macs = _count_macs(model, (in_chans, img_size, img_size))
+        model.to(device)
+        metrics = evaluate(model, loader, device, args.amp, progress=not args.json)
+        model.cpu()
+        rows.append({
+            "keep_ratio": ratio,
+            "keep_counts": list(model.keep_counts()) if is_dynamic else None,
+            **metrics,
+            "gmacs": macs.gmacs if macs is not None else None,
+            "params_m": macs.params / 1e6 if macs is not None else None,
+        })
+
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": info.name, "results": rows}, indent=2))
+        return 0
+    kind = f"DynamicViT ({getattr(model, 'model_name', '')})" if is_dynamic else "dense model"
+    print(f"{kind} on {info.name} val, {rows[0]['images']} images")
+    print(f"{'keep ratio':>10} {'tokens kept':>14} {'top-1':>7} {'top-5':>7} {'loss':>7} {'GMACs':>8}")
+    for r in rows:
+        counts = "/".join(str(c) for c in r["keep_counts"]) if r["keep_counts"] else "all"
+        gmacs = f"{r['gmacs']:>8.4g}" if r["gmacs"] is not None else f"{'n/a':>8}"
+        print(f"{r['keep_ratio']:>10.3f} {counts:>14} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['loss']:>7.4f} {gmacs}")
+    if rows[0]["gmacs"] is None:
+        print("MACs unavailable: dynamicvit.flops is not installed")
+    return 0
+
+
+def _count_macs(model, input_size):
+    try:
+        from ..flops import count_macs
+    except ImportError:
+        return None
+    return count_macs(model, input_size)

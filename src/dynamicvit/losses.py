@@ -1,0 +1,152 @@
+"""The DynamicViT training objective: pure loss functions plus one module that weighs them.
+
+L = CE(student, labels)
+  + ratio_weight   * mean_s mean_b (mean_i D_{b,i,s} - rho^s)^2
+  + distill_weight * KL(teacher || student)               (batchmean, T = 1)
+  + token_weight   * MSE(student tokens, teacher tokens)  (over tokens kept at the end)
+
+Reference weights: 2.0 / 0.5 / 0.5. Shapes: B batch, N patch tokens, C width, K classes.
+Every term is computed in fp32, whatever the autocast dtype of its inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def ratio_loss(decisions: Sequence[torch.Tensor], keep_ratio: float) -> torch.Tensor:
+    """Pull the fraction of kept tokens of stage s (1-based) toward keep_ratio ** s.
+
+    Args:
+        decisions: per-stage keep decisions, each (B, N), 1 = kept (hierarchical: a token dropped
+            at stage s is 0 in every later stage).
+        keep_ratio: rho.
+
+    Returns:
+        mean over stages of mean_b (mean_i D_{b,i,s} - rho^s)^2, a scalar.
+    """
+    if not decisions:
+        raise ValueError("ratio_loss needs at least one stage of decisions")
+    terms = []
+    for s, d in enumerate(decisions, start=1):
+        realized = d.float().flatten(1).mean(dim=1)  # (B,)
+        terms.append(((realized - keep_ratio**s) ** 2).mean())
+    return torch.stack(terms).mean()
+
+
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the class distributions, summed over classes, averaged over the batch.
+
+    Args:
+        student_logits: (B, K).
+        teacher_logits: (B, K); no gradient flows into them.
+    """
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), dim=-1),
+        F.log_softmax(teacher_logits.detach().float(), dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def token_distill(
+    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Mean squared error between the student's and the teacher's patch tokens where the mask is 1.
+
+    Args:
+        student_tokens: final normed patch tokens of the student, (B, N, C).
+        teacher_tokens: the teacher's, (B, N, C); no gradient flows into them.
+        mask: final keep decision, (B, N); None compares every token.
+
+    Returns:
+        The MSE averaged over kept tokens and channels; 0 (still differentiable) if no token survives.
+    """
+    s = student_tokens.float()
+    t = teacher_tokens.detach().float()
+    if mask is None:
+        return F.mse_loss(s, t)
+    keep = mask.detach() > 0.5  # (B, N)
+    if not bool(keep.any()):
+        return s.sum() * 0.0
+    return F.mse_loss(s[keep], t[keep])  # (kept, C)
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against class indices (with label smoothing) or against soft targets.
+
+    Args:
+        logits: (B, K).
+        target: class indices (B,), or soft targets (B, K) as made by mixup/cutmix; these already
+            hold their label smoothing, so `smoothing` is not applied to them.
+        smoothing: label smoothing for class-index targets.
+    """
+    logits = logits.float()
+    if target.ndim == logits.ndim:
+        return torch.sum(-target.float() * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+class DynamicViTLoss(nn.Module):
+    """The weighted DynamicViT objective.
+
+    Call it with the student's training output (`DynamicViTOutput`), the targets and the teacher's
+    logits and final patch tokens; it returns the total and each term (detached, for logging).
+    Without teacher outputs the distillation terms are left out.
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float,
+        ratio_weight: float = 2.0,
+        distill_weight: float = 0.5,
+        token_weight: float = 0.5,
+        smoothing: float = 0.1,
+    ):
+        super().__init__()
+        self.keep_ratio = keep_ratio
+        self.ratio_weight = ratio_weight
+        self.distill_weight = distill_weight
+        self.token_weight = token_weight
+        self.smoothing = smoothing
+
+    def forward(
+        self,
+        output,
+        target: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor] = None,
+        teacher_tokens: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its terms.
+
+        Args:
+            output: the student's `DynamicViTOutput` (logits, tokens, decisions, mask).
+            target: class indices (B,) or soft targets (B, K).
+            teacher_logits: (B, K), or None.
+            teacher_tokens: the teacher's final normed patch tokens, (B, N, C), or None.
+
+        Returns:
+            (total, {"ce", "ratio", "kl", "token"}) with the terms unweighted and detached.
+        """
+        ce = classification_loss(output.logits, target, self.smoothing)
+        ratio = ratio_loss(output.decisions, self.keep_ratio)
+        total = ce + self.ratio_weight * ratio
+        terms = {"ce": ce.detach(), "ratio": ratio.detach()}
+        if teacher_logits is not None:
+            kl = kl_distill(output.logits, teacher_logits)
+            total = total + self.distill_weight * kl
+            terms["kl"] = kl.detach()
+        if teacher_tokens is not None:
+            tok = token_distill(output.tokens, teacher_tokens, output.mask)
+            total = total + self.token_weight * tok
+            terms["token"] = tok.detach()
+        return total, terms
+
+    def extra_repr(self) -> str:
+        return (
+            f"keep_ratio={self.keep_ratio}, ratio_weight={self.ratio_weight}, "
+            f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}"
+        )

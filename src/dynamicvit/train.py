@@ -1,0 +1,988 @@
+"""Training and evaluation: fine-tune a DynamicViT from a dense teacher, or train a dense ViT.
+
+`train(cfg)` runs the whole recipe; its loop is written out in one place (`_fit`) so it can be read
+in one sitting: per-iteration warmup + cosine learning rate, autocast, gradient clipping, an optional
+EMA, evaluation under no_grad and a resumable checkpoint every epoch.
+
+The DynamicViT objective follows the paper (see `dynamicvit.losses`): CE (soft targets under
+mixup/cutmix) + 2.0 * ratio + 0.5 * KL to the dense teacher + 0.5 * token distillation. The teacher
+is the dense model the student starts from, frozen and in eval mode, fed the same (mixed) images.
+
+Multi-GPU / multi-node: launch with torchrun; RANK, WORLD_SIZE and LOCAL_RANK select the process's
+share of the data (DistributedSampler) and its GPU; the model is wrapped in DistributedDataParallel;
+rank 0 alone logs, shows progress and writes files. `batch_size` is per process.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .checkpoint import (
+    atomic_write,
+    filter_dense_state,
+    load_state,
+    load_weights,
+    model_settings,
+    read_checkpoint,
+    save_model,
+)
+from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
+from .losses import DynamicViTLoss, classification_loss
+
+_logger = logging.getLogger(__name__)
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+# Learnable tokens the reference does not train when fine-tuning (and never decays).
+FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
+# The reference augmentation for ImageNet-style data (timm.data.create_transform arguments).
+REFERENCE_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}
+REFERENCE_LR, REFERENCE_BATCH = 1e-3, 1024
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; loadable from YAML/JSON and the command line.
+
+    The defaults are the reference recipe (ImageNet, DeiT-S); a run on a small dataset will want
+    fewer epochs and a larger learning rate.
+    """
+
+    # What to train.
+    model: Optional[str] = None  # timm name, e.g. deit_small_patch16_224; None: taken from the teacher checkpoint
+    dataset: str = "fashion-mnist"  # "fashion-mnist" or an ImageFolder root (train/ and val/ of class folders)
+    data_dir: Optional[str] = None  # Fashion-MNIST: folder with the IDX files (default: the system package)
+    output: str = "runs/dynamicvit"  # folder for checkpoints, metrics.jsonl and TensorBoard logs
+    dense: bool = False  # train a plain dense ViT with CE (e.g. a teacher) instead of a DynamicViT
+    teacher: Optional[str] = None  # dense checkpoint (e.g. from --dense); the student starts from its weights
+    pretrained: bool = False  # no --teacher: use timm's pretrained dense model (downloads)
+    init_checkpoint: Optional[str] = None  # weights to start from instead of the teacher's (or timm's when dense)
+    keep_ratio: float = 0.7  # rho: stage s keeps int(N * rho^s) patch tokens
+    prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
+    timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
+    # dataset fills in num_classes, in_chans and img_size unless given here
+
+    # Optimization (per-iteration schedule).
+    epochs: int = 30
+    batch_size: int = 128  # per process; the global batch is batch_size * world size
+    lr: Optional[float] = None  # predictor lr (the whole model's when dense); None: 1e-3 * global batch / 1024
+    backbone_lr_scale: float = 0.01  # backbone lr = lr * this (DynamicViT only)
+    freeze_backbone_epochs: int = 5  # backbone lr is 0 for these first epochs (DynamicViT only)
+    warmup_epochs: float = 5  # linear warmup from warmup_lr, then cosine down to min_lr
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05  # AdamW; never on biases, norms, tokens and position embeddings
+    clip_grad: Optional[float] = None  # max global gradient norm; None: no clipping
+
+    # Objective.
+    ratio_weight: float = 2.0  # reference: 2.0 (DeiT-B: 5.0)
+    distill_weight: float = 0.5  # KL(teacher || student) on logits
+    token_weight: float = 0.5  # MSE to the teacher's final patch tokens, on the tokens kept at the end
+    smoothing: float = 0.1  # label smoothing (folded into the soft targets under mixup/cutmix)
+
+    # Augmentation.
+    mixup: float = 0.8  # mixup alpha; 0 disables
+    cutmix: float = 1.0  # cutmix alpha; 0 disables
+    augment: Optional[dict] = None  # timm create_transform arguments for training images; None: RandAugment
+    # rand-m9-mstd0.5-inc1 + random erasing 0.25 for ImageFolder data, light crops/flips for Fashion-MNIST
+
+    # Precision and averaging.
+    amp: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none elsewhere), "none", "bf16", "fp16"
+    ema: bool = False  # keep an exponential moving average of the weights (saved next to the model)
+    ema_decay: float = 0.9998
+
+    # Run.
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    num_workers: int = 4  # data loader processes per training process
+    download: bool = False  # Fashion-MNIST: download it when missing
+    subset: Optional[int] = None  # train on a fixed random subset of this many images
+    val_subset: Optional[int] = None  # evaluate on a fixed random subset of this many images
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke tests)
+    eval_every: int = 1  # evaluate every this many epochs (and after the last)
+    log_every: int = 20  # steps between metric lines and progress-bar updates
+    resume: Union[bool, str] = False  # True: continue from <output>/last.pth if present; a path: from that file
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact repeats)
+    progress: bool = True  # tqdm progress bars (rank 0)
+    tensorboard: bool = True  # TensorBoard logs in <output>/tb (rank 0)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (e.g. a parsed config file); unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a training config must be a mapping of settings, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, n=1)) else k for k in unknown]
+            raise ConfigError(f"unknown training setting(s): {', '.join(hints)}; valid settings: {', '.join(sorted(names))}")
+        types = {f.name: str(f.type).replace(" ", "") for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike], **overrides) -> "TrainConfig":
+        """Read a YAML or JSON file; `overrides` (e.g. command-line flags) win over the file."""
+        return cls.from_dict({**read_config_file(path), **overrides})
+
+    def to_dict(self) -> dict:
+        """JSON-serializable settings (stored with every checkpoint)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def validate(self) -> None:
+        """Raise `ConfigError` for settings out of range."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be a positive integer, got {self.epochs!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size!r}")
+        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.backbone_lr_scale >= 0, f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}")
+        need(self.freeze_backbone_epochs >= 0, f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(0 <= self.min_lr and 0 <= self.warmup_lr, "min_lr and warmup_lr must be >= 0")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be positive (or None), got {self.clip_grad}")
+        for name in ("ratio_weight", "distill_weight", "token_weight", "mixup", "cutmix"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
+        need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be >= 1")
+        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1")
+        need(isinstance(self.timm_kwargs, dict), f"timm_kwargs must be a mapping, got {self.timm_kwargs!r}")
+        if self.mixing and self.batch_size % 2:
+            raise ConfigError(
+                f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
+                "use an even batch size or pass --mixup 0 --cutmix 0"
+            )
+        if self.dense and self.teacher:
+            raise ConfigError("--dense trains with plain CE and takes no teacher; drop --teacher (or --dense)")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def _coerce(name: str, value, kind: str):
+    """Numbers written as strings (YAML reads `1e-3` as a string) become numbers; wrong types are errors."""
+    if value is None and kind.startswith("Optional"):
+        return None
+    base = kind.removeprefix("Optional[").removesuffix("]")
+    if base in ("int", "float"):
+        try:
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (base == "int" and not (math.isfinite(number) and number == int(number))):
+            raise ConfigError(f"{name} must be {'an integer' if base == 'int' else 'a number'}, got {value!r}")
+        return int(number) if base == "int" else number
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def read_config_file(path: Union[str, os.PathLike]) -> dict:
+    """Settings from a YAML (.yaml/.yml) or JSON file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass a YAML or JSON file of training settings")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - JSON and YAML raise their own types
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings (key: value), not a {type(values).__name__}")
+    return values
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+        checkpoint: the final model (`dynamicvit.load_model` reads it), with the settings as `extra`.
+        last: the resumable training checkpoint of the last epoch.
+        history: one dict per epoch: train losses, lr, realized keep ratio per stage, val top1/top5.
+        ema_checkpoint: the EMA weights as a model file, when `ema` was on.
+        model: the trained model (unwrapped), in eval mode.
+    """
+
+    checkpoint: Path
+    last: Path
+    history: list[dict]
+    ema_checkpoint: Optional[Path] = None
+    model: Optional[nn.Module] = None
+
+
+# -- distributed / device -----------------------------------------------------------------------
+
+
+@dataclass
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_spec: str) -> tuple[DistEnv, torch.device]:
+    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun).
+
+    The backend is NCCL on CUDA and gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv(), resolve_device(device_spec)
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise ConfigError("WORLD_SIZE is set but RANK is missing; launch multi-process training with torchrun") from None
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    initialized_here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        initialized_here = True
+    return DistEnv(rank, world, local_rank, initialized_here), device
+
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" picks CUDA (this process's GPU), then Apple MPS, then the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for but CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' asked for but it is not available here; use --device cpu")
+    return device
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `amp` on `device` (None: full precision)."""
+    device = torch.device(device)
+    if amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --amp fp16 (or none)")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict, overrides: dict, role: str) -> nn.Module:
+    """A dense timm ViT from a checkpoint: ours (`save_model`/training) or plain timm/DeiT weights.
+
+    Args:
+        name: the timm architecture (needed only for plain weights, which carry no settings).
+        kwargs: timm arguments for plain weights (dataset defaults + user's).
+        overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
+        role: "teacher" or "initial weights", for messages.
+    """
+    from .checkpoint import load_model
+    from .factory import create_backbone
+
+    state, settings = read_checkpoint(path)
+    if settings is not None:
+        if settings.get("kind") != "dense":
+            raise ConfigError(
+                f"the {role} {path} is a DynamicViT; the {role} must be a dense model "
+                "(e.g. the model.safetensors of `dynamicvit train --dense`)"
+            )
+        if name is not None and settings.get("model_name") != name:
+            raise ConfigError(
+                f"the {role} {path} is a {settings.get('model_name')}, not a {name}; "
+                "drop --model or pass the matching architecture"
+            )
+        return load_model(path, **overrides)
+    if name is None:
+        raise ConfigError(f"the {role} {path} holds plain weights without settings; name the architecture with --model")
+    model = create_backbone(name, **kwargs)
+    load_state(model, filter_dense_state(state, model), source=f"{role} {path}")
+    return model
+
+
+def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(model to train, frozen dense teacher or None).
+
+    Dense: a timm ViT from `init_checkpoint`, timm's pretrained weights or scratch.
+    DynamicViT: the teacher from `teacher` (or timm's pretrained model); the student is a copy of it
+    with fresh prediction modules, or is loaded from `init_checkpoint`.
+    """
+    from .factory import create_backbone, sparsify
+
+    if cfg.dense:
+        if cfg.init_checkpoint:
+            return load_dense(cfg.init_checkpoint, cfg.model, kwargs, cfg.timm_kwargs, "initial weights"), None
+        return create_backbone(_need_model(cfg), pretrained=cfg.pretrained, **kwargs), None
+
+    if cfg.teacher:
+        teacher = load_dense(cfg.teacher, cfg.model, kwargs, cfg.timm_kwargs, "teacher")
+    elif cfg.pretrained:
+        teacher = create_backbone(_need_model(cfg), pretrained=True, **kwargs)
+        default_classes = teacher.pretrained_cfg.get("num_classes")
+        if default_classes and default_classes != teacher.num_classes:
+            _logger.warning(
+                "the pretrained teacher's head was re-initialized for %d classes, so it teaches nothing: "
+                "train a dense teacher first (dynamicvit train --dense --pretrained ...) and pass it with --teacher",
+                teacher.num_classes,
+            )
+    else:
+        raise ConfigError(
+            "fine-tuning a DynamicViT needs a dense teacher: pass --teacher PATH (a dense checkpoint, e.g. the "
+            "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
+        )
+    teacher.eval().requires_grad_(False)
+    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs)
+    student.backbone.requires_grad_(True)
+    if cfg.init_checkpoint:
+        load_weights(student, cfg.init_checkpoint)
+    return student, teacher
+
+
+def _need_model(cfg: TrainConfig) -> str:
+    if not cfg.model:
+        raise ConfigError("no model given: pass --model NAME (a timm ViT, e.g. deit_small_patch16_224)")
+    return cfg.model
+
+
+def check_model_name(name: Optional[str]) -> None:
+    """Fail fast on an unknown timm name (before any data is read)."""
+    if name is None:
+        return
+    import timm
+
+    from .factory import create_backbone
+
+    bare = name[len("dynamicvit_"):] if name.startswith("dynamicvit_") else name
+    if not timm.is_model(bare):
+        create_backbone(bare)  # raises UnsupportedModelError with suggestions
+
+
+def freeze_tokens(model: nn.Module) -> list[str]:
+    """Stop training the class/distillation/register tokens and the position embedding.
+
+    The reference recipe when fine-tuning a DynamicViT; a dense model (`--dense`, possibly trained from
+    scratch) trains them.
+    """
+    frozen = []
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] in FROZEN_TOKENS:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """AdamW parameter groups: predictors at lr, backbone at lr * backbone_lr_scale.
+
+    Biases, norm weights, tokens and position embeddings (1-D or listed in the model's
+    `no_weight_decay`) get no weight decay. A dense model is all "backbone".
+    """
+    skip = set()
+    inner = getattr(model, "backbone", model)
+    if hasattr(inner, "no_weight_decay"):
+        skip = {n.split(".")[-1] for n in inner.no_weight_decay()}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "predictors" if name.startswith("predictors.") else "backbone"
+        decay = p.ndim > 1 and name.split(".")[-1] not in skip
+        group = groups.setdefault(
+            (part, decay),
+            {
+                "params": [],
+                "part": part,
+                "lr_scale": 1.0 if part == "predictors" else backbone_lr_scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from warmup_lr to base_lr, then half a cosine down to min_lr (per iteration)."""
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: Union[str, torch.device] = "cpu",
+    amp: str = "none",
+    *,
+    distributed: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of `model` on `loader`.
+
+    The model runs in eval mode (a DynamicViT takes its inference path: tokens removed) and is put
+    back in its previous mode afterwards.
+
+    Args:
+        loader: batches of (images, integer labels).
+        amp: autocast mode, as in `TrainConfig.amp`.
+        distributed: sum the counts over all processes (each evaluated its own shard).
+        progress: show a tqdm bar.
+
+    Returns:
+        {"top1", "top5", "loss", "images"}.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    dtype = amp_dtype(amp, device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
+    for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
+        sums += torch.stack([
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=-1).sum().double(),
+            torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+        ])
+    if distributed:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise DataError("the evaluation set is empty; check the dataset path and --val-subset")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
+
+
+# -- checkpoints and RNG ------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Every random generator a step draws from (python, numpy for mixup, torch for Gumbel noise)."""
+    py = random.getstate()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through a temporary file: a crash mid-write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint written by `save_checkpoint`."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no training checkpoint at {path}; check --resume (default: <output>/last.pth)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means an unreadable file
+        raise CheckpointError(f"cannot read training checkpoint {path}: {type(e).__name__}; the file is corrupt or not ours") from None
+    needed = {"model", "optimizer", "epoch", "config"}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise CheckpointError(
+            f"{path} is not a resumable training checkpoint (needs {sorted(needed)}); to start from its weights "
+            "pass it as --init-checkpoint instead of --resume"
+        )
+    return ckpt
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Metrics as JSON lines (<output>/metrics.jsonl) and TensorBoard scalars; a no-op off rank 0."""
+
+    def __init__(self, output: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = None
+        self.writer = None
+        if not enabled:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        self.file = open(output / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "tb"))
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None) -> TrainResult:
+    """Train a DynamicViT from a dense teacher (or a dense ViT when `cfg.dense`).
+
+    Args:
+        cfg: the settings.
+        train_set, val_set: datasets of (image tensor, label) to use instead of `cfg.dataset`; the
+            model's timm arguments (num_classes, in_chans, img_size) then come from `cfg.timm_kwargs`.
+
+    Returns:
+        The final model file, the last resumable checkpoint and the per-epoch history.
+    """
+    cfg.validate()
+    env, device = init_distributed(cfg.device)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return _fit(cfg, env, device, train_set, val_set)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        if env.initialized_here:
+            dist.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_set) -> TrainResult:
+    log = _logger.info if env.is_main else (lambda *a, **k: None)
+    out = Path(cfg.output)
+
+    # 1. Fail fast on what the user can get wrong: names and files first, data next.
+    check_model_name(cfg.model)
+    for path in (cfg.teacher, cfg.init_checkpoint):
+        if path:
+            read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
+    resume_from = _resume_path(cfg, out)
+    kwargs = dict(cfg.timm_kwargs)
+    info = None
+    if train_set is None:
+        from .data import resolve_dataset
+
+        info = resolve_dataset(cfg.dataset, cfg.data_dir)
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **kwargs}
+
+    # 2. Models: the same initialization on every rank (DDP broadcasts rank 0's anyway).
+    seed_everything(cfg.seed)
+    model, teacher = build_models(cfg, kwargs)
+    _check_model_fits(model, info)
+    frozen = [] if cfg.dense else freeze_tokens(model)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    img_size = _img_size(model)
+
+    # 3. Data: each process reads its own share (DistributedSampler; a fixed shuffle per epoch).
+    if train_set is None:
+        train_set, val_set = build_datasets(cfg, info, img_size)
+    sampler, train_loader, val_loader = build_loaders(cfg, env, device, train_set, val_set)
+    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size} per process "
+            f"({env.world_size} process(es)); lower --batch-size or use more images"
+        )
+
+    # 4. Optimizer, schedule, precision, EMA.
+    global_batch = cfg.batch_size * env.world_size
+    base_lr = cfg.lr if cfg.lr is not None else REFERENCE_LR * global_batch / REFERENCE_BATCH
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    groups = param_groups(model, cfg.weight_decay, 1.0 if cfg.dense else cfg.backbone_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999))
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
+    criterion = None if cfg.dense else DynamicViTLoss(
+        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing
+    )
+    mixup_fn = None
+    if cfg.mixing:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=_num_classes(model))
+
+    # 5. Resume.
+    start_epoch, history = 0, []
+    resumed = None
+    if resume_from is not None:
+        resumed = load_checkpoint(resume_from)
+        _warn_config_changes(resumed["config"], cfg)
+        try:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{resume_from} does not match this run's model: {str(e).splitlines()[0]}") from None
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        start_epoch, history = int(resumed["epoch"]), list(resumed.get("history", []))
+        log("resuming from %s after epoch %d", resume_from, start_epoch)
+
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        if resumed is not None and resumed.get("ema") is not None:
+            ema.module.load_state_dict(resumed["ema"])
+
+    net = model
+    if env.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Per-rank random streams (Gumbel noise, mixup, augmentation); exact on resume for rank 0.
+    if resumed is not None and env.is_main and "rng" in resumed:
+        set_rng_state(resumed["rng"])
+    else:
+        seed_everything(cfg.seed + env.rank + 1000 * start_epoch)
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        "training %s %s: %d trainable parameters, %d steps/epoch x %d epochs, global batch %d, lr %.3g%s, "
+        "device %s%s, amp %s",
+        "dense" if cfg.dense else "DynamicViT", getattr(model, "model_name", None) or cfg.model, n_params,
+        steps_per_epoch, cfg.epochs, global_batch, base_lr,
+        "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale}, frozen {cfg.freeze_backbone_epochs} epochs)",
+        device, f" x{env.world_size}" if env.distributed else "", str(dtype).replace("torch.", "") if dtype else "none",
+    )
+    if frozen:
+        log("not trained (reference recipe): %s", ", ".join(frozen))
+    if env.is_main and cfg.warmup_epochs >= cfg.epochs:
+        _logger.warning("warmup_epochs %s >= epochs %d: the learning rate never reaches %.3g", cfg.warmup_epochs, cfg.epochs, base_lr)
+    if env.is_main and not cfg.dense and cfg.freeze_backbone_epochs >= cfg.epochs:
+        _logger.warning("freeze_backbone_epochs %d >= epochs %d: only the prediction modules will train",
+                        cfg.freeze_backbone_epochs, cfg.epochs)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (out / "last.pth").exists():
+            _logger.warning("%s holds a previous run; its last.pth will be replaced (pass --resume to continue it)", out)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
+    metrics = MetricsLog(out, env.is_main, cfg.tensorboard)
+    last = out / "last.pth"
+
+    # 6. The loop.
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            net.train()
+            freeze_backbone = not cfg.dense and epoch < cfg.freeze_backbone_epochs
+            row = _train_epoch(
+                cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, train_loader,
+                device, dtype, epoch, steps_per_epoch, freeze_backbone, metrics,
+                schedule=dict(base_lr=base_lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_steps=warmup_steps, total_steps=total_steps),
+            )
+            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                val = evaluate(model, val_loader, device, cfg.amp if dtype else "none", distributed=env.distributed)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                if ema is not None:
+                    val_ema = evaluate(ema.module, val_loader, device, cfg.amp if dtype else "none", distributed=env.distributed)
+                    row.update({f"val_ema_{k}": v for k, v in val_ema.items()})
+            history.append(row)
+            metrics.log("epoch", (epoch + 1) * steps_per_epoch, row)
+            log("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(row))
+            if env.is_main:
+                save_checkpoint(last, {
+                    "model": model.state_dict(),
+                    "dynamicvit": model_settings(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.module.state_dict() if ema is not None else None,
+                    "epoch": epoch + 1,
+                    "step": (epoch + 1) * steps_per_epoch,
+                    "config": cfg.to_dict(),
+                    "history": history,
+                    "rng": rng_state(),
+                })
+            if env.distributed:
+                dist.barrier()
+    finally:
+        metrics.close()
+
+    # 7. The final model file(s), with the settings that made them.
+    model.eval()
+    final, ema_final = out / "model.safetensors", None
+    extra = {"train_config": cfg.to_dict(), "epochs_done": len(history), "final": history[-1] if history else None}
+    if env.is_main:
+        save_model(model, final, overwrite=True, extra=extra)
+        if ema is not None:
+            ema_final = save_model(ema.module, out / "model_ema.safetensors", overwrite=True, extra=extra)
+        log("saved %s%s", final, f" and {ema_final}" if ema_final else "")
+    elif ema is not None:
+        ema_final = out / "model_ema.safetensors"
+    if env.distributed:
+        dist.barrier()
+    return TrainResult(checkpoint=final, last=last, history=history, ema_checkpoint=ema_final, model=model)
+
+
+def build_datasets(cfg: TrainConfig, info, img_size: int) -> tuple[Dataset, Dataset]:
+    """Training and validation sets of `cfg.dataset` (through `dynamicvit.data`)."""
+    from .data import build_dataset
+
+    augment = cfg.augment
+    if augment is None and info.name != "fashion-mnist":
+        augment = dict(REFERENCE_AUGMENT)
+    common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+    train_set = build_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset, **common)
+    val_set = build_dataset(cfg.dataset, "val", subset=cfg.val_subset, **common)
+    return train_set, val_set
+
+
+def build_loaders(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Dataset, val_set: Optional[Dataset]):
+    """(train sampler, train loader, validation loader or None); validation is sharded over the ranks."""
+    sampler = DistributedSampler(
+        train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
+        drop_last=True, persistent_workers=cfg.num_workers > 0,
+    )
+    val_loader = None
+    if val_set is not None:
+        shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
+        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
+    return sampler, train_loader, val_loader
+
+
+def _train_epoch(
+    cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, loader, device, dtype,
+    epoch, steps_per_epoch, freeze_backbone, metrics, schedule,
+) -> dict:
+    """One epoch of optimization; returns the epoch's mean losses and realized keep ratios."""
+    from tqdm.auto import tqdm
+
+    keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
+    stages = 0 if cfg.dense else len(model.prune_locs)
+    sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
+    window = torch.zeros_like(sums)  # since the last log line
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (env.is_main and cfg.progress), leave=False)
+    t0, lr = time.time(), 0.0
+    for it, (x, y) in enumerate(loader):
+        if it >= steps_per_epoch:
+            break
+        step = epoch * steps_per_epoch + it
+        lr = cosine_lr(step, **schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0 if freeze_backbone and g["part"] == "backbone" else lr * g["lr_scale"]
+
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
+        with autocast(device, dtype):
+            if teacher is None:
+                loss = classification_loss(net(x), y, cfg.smoothing)
+                terms = {"ce": loss.detach()}
+                keep = []
+            else:
+                with torch.no_grad():
+                    feats = teacher.forward_features(x)  # (B, P + N, C), normed
+                    t_logits, t_tokens = teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+                out = net(x)  # DynamicViTOutput: training path, tokens masked
+                loss, terms = criterion(out, y, t_logits, t_tokens)
+                keep = [d.detach().float().mean() for d in out.decisions]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(model, step=step)
+
+        values = torch.stack([loss.detach().float()] + [terms[k].float() for k in keys[1:]] + keep)
+        sums += values
+        window += values
+        bar.update(1)
+        if (it + 1) % cfg.log_every == 0 or it + 1 == steps_per_epoch:
+            n = (it % cfg.log_every) + 1
+            mean = (window / n).tolist()
+            window.zero_()
+            if not math.isfinite(mean[0]):
+                raise DynamicViTError(
+                    f"the loss is {mean[0]} at epoch {epoch + 1}, step {it + 1}; lower --lr, set --clip-grad 1.0 "
+                    "or use --amp bf16 / none"
+                )
+            row = dict(zip(keys, mean[: len(keys)]))
+            row.update({f"keep{s + 1}": r for s, r in enumerate(mean[len(keys):])})
+            row["lr"] = lr
+            metrics.log("train", step + 1, row)
+            postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{lr:.2e}"}
+            if stages:
+                postfix["keep"] = "/".join(f"{r:.2f}" for r in mean[len(keys):])
+            bar.set_postfix(postfix)
+    bar.close()
+    steps = min(steps_per_epoch, len(loader))
+    if env.distributed:
+        dist.all_reduce(sums)
+        sums /= env.world_size
+    mean = (sums / steps).tolist()
+    row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in zip(keys, mean[: len(keys)])}}
+    row.update({f"keep_ratio_stage{s + 1}": r for s, r in enumerate(mean[len(keys):])})
+    row.update({"lr": lr, "epoch_time_s": time.time() - t0})
+    return row
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
+    if cfg.resume is False or cfg.resume is None or cfg.resume == "":
+        return None
+    if cfg.resume is True or str(cfg.resume).lower() in ("true", "auto", "last"):
+        path = out / "last.pth"
+        if not path.exists():
+            _logger.info("no checkpoint to resume in %s; starting from scratch", out)
+            return None
+        return path
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such file; pass a last.pth written by `dynamicvit train`")
+    return path
+
+
+def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
+    ignore = {"resume", "progress", "tensorboard", "num_workers", "log_every", "device", "eval_every"}
+    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
+    if changed:
+        _logger.warning("resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def _check_model_fits(model: nn.Module, info) -> None:
+    if info is None:
+        return
+    backbone = getattr(model, "backbone", model)
+    in_chans = backbone.patch_embed.proj.in_channels
+    if in_chans != info.in_chans or _num_classes(model) != info.num_classes:
+        raise ConfigError(
+            f"the model takes {in_chans}-channel images and predicts {_num_classes(model)} classes, but {info.name} "
+            f"has {info.in_chans}-channel images and {info.num_classes} classes; use a checkpoint made for this dataset "
+            "or pass matching timm_kwargs (in_chans, num_classes)"
+        )
+
+
+def _num_classes(model: nn.Module) -> int:
+    return getattr(model, "backbone", model).num_classes
+
+
+def _img_size(model: nn.Module) -> int:
+    h, w = getattr(model, "backbone", model).patch_embed.img_size
+    if h != w:
+        raise ConfigError(f"non-square models ({h}x{w}) are not supported by the data pipeline; use img_size={h}")
+    return int(h)
+
+
+def _fmt(row: dict) -> str:
+    parts = []
+    for k, v in row.items():
+        if k == "epoch":
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return ", ".join(parts)
