@@ -19,6 +19,15 @@ def tiny_model(name: str = "vit_tiny_patch16_224", keep_ratio: float = 0.7, prun
     return dynamicvit.create_model(name, keep_ratio=keep_ratio, prune_locs=prune_locs, **tiny_kwargs(**overrides))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine more threads slow them many times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     torch.manual_seed(1)

@@ -22,14 +22,6 @@ from conftest import tiny_kwargs, tiny_model
 KWARGS = json.dumps(tiny_kwargs())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several threads on a shared, busy machine make tiny forwards crawl; the tests need no speed.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Recorder(torch.nn.Module):
     """Appends its name to a shared log on every forward."""

@@ -17,14 +17,6 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY = '{"patch_size": 7, "embed_dim": 32, "depth": 4, "num_heads": 2, "global_pool": "avg"}'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads on a busy CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

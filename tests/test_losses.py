@@ -11,14 +11,6 @@ from dynamicvit.losses import DynamicViTLoss, classification_loss, kl_distill, r
 from dynamicvit.model import DynamicViTOutput
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads on a busy CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _decisions():
     # Stage 1 keeps 3/4 and 1/4 of the tokens of the two images; stage 2 keeps 2/4 and 0/4.

@@ -19,14 +19,6 @@ from dynamicvit.train import TrainConfig, cosine_lr, evaluate, freeze_tokens, pa
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads on a busy CPU slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- helpers ------------------------------------------------------------------------------------
 

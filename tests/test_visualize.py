@@ -260,14 +260,16 @@ def test_cli_fails_only_when_nothing_could_be_drawn(tmp_path, image_folder, caps
 
 
 def test_model_kwargs_accept_pairs_and_json():
-    from dynamicvit.commands.visualize import parse_model_kwargs
+    from argparse import ArgumentTypeError
+
+    from dynamicvit.commands._common import model_kwargs as parse_model_kwargs
 
     assert parse_model_kwargs("in_chans=1, img_size=(32, 48),global_pool=avg,class_token=false") == dict(
         in_chans=1, img_size=(32, 48), global_pool="avg", class_token=False
     )
     assert parse_model_kwargs('{"patch_size": 4, "img_size": [32, 48]}') == dict(patch_size=4, img_size=[32, 48])
-    assert parse_model_kwargs(None) == {}
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
+    assert parse_model_kwargs("") == {}
+    with pytest.raises(ArgumentTypeError, match="KEY=VALUE"):
         parse_model_kwargs("in_chans")
 
 

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    top, rest = parser.parse_known_args(argv)
+    try:
+        top, rest = parser.parse_known_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     if top.command is None:
         parser.print_help()
         return 2
@@ -46,7 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(f"dynamicvit.commands.{top.command}")
     cmd_parser = argparse.ArgumentParser(prog=f"dynamicvit {top.command}", description=COMMANDS[top.command])
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(rest)
+    try:
+        args = cmd_parser.parse_args(rest)
+    except SystemExit as e:  # usage error (argparse printed it) or --help
+        return int(e.code or 0)
     try:
         return int(module.run(args) or 0)
     except DynamicViTError as e:

@@ -10,34 +10,22 @@ from pathlib import Path
 
 from .flops import add_model_arguments, build_base_model
 
+from ._common import float_list, int_list
+
 HELP = "Throughput and latency of dense vs DynamicViT, side by side."
 
 _logger = logging.getLogger(__name__)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1.0,0.7; got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 32,1; got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
-        "--keep-ratios", type=_floats, default=[1.0, 0.9, 0.8, 0.7, 0.5],
+        "--keep-ratios", type=float_list, default=[1.0, 0.9, 0.8, 0.7, 0.5],
         help="comma-separated keep ratios; 1.0 is the unmodified dense timm model, the baseline (default: 1.0,0.9,0.8,0.7,0.5)",
     )
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--batch-size", type=int, default=None, help="one batch size")
-    sizes.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated batch sizes (default: 32,1)")
+    sizes.add_argument("--batch-sizes", type=int_list, default=None, help="comma-separated batch sizes (default: 32,1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none = fp32)")

@@ -9,28 +9,21 @@ import argparse
 import json
 
 from ..errors import ConfigError
-from .train import _json_dict
+from ._common import float_list, model_kwargs
 
 HELP = "Top-1/top-5 of a model on a dataset at a chosen keep ratio, plus its MACs."
-
-
-def _ratios(text: str) -> list[float]:
-    try:
-        return [float(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7 or 0.5,0.7,0.9, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="model file (model.safetensors or last.pth from `dynamicvit train`, "
                         "or plain weights with --model)")
     parser.add_argument("--model", default=None, help="timm name, needed only for plain weights without settings")
-    parser.add_argument("--timm-kwargs", type=_json_dict, default={}, metavar="JSON",
+    parser.add_argument("--model-kwargs", "--timm-kwargs", dest="timm_kwargs", type=model_kwargs, default={}, metavar="KWARGS",
                         help="timm.create_model arguments for plain weights, e.g. '{\"embed_dim\": 64, \"depth\": 6}'")
     parser.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist' or an ImageFolder root with a val/ folder")
     parser.add_argument("--data-dir", "--data", default=None, help="Fashion-MNIST: folder holding the IDX files")
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST when missing")
-    parser.add_argument("--keep-ratio", type=_ratios, default=None,
+    parser.add_argument("--keep-ratio", type=float_list, default=None,
                         help="keep ratio(s) to evaluate at, e.g. 0.7 or 0.5,0.7,0.9 (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this many images")

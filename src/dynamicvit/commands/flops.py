@@ -6,6 +6,8 @@ import json
 import logging
 from typing import Optional
 
+from ._common import int_list, model_kwargs
+
 HELP = "Count multiply-accumulates (GMACs) and parameters, per stage and in total."
 
 _logger = logging.getLogger(__name__)
@@ -23,54 +25,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "or timm/DeiT/reference DynamicViT weights for --model",
     )
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    parser.add_argument("--prune-locs", default=None, help="comma-separated block indices, e.g. 3,6,9 (default: three even stages)")
+    parser.add_argument("--prune-locs", type=int_list, default=None, help="comma-separated block indices, e.g. 3,6,9 (default: three even stages)")
     parser.add_argument(
-        "--model-kwargs", default=None, metavar="KWARGS",
+        "--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments, as a JSON object ('{\"patch_size\": 8}') or "
         "comma-separated key=value pairs (patch_size=8,embed_dim=192)",
     )
 
 
-def parse_model_kwargs(text: Optional[str]) -> dict:
-    """`{"a": 1}` or `a=1,b=x` -> dict; values in key=value pairs are read as JSON when they parse."""
-    from ..errors import ConfigError
-
-    if not text:
-        return {}
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model-kwargs is not valid JSON ({e}); e.g. '{{\"patch_size\": 8}}'") from None
-        if not isinstance(value, dict):
-            raise ConfigError("--model-kwargs must be a JSON object, e.g. '{\"patch_size\": 8}'")
-        return value
-    kwargs = {}
-    for item in text.split(","):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--model-kwargs item {item!r} is not key=value; e.g. patch_size=8,embed_dim=192")
-        try:
-            kwargs[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = raw.strip()
-    return kwargs
-
-
-def parse_prune_locs(text: Optional[str]) -> Optional[list[int]]:
-    from ..errors import ConfigError
-
-    if not text:
-        return None
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--prune-locs must be comma-separated block indices, e.g. 3,6,9; got {text!r}") from None
-
-
 def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
-    kwargs = parse_model_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if args.img_size:
         kwargs["img_size"] = args.img_size
     return kwargs
@@ -82,7 +46,7 @@ def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     from ..factory import create_backbone, create_model
 
     kwargs = timm_kwargs_from_args(args)
-    locs = parse_prune_locs(args.prune_locs)
+    locs = args.prune_locs
     if keep_ratio == 1.0 and not args.checkpoint:
         return create_backbone(args.model, **kwargs)  # any timm model, ViT or not
     if args.checkpoint:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import int_list
+
 HELP = "Build a DynamicViT and print its stages and token counts."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
     parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: stage s keeps int(N * rho^s) tokens")
-    parser.add_argument("--prune-locs", default=None, help="comma-separated block indices, e.g. 3,6,9")
+    parser.add_argument("--prune-locs", type=int_list, default=None, help="comma-separated block indices, e.g. 3,6,9")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
 
 
@@ -17,8 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from ..factory import create_model
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    locs = [int(s) for s in args.prune_locs.split(",")] if args.prune_locs else None
-    model = create_model(args.model, keep_ratio=args.keep_ratio, prune_locs=locs, **kwargs)
+    model = create_model(args.model, keep_ratio=args.keep_ratio, prune_locs=args.prune_locs, **kwargs)
     N, P = model.num_patches, model.num_prefix_tokens
     print(f"DynamicViT on {args.model}: {len(model.backbone.blocks)} blocks, grid {model.grid_size[0]}x{model.grid_size[1]} "
           f"= {N} patch tokens + {P} prefix token(s), keep ratio {model.keep_ratio}")

@@ -14,6 +14,8 @@ import os
 
 from ..errors import ConfigError
 
+from ._common import int_list, model_kwargs
+
 HELP = "Train a dense ViT or fine-tune a DynamicViT from a dense teacher."
 
 # One line per setting; `TrainConfig` documents the choices in full.
@@ -65,23 +67,6 @@ FLAG_HELP = {
 }
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train import AMP_MODES, TrainConfig
 
@@ -102,9 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif "list[int]" in kind:
-            parser.add_argument(flag, type=_int_list, metavar="I,J,K", **common)
+            parser.add_argument(flag, type=int_list, metavar="I,J,K", **common)
         elif "dict" in kind:
-            parser.add_argument(flag, type=_json_dict, metavar="JSON", **common)
+            parser.add_argument(flag, type=model_kwargs, metavar="JSON", **common)
         elif "int" in kind:
             parser.add_argument(flag, type=int, **common)
         elif "float" in kind:

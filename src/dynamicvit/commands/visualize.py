@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ._common import float_list, model_kwargs
+
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
 
 _logger = logging.getLogger("dynamicvit.visualize")
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", required=True, metavar="DIR", help="folder for the pictures")
     add("--keep-ratio", type=float, default=None, help="rho (default: the checkpoint's, else 0.7)")
     add("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    add("--model-kwargs", "--timm-kwargs", default=None, metavar="KWARGS",
+    add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments, as a JSON object ('{\"in_chans\": 1}') or comma-separated "
         "key=value pairs (in_chans=1,num_classes=10,patch_size=4)")
     add("--dataset", default=None,
@@ -44,20 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sheet-rows", type=int, default=24, help="images per contact sheet (default 24)")
     add("--html", action="store_true", help="also write DIR/index.html showing every picture")
     add("--embed", action="store_true", help="embed the pictures in the HTML page instead of linking them")
-    add("--mean", type=_floats, default=None, metavar="M[,M,M]",
+    add("--mean", type=float_list, default=None, metavar="M[,M,M]",
         help="normalization mean of image files, e.g. 0.485,0.456,0.406 (default: the model's)")
-    add("--std", type=_floats, default=None, metavar="S[,S,S]",
+    add("--std", type=float_list, default=None, metavar="S[,S,S]",
         help="normalization std of image files (default: the model's)")
     add("--crop-pct", type=float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
     add("--batch-size", type=int, default=32, help="images per forward pass")
     add("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import visualize as vis
     from ..errors import ConfigError, DataError
 
-    parse_model_kwargs(args.model_kwargs)  # fail before building anything
     if not args.inputs and not args.dataset:
         raise ConfigError("nothing to draw: give image files or folders, or --dataset NAME --num-samples N")
     if args.batch_size < 1 or args.sheet_rows < 1 or args.num_samples < 0:
@@ -144,61 +138,6 @@ def _is_dataset(spec: str) -> bool:
 # -- model --------------------------------------------------------------------------------------
 
 
-def parse_model_kwargs(text: Optional[str]) -> dict:
-    """`{"a": 1}` or `a=1,b=(2, 3),c=x` -> dict; values are JSON or Python literals where they parse, else strings."""
-    import json
-
-    from ..errors import ConfigError
-
-    text = (text or "").strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            kwargs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model-kwargs is not valid JSON ({e}): {text}") from None
-        if not isinstance(kwargs, dict):
-            raise ConfigError(f"--model-kwargs must be a JSON object, got {text}")
-        return kwargs
-    kwargs = {}
-    for item in _split_top_level(text):
-        key, sep, value = item.strip().partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(
-                f"--model-kwargs takes comma-separated KEY=VALUE pairs (e.g. in_chans=1,num_classes=10) or a "
-                f"JSON object; cannot read {item.strip()!r}"
-            )
-        kwargs[key] = _literal(value.strip())
-    return kwargs
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets, so img_size=(32, 48) stays one item."""
-    items, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    return [i for i in items + [current] if i.strip()]
-
-
-def _literal(value: str):
-    import json
-
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(value)
-        except (ValueError, SyntaxError):
-            continue
-    return value
-
-
 def load_model(args: argparse.Namespace):
     """Build the model from --checkpoint / --model.
 
@@ -211,7 +150,7 @@ def load_model(args: argparse.Namespace):
     from ..factory import create_model, sparsify
     from ..model import DynamicViT
 
-    kwargs = parse_model_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if args.img_size:
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
