@@ -38,16 +38,17 @@ def closed_form_backbone(d, tokens_per_block):
     return d["N"] * d["patch"] * C + blocks + C * d["heads"]
 
 
-def closed_form_predictors(C, scored):
-    """Prediction modules scoring `scored[s]` patch tokens at stage s, in the two possible layouts.
+def closed_form_predictors(C, scored, P):
+    """Prediction modules scoring `scored[s]` patch tokens at stage s, in the two layouts.
 
     Reference layout: Linear(C, C) + Linear(C, C/2) on concat(local, global) + Linear(C/2, C/4) + Linear(C/4, 2)
-    per token. Split layout: out_conv[0]'s global half is applied once per image ((C/2)^2) instead of per token.
+    per patch token. Ours: out_conv[0]'s global half is applied once per image ((C/2)^2), and the per-token
+    layers also run on the P prefix tokens (their rows are dropped at the end; cheaper than copying the input).
     """
     tail = C // 2 * (C // 4) + C // 4 * 2
     reference = sum(n * (C * C + C * (C // 2) + tail) for n in scored)
-    split = sum(n * (C * C + (C // 2) * (C // 2) + tail) + (C // 2) * (C // 2) for n in scored)
-    return reference, split
+    ours = sum((P + n) * (C * C + (C // 2) * (C // 2) + tail) + (C // 2) * (C // 2) for n in scored)
+    return reference, ours
 
 
 def tokens_per_block(model):
@@ -70,7 +71,7 @@ def assert_matches_closed_form(model):
     tokens, scored = tokens_per_block(model)
     backbone = closed_form_backbone(d, tokens)
     assert report.total - report.predictor_macs == backbone
-    assert report.predictor_macs in closed_form_predictors(d["C"], scored)
+    assert report.predictor_macs in closed_form_predictors(d["C"], scored, d["P"])
     assert report.uncounted == []
     return report
 

@@ -182,7 +182,7 @@ class DynamicViT(nn.Module):
         for i, blk in enumerate(self.backbone.blocks):
             if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
                 if decisions is None:
-                    log_probs = self.predictors[stage](x[:, P:], decision)
+                    log_probs = self.predictors[stage](x, decision, P)
                     decision = sample_keep(log_probs, decision)
                 else:
                     decision = decisions[stage].reshape(B, -1, 1).to(x.dtype) * decision
@@ -215,13 +215,13 @@ class DynamicViT(nn.Module):
             if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
                 predictor = self.predictors[stage]
                 if return_scores:
-                    log_p = predictor(x[:, P:])[..., 0]  # (B, n)
+                    log_p = predictor(x, num_prefix_tokens=P)[..., 0]  # (B, n)
                     score = log_p
                     full = log_p.new_full((B, N), float("nan"))
                     src = index if index is not None else torch.arange(N, device=x.device).expand(B, N)
                     scores.append(full.scatter(1, src, log_p))
                 else:
-                    score = predictor.keep_score(x[:, P:])
+                    score = predictor.keep_score(x, P)
                 x, keep = select_tokens(x, score, counts[stage], P)
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)

@@ -38,16 +38,21 @@ class PredictionModule(nn.Module):
             nn.LogSoftmax(dim=-1),
         )
 
-    def logits(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Unnormalized (keep, drop) logits, (B, N, 2).
+    def logits(
+        self, x: torch.Tensor, policy: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
+    ) -> torch.Tensor:
+        """Unnormalized (keep, drop) logits of the patch tokens, (B, N, 2).
 
         Args:
-            x: patch tokens, (B, N, C).
-            policy: current keep decision, (B, N, 1); None means every token is present.
+            x: tokens, (B, P + N, C); the first `num_prefix_tokens` (P) are skipped.
+            policy: current keep decision of the patch tokens, (B, N, 1); None: all present.
+            num_prefix_tokens: P. The per-token layers run on the whole sequence and the prefix rows
+                are dropped at the end: slicing them off first would copy the (B, N, C) input.
         """
-        h = self.in_conv(x)  # (B, N, C)
+        P = num_prefix_tokens
+        h = self.in_conv(x)  # (B, P + N, C)
         C = h.shape[-1]
-        local, glob = h[..., : C // 2], h[..., C // 2 :]
+        local, glob = h[..., : C // 2], h[:, P:, C // 2 :]
         if policy is None:
             glob = glob.mean(dim=1, keepdim=True)  # (B, 1, C/2)
         else:
@@ -61,18 +66,20 @@ class PredictionModule(nn.Module):
         z = F.linear(local, fc.weight[:, : C // 2]) + F.linear(glob, fc.weight[:, C // 2 :], fc.bias)
         for layer in self.out_conv[1:-1]:
             z = layer(z)
-        return z
+        return z[:, P:]
 
-    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Log-probabilities of (keep, drop), (B, N, 2)."""
-        return F.log_softmax(self.logits(x, policy), dim=-1)
+    def forward(
+        self, x: torch.Tensor, policy: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
+    ) -> torch.Tensor:
+        """Log-probabilities of (keep, drop) of the patch tokens, (B, N, 2)."""
+        return F.log_softmax(self.logits(x, policy, num_prefix_tokens), dim=-1)
 
-    def keep_score(self, x: torch.Tensor) -> torch.Tensor:
+    def keep_score(self, x: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
         """A score monotone in the keep probability, (B, N), for ranking at inference.
 
         log p_keep = l0 - logsumexp(l0, l1) is monotone in l0 - l1, so the ranking needs no softmax.
         """
-        z = self.logits(x)
+        z = self.logits(x, num_prefix_tokens=num_prefix_tokens)
         return z[..., 0] - z[..., 1]
 
 
