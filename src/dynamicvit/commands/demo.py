@@ -1,0 +1,70 @@
+"""`dynamicvit demo`: Fashion-MNIST end to end, dense teacher vs DynamicViT, in minutes on a CPU."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..demo import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--output", default=d.output, metavar="DIR",
+                        help=f"folder for report.json, the pictures and the fine-tuned model (default: {d.output})")
+    parser.add_argument("--data", dest="data_dir", default=None, metavar="DIR",
+                        help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is missing (needs internet)")
+    parser.add_argument("--teacher", default=None, metavar="PATH",
+                        help="dense teacher checkpoint (default: the small ViT shipped with dynamicvit)")
+    parser.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
+                        help=f"rho: stage s keeps int(49 * rho^s) patch tokens (default: {d.keep_ratio})")
+    parser.add_argument("--prune-locs", default=None, metavar="I,J,K",
+                        help="blocks before which to prune (default: 2,3,4 for the shipped teacher, evenly spaced for another)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"fine-tuning epochs (default: {d.epochs})")
+    parser.add_argument("--train-images", type=int, default=None, metavar="N",
+                        help="fine-tune on a fixed random subset of N training images (default: all 60,000)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"fine-tuning batch size (default: {d.batch_size})")
+    parser.add_argument("--lr", type=float, default=None, help=f"predictor learning rate (default: {d.lr})")
+    parser.add_argument("--backbone-lr-scale", type=float, default=None,
+                        help=f"backbone lr = lr * this (default: {d.backbone_lr_scale})")
+    parser.add_argument("--ratio-weight", type=float, default=None,
+                        help=f"weight of the keep-ratio loss (default: {d.ratio_weight})")
+    parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--workers", dest="num_workers", type=int, default=None,
+                        help=f"data loader processes (default: {d.num_workers})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: a few steps on a small subset, 500 test images (seconds, not results)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import DemoConfig, format_table, run_demo
+
+    settings = dict(
+        output=args.output, data_dir=args.data_dir, download=args.download, teacher=args.teacher,
+        keep_ratio=args.keep_ratio, device=args.device, threads=args.threads, seed=args.seed,
+        progress=args.progress,
+    )
+    # Only the settings given on the command line override the (full or quick) defaults.
+    tuning = dict(epochs=args.epochs, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
+                  backbone_lr_scale=args.backbone_lr_scale, num_workers=args.num_workers,
+                  ratio_weight=args.ratio_weight,
+                  prune_locs=tuple(int(i) for i in args.prune_locs.split(",")) if args.prune_locs else None)
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    cfg = DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)
+
+    report = run_demo(cfg)
+    out = Path(cfg.output)
+    print()
+    print(f"DynamicViT demo on Fashion-MNIST ({report['elapsed_s'] / 60:.1f} min)")
+    print(format_table(report))
+    print()
+    print(f"report:          {out / 'report.json'}")
+    print(f"kept tokens:     {report['pictures']['kept_tokens']}")
+    print(f"keep-ratio plot: {report['pictures']['keep_ratio_sweep']}")
+    print(f"DynamicViT:      {report['dynamic']['checkpoint']}  (dynamicvit.load_model reads it)")
+    return 0

@@ -1,0 +1,433 @@
+"""Datasets: Fashion-MNIST (the demo's) and any ImageFolder tree, with timm's transforms.
+
+- Fashion-MNIST is read with torchvision's `FashionMNIST` from, in this order: the folder the user
+  names (`data_dir`), the Debian package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist),
+  or a download into the cache when `download=True`. torchvision reads uncompressed files from
+  `<root>/FashionMNIST/raw/`; gzipped files found elsewhere are extracted once into a cache folder
+  (never next to system files).
+- An ImageFolder tree follows the ImageNet convention: `<root>/train/<class>/*.jpg` and
+  `<root>/val/<class>/*.jpg`.
+
+Training images go through `timm.data.create_transform(is_training=True, ...)`; the `augment` dict
+holds its keyword arguments (`auto_augment`, `re_prob`, `scale`, `hflip`, ...), on top of light
+per-dataset defaults. Validation images are resized and center-cropped only.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .checkpoint import atomic_write
+from .errors import ConfigError, DataError
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+Split = Literal["train", "val"]
+
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# The four IDX files, by split, without the .gz suffix (torchvision's names).
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_FOLDER_VAL_NAMES = ("val", "validation")
+
+FASHION_MNIST_HELP = (
+    "install the Debian package: sudo apt-get install dataset-fashion-mnist "
+    f"(puts the files in {FASHION_MNIST_SYSTEM_DIR}), or pass --data DIR with a folder holding "
+    "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or pass --download to fetch it (needs internet)"
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset.
+
+    Attributes:
+        name: "fashion-mnist", or the folder name of an ImageFolder tree.
+        num_classes: number of classes.
+        in_chans: image channels (1 for Fashion-MNIST, 3 for ImageFolder trees).
+        img_size: default input resolution (28 for Fashion-MNIST, 224 for ImageFolder trees).
+        mean: per-channel mean used for normalization.
+        std: per-channel standard deviation used for normalization.
+        classes: class names, in label order.
+    """
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+
+# Measured on the 60,000 training images (pixels scaled to [0, 1]).
+FASHION_MNIST = DatasetInfo(
+    name="fashion-mnist",
+    num_classes=10,
+    in_chans=1,
+    img_size=28,
+    mean=(0.2860,),
+    std=(0.3530,),
+    classes=FASHION_MNIST_CLASSES,
+)
+
+# Light augmentation by default: small crops and flips suit 28 px clothing images; a user's
+# `augment` dict is merged on top (e.g. {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}).
+DEFAULT_AUGMENT = {
+    "fashion-mnist": {"scale": (0.8, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5, "color_jitter": 0.0},
+    "imagefolder": {},
+}
+
+
+def is_fashion_mnist(spec: PathLike) -> bool:
+    return str(spec).strip().lower() in FASHION_MNIST_NAMES
+
+
+# -- dataset description ------------------------------------------------------------------------
+
+
+def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> DatasetInfo:
+    """Describe a dataset without loading its images.
+
+    Args:
+        spec: "fashion-mnist" (alias "fmnist"), or the root of an ImageFolder tree
+            (a folder with `train/` and `val/` subfolders of class folders).
+        data_dir: for an ImageFolder tree given as "imagefolder", its root.
+
+    Raises:
+        DataError: the spec names no known dataset, or the folder does not have the expected layout.
+    """
+    if is_fashion_mnist(spec):
+        return FASHION_MNIST
+    root = _image_folder_root(spec, data_dir)
+    classes = _image_folder_classes(root)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return DatasetInfo(
+        name=root.name,
+        num_classes=len(classes),
+        in_chans=3,
+        img_size=224,
+        mean=tuple(IMAGENET_DEFAULT_MEAN),
+        std=tuple(IMAGENET_DEFAULT_STD),
+        classes=tuple(classes),
+    )
+
+
+# -- datasets -----------------------------------------------------------------------------------
+
+
+def build_dataset(
+    spec: PathLike,
+    split: Split,
+    *,
+    img_size: Optional[int] = None,
+    data_dir: Optional[PathLike] = None,
+    download: bool = False,
+    augment: Optional[dict] = None,
+    subset: Optional[int] = None,
+    seed: int = 0,
+) -> Dataset:
+    """A dataset of (normalized image tensor (C, H, W), int label).
+
+    Args:
+        spec: "fashion-mnist" (alias "fmnist"), or the root of an ImageFolder tree.
+        split: "train" (with augmentation) or "val" (resize and center crop only).
+        img_size: input resolution; default the dataset's (28 for Fashion-MNIST, 224 otherwise).
+        data_dir: Fashion-MNIST: a folder with the IDX files (.gz or extracted, or torchvision's
+            `FashionMNIST/raw/` layout); default the Debian package's folder. ImageFolder: the root
+            when `spec` is "imagefolder".
+        download: Fashion-MNIST: download the files into `data_dir` (or the cache) when missing.
+        augment: keyword arguments of `timm.data.create_transform` for the training split,
+            merged over the dataset's light defaults; ignored for "val".
+        subset: keep a fixed random subset of this many images (the same for the same `seed`).
+        seed: seed of the subset.
+
+    Raises:
+        DataError: the data is missing, empty, or not laid out as expected (the message says how to fix it).
+        ConfigError: a bad split, subset or augmentation setting.
+    """
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+    info = resolve_dataset(spec, data_dir)
+    kind = "fashion-mnist" if is_fashion_mnist(spec) else "imagefolder"
+    transform = build_transform(info, split, img_size=img_size, augment=augment, kind=kind)
+    if kind == "fashion-mnist":
+        dataset = _fashion_mnist(split, data_dir, download, transform)
+    else:
+        dataset = _image_folder(_image_folder_root(spec, data_dir), split, transform, info)
+    return take_subset(dataset, subset, seed)
+
+
+def build_transform(
+    info: DatasetInfo,
+    split: Split,
+    *,
+    img_size: Optional[int] = None,
+    augment: Optional[dict] = None,
+    kind: Optional[str] = None,
+):
+    """timm's transform for `split`: augmentation for "train", resize + center crop for "val"."""
+    from timm.data import create_transform
+
+    kind = kind or ("fashion-mnist" if info.name == FASHION_MNIST.name else "imagefolder")
+    size = int(img_size or info.img_size)
+    common = dict(input_size=(info.in_chans, size, size), mean=info.mean, std=info.std)
+    if split == "val":
+        # Fashion-MNIST images are whole objects on a blank field: no center crop.
+        crop_pct = 1.0 if kind == "fashion-mnist" else None
+        return create_transform(is_training=False, crop_pct=crop_pct, **common)
+    kwargs = {**DEFAULT_AUGMENT[kind], **_check_augment(augment or {})}
+    aa = kwargs.get("auto_augment")
+    if aa and str(aa).startswith("rand") and "mmax" not in str(aa) and not _posterize_accepts_zero_bits():
+        # RandAugment's Posterize keeps 0 bits at magnitude 10, which Pillow >= 11 rejects; capping
+        # the magnitude at 9 keeps at least 1 bit (the noise of mstd0.5 would otherwise reach 10).
+        kwargs["auto_augment"] = f"{aa}-mmax9"
+    return create_transform(is_training=True, **common, **kwargs)
+
+
+def _check_augment(augment: dict) -> dict:
+    from timm.data import create_transform
+
+    if not isinstance(augment, dict):
+        raise ConfigError(f"augment must be a dict of timm.data.create_transform arguments, got {augment!r}")
+    allowed = set(inspect.signature(create_transform).parameters) - {
+        "input_size", "is_training", "mean", "std", "use_prefetcher", "naflex", "separate", "normalize",
+    }
+    unknown = sorted(set(augment) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown augmentation setting(s) {unknown}; use timm.data.create_transform arguments such as "
+            "auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=(0.08, 1.0), hflip=0.5, no_aug=True"
+        )
+    return dict(augment)
+
+
+def _posterize_accepts_zero_bits() -> bool:
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+    except ValueError:
+        return False
+    return True
+
+
+def take_subset(dataset: Dataset, subset: Optional[int], seed: int = 0) -> Dataset:
+    """A fixed random subset of `subset` images (all of them when `subset` is None or too large)."""
+    if subset is None:
+        return dataset
+    if int(subset) != subset or subset < 1:
+        raise ConfigError(f"subset must be a positive number of images, got {subset!r}")
+    n = len(dataset)
+    if subset >= n:
+        return dataset
+    g = torch.Generator().manual_seed(int(seed))
+    indices = torch.randperm(n, generator=g)[: int(subset)].sort().values
+    return Subset(dataset, indices.tolist())
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where extracted or downloaded data goes: $DYNAMICVIT_CACHE, else $XDG_CACHE_HOME/dynamicvit."""
+    if os.environ.get("DYNAMICVIT_CACHE"):
+        return Path(os.environ["DYNAMICVIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dynamicvit"
+
+
+def fashion_mnist_root(data_dir: Optional[PathLike] = None, download: bool = False) -> Path:
+    """A torchvision root holding `FashionMNIST/raw/<the four IDX files>` (torchvision needs all four).
+
+    Looks in `data_dir` (or the Debian package's folder when None); gzipped files are extracted once
+    into the cache. With `download`, missing files are fetched into `data_dir` (or the cache).
+
+    Raises:
+        DataError: the files are not there (and were not downloaded); the message says what to install.
+    """
+    names = sum(FASHION_MNIST_FILES.values(), ())
+    source = Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_SYSTEM_DIR
+    if data_dir is not None and source.exists() and not source.is_dir():
+        raise DataError(f"--data {source} is a file; pass the folder that holds the Fashion-MNIST files")
+    download_root = source if data_dir is not None else cache_dir() / "fashion-mnist-download"
+    # A download from an earlier run counts too when no folder was named.
+    for root in (source,) if data_dir is not None else (source, download_root):
+        for folder in (root / "FashionMNIST" / "raw", root / "raw", root):
+            found = {name: _find_file(folder, name) for name in names}
+            if all(found.values()):
+                if folder == root / "FashionMNIST" / "raw" and all(p.name == n for n, p in found.items()):
+                    return root
+                return _extract_to_cache(found)
+    if download:
+        return _download_fashion_mnist(download_root)
+    missing = [n for n in names if not any(_find_file(f, n) for f in (source, source / "raw", source / "FashionMNIST" / "raw"))]
+    where = f"in {source}" if data_dir is not None else f"(looked in {FASHION_MNIST_SYSTEM_DIR})"
+    raise DataError(
+        f"Fashion-MNIST not found {where}: missing {', '.join(m + '[.gz]' for m in missing)}. "
+        f"To get it, {FASHION_MNIST_HELP}"
+    )
+
+
+def _find_file(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file() and candidate.stat().st_size > 0:
+            return candidate
+    return None
+
+
+def _extract_to_cache(files: dict[str, Path]) -> Path:
+    """Copy (decompress) the files into a cache root keyed by their paths, sizes and dates."""
+    key = hashlib.sha256()
+    for name in sorted(files):
+        p = files[name].resolve()
+        st = p.stat()
+        key.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+    root = cache_dir() / f"fashion-mnist-{key.hexdigest()[:12]}"
+    raw = root / "FashionMNIST" / "raw"
+    for name, src in files.items():
+        dst = raw / name
+        if dst.is_file():
+            continue
+        _logger.info("extracting %s to %s", src, dst)
+        try:
+            atomic_write(dst, lambda tmp, src=src: _copy_maybe_gunzip(src, Path(tmp)))
+        except OSError as e:
+            raise DataError(
+                f"cannot write the extracted Fashion-MNIST files to {raw}: {e}; set DYNAMICVIT_CACHE to a "
+                "writable folder"
+            ) from None
+    return root
+
+
+def _copy_maybe_gunzip(src: Path, dst: Path) -> None:
+    opener = gzip.open if src.suffix == ".gz" else open
+    try:
+        with opener(src, "rb") as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, length=1 << 20)
+        os.chmod(dst, 0o644)  # the temp file is private; the cache is not
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {src}: {e}; the file is corrupt or truncated; {FASHION_MNIST_HELP}") from None
+
+
+def _download_fashion_mnist(root: Path) -> Path:
+    from torchvision.datasets import FashionMNIST
+
+    _logger.info("downloading Fashion-MNIST to %s", root)
+    try:
+        for train in (True, False):
+            FashionMNIST(str(root), train=train, download=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise DataError(
+            f"could not download Fashion-MNIST to {root}: {type(e).__name__}: {e}. Without internet access, "
+            "sudo apt-get install dataset-fashion-mnist, or pass --data DIR with the four IDX files"
+        ) from None
+    return root
+
+
+def _fashion_mnist(split: Split, data_dir, download: bool, transform) -> Dataset:
+    from torchvision.datasets import FashionMNIST
+
+    root = fashion_mnist_root(data_dir, download)
+    try:
+        return FashionMNIST(str(root), train=split == "train", transform=transform, download=False)
+    except (RuntimeError, AssertionError, ValueError, OSError) as e:
+        raise DataError(
+            f"cannot read the Fashion-MNIST files in {root / 'FashionMNIST' / 'raw'}: {e}; they are corrupt "
+            f"or not IDX files; {FASHION_MNIST_HELP}"
+        ) from None
+
+
+# -- ImageFolder --------------------------------------------------------------------------------
+
+
+def _image_folder_root(spec: PathLike, data_dir: Optional[PathLike]) -> Path:
+    text = str(spec).strip()
+    if text.lower() in ("imagefolder", "folder") and data_dir is not None:
+        root = Path(data_dir).expanduser()
+    else:
+        root = Path(text).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"unknown dataset {text!r}: it is neither 'fashion-mnist' nor an existing folder. Pass "
+            "'fashion-mnist', or an ImageFolder root with train/<class>/*.jpg and val/<class>/*.jpg"
+        )
+    if not root.is_dir():
+        raise DataError(f"{root} is a file; an ImageFolder dataset is a folder with train/ and val/ subfolders")
+    return root
+
+
+def _split_dir(root: Path, split: Split) -> Path:
+    names = ("train",) if split == "train" else IMAGE_FOLDER_VAL_NAMES
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(
+        f"{root} has no {names[0]}/ folder; an ImageFolder dataset needs {root}/train/<class>/<images> and "
+        f"{root}/val/<class>/<images> (the ImageNet layout)"
+    )
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _image_folder_classes(root: Path) -> list[str]:
+    splits = [root / n for n in ("train", *IMAGE_FOLDER_VAL_NAMES) if (root / n).is_dir()]
+    if not splits:
+        raise DataError(
+            f"{root} has neither train/ nor val/; an ImageFolder dataset needs {root}/train/<class>/<images> "
+            f"and {root}/val/<class>/<images> (the ImageNet layout)"
+        )
+    classes = _class_dirs(splits[0])
+    if not classes:
+        raise DataError(f"{splits[0]} holds no class folders; put the images of each class in {splits[0]}/<class>/")
+    for other in splits[1:]:
+        if _class_dirs(other) != classes:
+            only_a = sorted(set(classes) - set(_class_dirs(other)))
+            only_b = sorted(set(_class_dirs(other)) - set(classes))
+            raise DataError(
+                f"the class folders of {splits[0]} and {other} differ (only in {splits[0].name}: {only_a}; "
+                f"only in {other.name}: {only_b}); labels would not match, give both splits the same classes"
+            )
+    return classes
+
+
+def _image_folder(root: Path, split: Split, transform, info: DatasetInfo) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_dir(root, split)
+    try:
+        dataset = ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as e:
+        # torchvision's message names the class folder that holds no image.
+        raise DataError(
+            f"{folder}: {e}; every class folder needs at least one image (.jpg, .jpeg, .png, .bmp, .webp, ...)"
+        ) from None
+    except OSError as e:
+        raise DataError(f"cannot read the ImageFolder dataset {folder}: {e}") from None
+    if len(dataset) == 0:
+        raise DataError(
+            f"{folder} holds no images (.jpg, .jpeg, .png, .bmp, .webp, ...) in its class folders {list(info.classes)[:5]}"
+        )
+    if tuple(dataset.classes) != info.classes:
+        raise DataError(f"the class folders of {folder} differ from those of the other split: {dataset.classes}")
+    return dataset
