@@ -50,7 +50,8 @@ class PredictionModule(nn.Module):
                 are dropped at the end: slicing them off first would copy the (B, N, C) input.
         """
         P = num_prefix_tokens
-        h = self.in_conv(x)  # (B, P + N, C)
+        norm, fc_in = self.in_conv[0], self.in_conv[1]
+        h = _gelu(F.linear(norm(x), fc_in.weight, fc_in.bias))  # (B, P + N, C)
         C = h.shape[-1]
         local, glob = h[..., : C // 2], h[:, P:, C // 2 :]
         if policy is None:
@@ -62,10 +63,10 @@ class PredictionModule(nn.Module):
         # out_conv[0] acts on concat(local, global). Split its weight instead of concatenating: the
         # global half is one row per image, so it costs (C/2)^2 per image instead of per token, and
         # no (B, N, C) copy is made. Same weights and result as the reference layout.
-        fc = self.out_conv[0]
-        z = F.linear(local, fc.weight[:, : C // 2]) + F.linear(glob, fc.weight[:, C // 2 :], fc.bias)
-        for layer in self.out_conv[1:-1]:
-            z = layer(z)
+        fc0, fc1, fc2 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
+        z = F.linear(local, fc0.weight[:, : C // 2]).add_(F.linear(glob, fc0.weight[:, C // 2 :], fc0.bias))
+        z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))
+        z = F.linear(z, fc2.weight, fc2.bias)
         return z[:, P:]
 
     def forward(
@@ -81,6 +82,13 @@ class PredictionModule(nn.Module):
         """
         z = self.logits(x, num_prefix_tokens=num_prefix_tokens)
         return z[..., 0] - z[..., 1]
+
+
+def _gelu(t: torch.Tensor) -> torch.Tensor:
+    """GELU, in place when no gradient is needed: on a CPU every fresh large buffer costs page faults."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return F.gelu(t)
+    return torch.ops.aten.gelu_(t)
 
 
 def sample_keep(log_probs: torch.Tensor, prev_decision: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
