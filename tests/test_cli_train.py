@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dynamicvit.cli import main
 from dynamicvit.commands import train as train_cmd

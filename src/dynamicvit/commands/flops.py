@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Optional
 
 from ._common import int_list, model_kwargs
 

@@ -7,7 +7,6 @@ faded, and the first stage's keep probability. Optionally contact sheets, an HTM
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import re
 from pathlib import Path
