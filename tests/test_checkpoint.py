@@ -193,3 +193,15 @@ def test_saved_files_are_readable_like_any_file(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_read_settings_from_every_format(tmp_path):
+    from dynamicvit.checkpoint import read_settings
+
+    model = tiny_model()
+    assert read_settings(dynamicvit.save_model(model, tmp_path / "m.safetensors"))["prune_locs"] == [1, 3, 4]
+    torch.save({"model": model.state_dict()}, tmp_path / "plain.pth")
+    assert read_settings(tmp_path / "plain.pth") is None
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_settings(tmp_path / "bad.safetensors")

@@ -130,6 +130,18 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[d
     return _unwrap(obj, path)
 
 
+def read_settings(path: PathLike) -> Optional[dict]:
+    """Our settings stored in a checkpoint, or None; reads only the header of a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not (readable) safetensors: read_checkpoint says why, or reads torch files
+        return read_checkpoint(path)[1]
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
 def _looks_like_safetensors(head: bytes) -> bool:
     # 8-byte little-endian header length followed by a JSON object.
     return len(head) >= 9 and head[8:9] == b"{"

@@ -35,15 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_eval(path: str, model_name=None, timm_kwargs=None):
     """A DynamicViT or dense timm model from any checkpoint `dynamicvit` reads."""
-    from ..checkpoint import is_reference_format, load_model, read_checkpoint
+    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings
     from ..factory import create_model
     from ..train import load_dense
 
-    state, settings = read_checkpoint(path)
-    if settings is not None:
+    if read_settings(path) is not None:
         return load_model(path)
     if model_name is None:
         raise ConfigError(f"{path} holds plain weights without settings; name the architecture with --model")
+    state, _ = read_checkpoint(path)
     if is_reference_format(state) or any(k.startswith("predictors.") for k in state):
         return create_model(model_name, checkpoint_path=path, **(timm_kwargs or {}))
     return load_dense(path, model_name, timm_kwargs or {}, {}, "checkpoint")

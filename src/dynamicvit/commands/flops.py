@@ -41,7 +41,7 @@ def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     """The model the command works on: a DynamicViT, or a dense timm model from a dense checkpoint."""
-    from ..checkpoint import load_model, read_checkpoint
+    from ..checkpoint import load_model, read_settings
     from ..factory import create_backbone, create_model
 
     kwargs = timm_kwargs_from_args(args)
@@ -49,7 +49,7 @@ def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     if keep_ratio == 1.0 and not args.checkpoint:
         return create_backbone(args.model, **kwargs)  # any timm model, ViT or not
     if args.checkpoint:
-        _, settings = read_checkpoint(args.checkpoint)
+        settings = read_settings(args.checkpoint)
         if settings is not None:
             model = load_model(args.checkpoint, **kwargs)
             _logger.info("loaded %s (%s) from %s", settings.get("model_name"), settings.get("kind", "dynamicvit"), args.checkpoint)

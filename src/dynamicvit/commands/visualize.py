@@ -144,7 +144,7 @@ def load_model(args: argparse.Namespace):
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
     from ..checkpoint import load_model as load_saved
-    from ..checkpoint import load_weights
+    from ..checkpoint import load_weights, read_settings
     from ..errors import ConfigError
     from ..factory import create_model, sparsify
     from ..model import DynamicViT
@@ -154,7 +154,7 @@ def load_model(args: argparse.Namespace):
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
     if args.checkpoint:
-        settings = _peek_settings(args.checkpoint)
+        settings = read_settings(args.checkpoint)
         if settings is not None:
             train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
             if args.model and args.model.removeprefix("dynamicvit_") != settings.get("model_name"):
@@ -188,22 +188,6 @@ def _same(a, b) -> bool:
     import torch
 
     return torch.equal(a, b.detach())
-
-
-def _peek_settings(path: str) -> Optional[dict]:
-    """The dynamicvit settings stored in a checkpoint, or None; reads only the header of safetensors files."""
-    import json
-
-    from ..checkpoint import METADATA_KEY, read_checkpoint
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
-    except Exception:  # noqa: BLE001 - not a safetensors file: let read_checkpoint tell (and explain errors)
-        return read_checkpoint(path)[1]
 
 
 def _class_names(model) -> Optional[list[str]]:
