@@ -167,3 +167,18 @@ def test_teacher_asset():
 
     dense, sparse = count_macs(model), count_macs(dynamicvit.sparsify(model, 0.7))
     assert 1 - sparse.total / dense.total >= 0.30
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.skipif(not (HAVE_FMNIST and TEACHER_ASSET.is_file()), reason="needs Fashion-MNIST and the teacher asset")
+def test_teacher_asset_accuracy_matches_its_description():
+    """The shipped teacher classifies real test images as well as its description says."""
+    from dynamicvit.data import build_dataset
+    from dynamicvit.train import evaluate
+
+    meta = json.loads(TEACHER_ASSET.with_suffix(".json").read_text())
+    test_set = build_dataset("fashion-mnist", "val", subset=1000, seed=0)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=250)
+    top1 = evaluate(dynamicvit.load_model(TEACHER_ASSET), loader, "cpu")["top1"]
+    # 1,000 of the 10,000 images: the standard error of top-1 is about 1 point.
+    assert abs(top1 - meta["val_top1"]) < 3.5, (top1, meta["val_top1"])
