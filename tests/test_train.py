@@ -14,7 +14,7 @@ import dynamicvit.train as train_mod
 from conftest import tiny_model
 from dynamicvit.errors import CheckpointError, ConfigError, DataError
 from dynamicvit.factory import create_backbone
-from dynamicvit.train import TrainConfig, cosine_lr, evaluate, freeze_tokens, param_groups, train
+from dynamicvit.train import TrainConfig, cosine_lr, evaluate, freeze_tokens, keep_ratio_drift, param_groups, train
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -358,3 +358,22 @@ def test_bf16_autocast_on_cpu(tmp_path):
                    train_set=synthetic(16), val_set=synthetic(8, seed=1))
     row = result.history[0]
     assert all(math.isfinite(row[k]) for k in ("train_loss", "train_kl", "train_token", "val_loss"))
+
+
+def test_keep_ratio_drift_names_stages_off_target():
+    row = {"keep_ratio_stage1": 0.70, "keep_ratio_stage2": 0.44, "keep_ratio_stage3": 0.44}
+    warnings = keep_ratio_drift(row, 0.7)
+    assert len(warnings) == 1 and warnings[0].startswith("stage 3 kept 0.440")
+    assert "keeps every token the stage before kept" in warnings[0] and "lower --lr" in warnings[0]
+    assert keep_ratio_drift({"keep_ratio_stage1": 0.72, "keep_ratio_stage2": 0.50, "keep_ratio_stage3": 0.36}, 0.7) == []
+    assert "the stage before" not in keep_ratio_drift({"keep_ratio_stage1": 0.5}, 0.7)[0]
+
+
+def test_training_warns_when_the_kept_fraction_misses_the_target(tmp_path, caplog):
+    # Without the ratio loss nothing pulls the kept fractions toward rho^s: the untrained predictors
+    # keep about half the tokens at each stage (0.5, 0.25, 0.125 against 0.7, 0.49, 0.343).
+    cfg = config(tmp_path, epochs=1, ratio_weight=0.0, max_steps_per_epoch=2)
+    with caplog.at_level("WARNING", logger="dynamicvit.train"):
+        train(cfg, train_set=synthetic(16))
+    drift = [r.getMessage() for r in caplog.records if "of the patch tokens in the last epoch" in r.getMessage()]
+    assert drift and all("against" in m for m in drift)

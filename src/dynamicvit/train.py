@@ -803,6 +803,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
                 dist.barrier()
     finally:
         metrics.close()
+    if env.is_main and not cfg.dense and history:
+        for warning in keep_ratio_drift(history[-1], model.keep_ratio):
+            _logger.warning(warning)
 
     # 7. The final model file(s), with the settings that made them.
     model.eval()
@@ -931,6 +934,31 @@ def _train_epoch(
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> list[str]:
+    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`.
+
+    Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
+    training meets token sets it was not trained on. The usual cause is a prediction module that
+    saturated at "keep every token": the straight-through Gumbel gradient then vanishes and the ratio
+    loss can no longer move it (the stage keeps as much as the one before it).
+    """
+    out = []
+    stage = 1
+    while f"keep_ratio_stage{stage}" in row:
+        realized, target = row[f"keep_ratio_stage{stage}"], keep_ratio**stage
+        if abs(realized - target) > tolerance:
+            previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
+            stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
+            out.append(
+                f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
+                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps exactly {target:.3f}, token sets "
+                "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
+                "its prediction module saturated: lower --lr"
+            )
+        stage += 1
+    return out
 
 
 def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
