@@ -15,8 +15,22 @@ def tiny_kwargs(**overrides) -> dict:
 
 
 def tiny_model(name: str = "vit_tiny_patch16_224", keep_ratio: float = 0.7, prune_locs=None, **overrides):
+    """A small DynamicViT whose predictors score tokens clearly apart, like trained ones (see `scramble`)."""
     torch.manual_seed(0)
-    return dynamicvit.create_model(name, keep_ratio=keep_ratio, prune_locs=prune_locs, **tiny_kwargs(**overrides))
+    model = dynamicvit.create_model(name, keep_ratio=keep_ratio, prune_locs=prune_locs, **tiny_kwargs(**overrides))
+    for predictor in model.predictors:
+        scramble(predictor)
+    return model
+
+
+def scramble(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Large random weights. Fresh prediction modules start with nearly equal scores for all tokens
+    (the reference init), so their top-k is decided by rounding; tests that compare the tokens two
+    computations keep need scores that differ clearly, as a trained module's do."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -210,3 +210,12 @@ def test_wrong_image_size_is_a_clear_error():
     model = tiny_model().eval()
     with pytest.raises(Exception, match="32"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_fresh_predictors_start_at_the_target_keep_fractions():
+    """Stage s of an untrained DynamicViT keeps about rho^s of the patch tokens in training."""
+    torch.manual_seed(0)
+    model = dynamicvit.create_model("deit_tiny_patch16_224", keep_ratio=0.6, img_size=64).train()
+    decisions = model(torch.randn(32, 3, 64, 64)).decisions
+    for s, d in enumerate(decisions, start=1):
+        assert abs(d.float().mean().item() - 0.6**s) < 0.05, (s, d.float().mean().item())

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 
 from dynamicvit.ops import PredictionModule, masked_softmax, sample_keep, select_tokens
 
+from conftest import scramble
+
 
 def test_masked_softmax_all_kept_is_softmax():
     a = torch.randn(2, 3, 5, 5) * 3
@@ -42,7 +44,7 @@ def test_masked_softmax_gradient_reaches_policy():
 
 def test_prediction_module_global_feature_ignores_dropped_tokens():
     torch.manual_seed(0)
-    pm = PredictionModule(16).eval()
+    pm = scramble(PredictionModule(16)).eval()
     x = torch.randn(2, 6, 16)
     policy = torch.tensor([1, 1, 0, 1, 0, 1.0]).view(1, 6, 1).expand(2, 6, 1)
     out = pm(x, policy)
@@ -58,7 +60,7 @@ def test_prediction_module_global_feature_ignores_dropped_tokens():
 
 def test_prediction_module_keep_score_ranks_like_log_prob():
     torch.manual_seed(0)
-    pm = PredictionModule(16).eval()
+    pm = scramble(PredictionModule(16)).eval()
     x = torch.randn(3, 10, 16)
     assert torch.equal(pm.keep_score(x).argsort(1), pm(x)[..., 0].argsort(1))
 
@@ -94,7 +96,7 @@ def test_select_tokens_keeps_prefix_and_top_k():
 def test_prediction_module_equals_the_concatenated_formulation():
     # The paper's formula: z = concat(local, global) then the MLP; ours splits the first weight.
     torch.manual_seed(0)
-    pm = PredictionModule(16)
+    pm = scramble(PredictionModule(16))
     x, policy = torch.randn(2, 5, 16), (torch.rand(2, 5, 1) > 0.3).float()
     h = pm.in_conv(x)
     glob = (h[..., 8:] * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True)
@@ -114,3 +116,20 @@ def test_masked_softmax_gradient_stays_bounded_for_dominant_dropped_keys():
     (w * torch.randn(1, 1, 3, 3)).sum().backward()
     assert torch.isfinite(g.grad).all() and g.grad.abs().max() < 1e7
     assert g.grad[0, 2] != 0  # the dropped token still learns
+
+
+def test_prediction_module_init_is_the_reference_one_with_a_keep_prior():
+    torch.manual_seed(0)
+    pm = PredictionModule(64, keep_prior=0.7)
+    for name, p in pm.named_parameters():
+        if name.endswith("weight") and p.ndim == 2:
+            assert 0.015 < p.std().item() < 0.025 and p.abs().max().item() < 0.15, name  # N(0, 0.02)
+    assert torch.count_nonzero(pm.out_conv[0].bias) == 0 and torch.count_nonzero(pm.out_conv[2].bias) == 0
+    keep = pm(torch.randn(2, 11, 64), num_prefix_tokens=1).exp()[..., 0]
+    assert torch.allclose(keep, torch.full_like(keep, 0.7), atol=0.01)
+    pm.reset_parameters(0.5)
+    assert torch.allclose(pm(torch.randn(2, 10, 64)).exp(), torch.full((2, 10, 2), 0.5), atol=0.01)
+    import pytest
+
+    with pytest.raises(ValueError, match="keep_prior"):
+        PredictionModule(64, keep_prior=1.0)

@@ -284,9 +284,8 @@ FMNIST_RUN = dict(batch_size=32, warmup_epochs=0.25, subset=1024, val_subset=256
                   num_workers=0, device="cpu", progress=False, tensorboard=False)
 
 
-@pytest.fixture(scope="module")
-def fmnist_dense(tmp_path_factory):
-    """A dense teacher trained for three short epochs, and the validation loss of its untrained start."""
+def _train_fmnist_dense(tmp_path_factory, timm_kwargs: dict):
+    """A dense ViT trained for three short epochs, and the validation metrics of its untrained start."""
     if not FASHION_MNIST.is_dir():
         pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
     from dynamicvit.data import build_dataset
@@ -295,14 +294,25 @@ def fmnist_dense(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        untrained = create_backbone("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=28, **FMNIST_KW)
+        untrained = create_backbone("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=28, **timm_kwargs)
         val = DataLoader(build_dataset("fashion-mnist", "val", subset=256), batch_size=128)
         before = evaluate(untrained, val)
-        cfg = TrainConfig(model="vit_tiny_patch16_224", dense=True, timm_kwargs=FMNIST_KW, epochs=3, lr=1e-2,
+        cfg = TrainConfig(model="vit_tiny_patch16_224", dense=True, timm_kwargs=timm_kwargs, epochs=3, lr=1e-2,
                           output=str(tmp_path_factory.mktemp("fmnist") / "dense"), **FMNIST_RUN)
         return train(cfg), before
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dense(tmp_path_factory):
+    return _train_fmnist_dense(tmp_path_factory, FMNIST_KW)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dense_49_tokens(tmp_path_factory):
+    """Like the demo's teacher: 4 px patches (49 tokens), class-token pooling."""
+    return _train_fmnist_dense(tmp_path_factory, dict(FMNIST_KW, patch_size=4, global_pool="token"))
 
 
 @pytest.mark.slow
@@ -332,13 +342,16 @@ def _keep_score_vs_content(model, images) -> float:
 
 @pytest.mark.slow
 @pytest.mark.fashion_mnist
-def test_dynamicvit_fine_tuning_learns_to_keep_the_object(fmnist_dense, tmp_path):
+def test_dynamicvit_fine_tuning_learns_to_keep_the_object(fmnist_dense_49_tokens, tmp_path):
     """With the backbone frozen, one epoch of the DynamicViT objective must teach the predictors to keep the
-    garment rather than the blank background: pruned accuracy at least that of untrained predictors."""
+    garment rather than the blank background: pruned accuracy at least that of untrained predictors.
+
+    (With 16 tokens of 7 px and average pooling instead, a backbone this weak can rely on the
+    background and the predictors rightly learn to keep it: the demo's layout is the meaningful one.)"""
     from dynamicvit.data import build_dataset
 
-    dense, _ = fmnist_dense
-    cfg = TrainConfig(teacher=str(dense.checkpoint), keep_ratio=0.7, epochs=1, freeze_backbone_epochs=1, lr=1e-3,
+    dense, _ = fmnist_dense_49_tokens
+    cfg = TrainConfig(teacher=str(dense.checkpoint), keep_ratio=0.7, epochs=1, freeze_backbone_epochs=1, lr=3e-3,
                       output=str(tmp_path / "dyn"), **FMNIST_RUN)
     images, labels = next(iter(DataLoader(build_dataset("fashion-mnist", "val", subset=512), batch_size=512)))
     train_mod.seed_everything(cfg.seed)
@@ -349,7 +362,7 @@ def test_dynamicvit_fine_tuning_learns_to_keep_the_object(fmnist_dense, tmp_path
     with torch.no_grad():
         acc_untrained = (untrained(images).argmax(-1) == labels).float().mean().item()
         acc_trained = (trained(images).argmax(-1) == labels).float().mean().item()
-    assert _keep_score_vs_content(trained, images) > 0.1
+    assert _keep_score_vs_content(trained, images) > 0.25
     assert acc_trained >= acc_untrained - 0.02, (acc_untrained, acc_trained)
 
 
@@ -369,9 +382,13 @@ def test_keep_ratio_drift_names_stages_off_target():
     assert "the stage before" not in keep_ratio_drift({"keep_ratio_stage1": 0.5}, 0.7)[0]
 
 
-def test_training_warns_when_the_kept_fraction_misses_the_target(tmp_path, caplog):
-    # Without the ratio loss nothing pulls the kept fractions toward rho^s: the untrained predictors
-    # keep about half the tokens at each stage (0.5, 0.25, 0.125 against 0.7, 0.49, 0.343).
+def test_training_warns_when_the_kept_fraction_misses_the_target(tmp_path, caplog, monkeypatch):
+    # Predictors at the reference init keep half the tokens at each stage (0.5, 0.25, 0.125 against
+    # 0.7, 0.49, 0.343), and without the ratio loss nothing pulls them toward rho^s.
+    from dynamicvit import model as model_module
+    from dynamicvit.ops import PredictionModule
+
+    monkeypatch.setattr(model_module, "PredictionModule", lambda dim, prior: PredictionModule(dim, keep_prior=0.5))
     cfg = config(tmp_path, epochs=1, ratio_weight=0.0, max_steps_per_epoch=2)
     with caplog.at_level("WARNING", logger="dynamicvit.train"):
         train(cfg, train_set=synthetic(16))

@@ -83,7 +83,9 @@ class DynamicViT(nn.Module):
         check_backbone(backbone)
         self.backbone = backbone
         self.config = SparsityConfig.create(keep_ratio, prune_locs, len(backbone.blocks), self.num_patches)
-        self.predictors = nn.ModuleList(PredictionModule(backbone.embed_dim) for _ in self.config.prune_locs)
+        # Each stage starts by keeping about rho of the tokens before it, so stage s starts at its target rho^s.
+        prior = min(max(self.config.keep_ratio, 0.05), 0.95)
+        self.predictors = nn.ModuleList(PredictionModule(backbone.embed_dim, prior) for _ in self.config.prune_locs)
         # How to rebuild the backbone from timm (stored in checkpoints).
         self.model_name = model_name or backbone.pretrained_cfg.get("architecture")
         self.timm_kwargs = dict(timm_kwargs or {})

@@ -10,6 +10,7 @@ Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ class PredictionModule(nn.Module):
     Channel 0 of the output is "keep".
     """
 
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, keep_prior: float = 0.5):
         super().__init__()
         C = embed_dim
         self.in_conv = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU())
@@ -37,6 +38,31 @@ class PredictionModule(nn.Module):
             nn.Linear(C // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+        self.reset_parameters(keep_prior)
+
+    @torch.no_grad()
+    def reset_parameters(self, keep_prior: float = 0.5) -> None:
+        """The reference initialization (linear weights ~ N(0, 0.02) truncated, zero biases), with
+        every token starting at keep probability `keep_prior`.
+
+        The small weights make the first scores nearly equal across tokens. The reference starts them
+        at 0.5, so three stages first keep 1/2, 1/4, 1/8 of the tokens; the keep-ratio loss and the
+        CE then push hard toward keeping more, and with a short schedule's larger learning rate the
+        last predictor can overshoot into "keep everything" and saturate (its straight-through
+        gradient vanishes). Starting each stage at keep_prior = rho (so stage s keeps rho^s, its target)
+        removes that jolt; keep_prior = 0.5 is the reference.
+        """
+        if not 0.0 < keep_prior < 1.0:
+            raise ValueError(f"keep_prior must be in (0, 1), got {keep_prior}")
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        half_logit = 0.5 * math.log(keep_prior / (1.0 - keep_prior))
+        self.out_conv[4].bias.copy_(torch.tensor([half_logit, -half_logit]))
 
     def logits(
         self, x: torch.Tensor, policy: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
