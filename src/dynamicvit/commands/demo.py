@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help=f"fine-tuning batch size (default: {d.batch_size})")
     parser.add_argument("--lr", type=float, default=None, help=f"predictor learning rate (default: {d.lr})")
     parser.add_argument("--backbone-lr-scale", type=float, default=None,
-                        help=f"backbone lr = lr * this (default: {d.backbone_lr_scale})")
+                        help=f"backbone lr = lr * this (default: {d.backbone_lr_scale:.3g})")
     parser.add_argument("--ratio-weight", type=float, default=None,
                         help=f"weight of the keep-ratio loss (default: {d.ratio_weight})")
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
