@@ -55,7 +55,7 @@ TARGET_MIN_MACS_REDUCTION = 0.30
 
 @dataclass
 class DemoConfig:
-    """Settings of `run_demo`; the defaults are the full demo (about 11 minutes on 2 CPU cores).
+    """Settings of `run_demo`; the defaults are the full demo (about 9.5 minutes on 2 CPU cores).
 
     The fine-tuning recipe is the reference one scaled to a short CPU run: the student starts from
     the teacher, predictors learn at `lr`, the backbone at `lr * backbone_lr_scale` from the first

@@ -748,7 +748,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
         "device %s%s, amp %s",
         "dense" if cfg.dense else "DynamicViT", getattr(model, "model_name", None) or cfg.model, n_params,
         steps_per_epoch, cfg.epochs, global_batch, base_lr,
-        "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale}, frozen {cfg.freeze_backbone_epochs} epochs)",
+        "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale:.4g}, frozen {cfg.freeze_backbone_epochs} epochs)",
         device, f" x{env.world_size}" if env.distributed else "", str(dtype).replace("torch.", "") if dtype else "none",
     )
     if frozen:
