@@ -42,8 +42,9 @@ class PredictionModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, keep_prior: float = 0.5) -> None:
-        """The reference initialization (linear weights ~ N(0, 0.02) truncated, zero biases), with
-        every token starting at keep probability `keep_prior`.
+        """The reference initialization (linear weights from `trunc_normal_(std=0.02)`, whose cut at
+        +-2 leaves a plain N(0, 0.02); zero biases), with every token starting at keep probability
+        `keep_prior`.
 
         The small weights make the first scores nearly equal across tokens. The reference starts them
         at 0.5, so three stages first keep 1/2, 1/4, 1/8 of the tokens; the keep-ratio loss and the

@@ -953,7 +953,7 @@ def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> l
             stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
             out.append(
                 f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps exactly {target:.3f}, token sets "
+                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
                 "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
                 "its prediction module saturated: lower --lr"
             )
