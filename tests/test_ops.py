@@ -1,4 +1,5 @@
 """The math in isolation: prediction module, masked softmax, Gumbel decisions, top-k gather."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -129,7 +130,5 @@ def test_prediction_module_init_is_the_reference_one_with_a_keep_prior():
     assert torch.allclose(keep, torch.full_like(keep, 0.7), atol=0.01)
     pm.reset_parameters(0.5)
     assert torch.allclose(pm(torch.randn(2, 10, 64)).exp(), torch.full((2, 10, 2), 0.5), atol=0.01)
-    import pytest
-
     with pytest.raises(ValueError, match="keep_prior"):
         PredictionModule(64, keep_prior=1.0)
