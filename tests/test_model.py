@@ -200,16 +200,20 @@ def test_validation_errors(kwargs, message):
 def test_unsupported_models_are_rejected():
     with pytest.raises(UnsupportedModelError, match="did you mean deit_small_patch16_224"):
         dynamicvit.create_model("deit_smal_patch16_224")
-    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+    with pytest.raises(UnsupportedModelError, match="not a supported backbone"):
         dynamicvit.sparsify(timm.create_model("resnet18"))
     with pytest.raises(UnsupportedModelError, match="global_pool='map'"):
         tiny_model(global_pool="map")
 
 
-def test_wrong_image_size_is_a_clear_error():
-    model = tiny_model().eval()
-    with pytest.raises(Exception, match="32"):
-        model(torch.randn(1, 3, 64, 64))
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (1, 1, 32, 32), (3, 32, 32)])
+def test_wrong_image_shape_is_our_clear_error_on_both_paths(shape):
+    """Our check runs before timm's assertions, on the inference and the training path alike."""
+    model = tiny_model()
+    for train in (False, True):
+        model.train(train)
+        with pytest.raises(ConfigError, match=r"(3 channel\(s\) at 32x32 px)|(\(B, C, H, W\))"):
+            model(torch.randn(*shape))
 
 
 def test_fresh_predictors_start_at_the_target_keep_fractions():

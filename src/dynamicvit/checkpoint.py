@@ -206,13 +206,10 @@ def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
 
 
 def filter_dense_state(state: dict, model: nn.Module) -> dict:
-    """timm's own adaptation of ViT weights (position embedding resize, foreign layouts)."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    """The host family's adaptation of dense weights (position embedding resize, foreign layouts)."""
+    from .hosts import host_for
 
-    try:
-        return checkpoint_filter_fn(state, model)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"the weights do not fit {type(model).__name__}: {e}") from None
+    return host_for(model).filter_state(state)
 
 
 def load_state(model: nn.Module, state: dict, source: str, allow_missing_prefix: str = "", reset_head: bool = False) -> None:

@@ -1,11 +1,9 @@
-"""DynamicViT on top of a timm VisionTransformer.
+"""DynamicViT: prediction modules and token pruning on top of a host backbone.
 
-`DynamicViT` holds the unmodified timm model as `backbone` and one `PredictionModule` per stage.
-It reuses the backbone's own stages (`patch_embed`, `_pos_embed`, `norm_pre`, blocks, `norm`,
-`forward_head`), so LayerScale, qk-norm, register and distillation tokens, and any image or patch
-size the backbone supports work unchanged.
-
-Modifications against timm's `VisionTransformer.forward`:
+`DynamicViT` holds the unmodified backbone as `backbone`, one `PredictionModule` per stage, and a
+`Host` (`dynamicvit.hosts`) that says how this family of backbone embeds images, runs a block with
+masked attention and computes logits from the final tokens. The method lives here, once, for every
+host family:
 - Training path (`forward_masked`): before each block in `prune_locs` a prediction module samples
   hard keep decisions (straight-through Gumbel-softmax); from the first stage on, every block runs
   with masked attention so dropped tokens cannot influence any other token.
@@ -22,12 +20,10 @@ import torch
 import torch.nn as nn
 
 from .config import SparsityConfig
-from .errors import ConfigError, UnsupportedModelError
-from .ops import PredictionModule, masked_attention, sample_keep, select_tokens
+from .hosts import Host, host_for
+from .ops import PredictionModule, sample_keep, select_tokens
 
 _logger = logging.getLogger(__name__)
-
-SUPPORTED_POOLS = ("token", "avg")
 
 
 @dataclass
@@ -36,7 +32,8 @@ class DynamicViTOutput:
 
     Attributes:
         logits: classifier output, (B, num_classes) (a tuple for distilled DeiT in distilled training).
-        tokens: final normed patch tokens, (B, N, C), for token distillation.
+        tokens: what token distillation compares per patch token (`Host.distill_targets`): the final
+            normed patch tokens (B, N, C) for ViTs.
         decisions: per-stage hard keep decisions with straight-through gradients, each (B, N).
         mask: the final keep decision, (B, N), detached.
     """
@@ -65,7 +62,7 @@ class PrunedOutput:
 
 
 class DynamicViT(nn.Module):
-    """A timm VisionTransformer with DynamicViT token sparsification.
+    """A backbone (any `dynamicvit.hosts` family) with DynamicViT token sparsification.
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval
     mode it runs the inference path and returns the logits, like any timm classifier.
@@ -80,12 +77,12 @@ class DynamicViT(nn.Module):
         timm_kwargs: Optional[dict] = None,
     ):
         super().__init__()
-        check_backbone(backbone)
+        self.host: Host = host_for(backbone)
         self.backbone = backbone
-        self.config = SparsityConfig.create(keep_ratio, prune_locs, len(backbone.blocks), self.num_patches)
+        self.config = SparsityConfig.create(keep_ratio, prune_locs, self.host.depth, self.num_patches)
         # Each stage starts by keeping about rho of the tokens before it, so stage s starts at its target rho^s.
         prior = min(max(self.config.keep_ratio, 0.05), 0.95)
-        self.predictors = nn.ModuleList(PredictionModule(backbone.embed_dim, prior) for _ in self.config.prune_locs)
+        self.predictors = nn.ModuleList(PredictionModule(self.embed_dim, prior) for _ in self.config.prune_locs)
         # How to rebuild the backbone from timm (stored in checkpoints).
         self.model_name = model_name or backbone.pretrained_cfg.get("architecture")
         self.timm_kwargs = dict(timm_kwargs or {})
@@ -94,23 +91,23 @@ class DynamicViT(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.backbone.num_prefix_tokens
+        return self.host.num_prefix_tokens
 
     @property
     def num_patches(self) -> int:
-        return self.backbone.patch_embed.num_patches
+        return self.host.num_patches
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(self.backbone.patch_embed.grid_size)
+        return self.host.grid_size
 
     @property
     def embed_dim(self) -> int:
-        return self.backbone.embed_dim
+        return self.host.embed_dim
 
     @property
     def num_classes(self) -> int:
-        return self.backbone.num_classes
+        return self.host.num_classes
 
     @property
     def keep_ratio(self) -> float:
@@ -130,37 +127,14 @@ class DynamicViT(nn.Module):
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Change how many tokens each stage keeps; no retraining needed."""
-        self.config = SparsityConfig.create(keep_ratio, self.prune_locs, len(self.backbone.blocks), self.num_patches)
+        self.config = SparsityConfig.create(keep_ratio, self.prune_locs, self.host.depth, self.num_patches)
 
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
 
-    # -- shared stages -------------------------------------------------------------------------
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.backbone
-        if x.ndim != 4:
-            raise ConfigError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        x = m.patch_embed(x)
-        x = m._pos_embed(x)
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        if x.shape[1] != self.num_prefix_tokens + self.num_patches:
-            raise ConfigError(
-                f"the image gave {x.shape[1] - self.num_prefix_tokens} patch tokens but the model was built "
-                f"for {self.num_patches} ({self.grid_size[0]}x{self.grid_size[1]}); resize the images to "
-                f"{tuple(m.patch_embed.img_size)} or build the model with img_size=<your size>"
-            )
-        return x
-
-    def _head(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Classifier head on normed tokens; `mask` (B, N) restricts average pooling to kept tokens."""
-        m = self.backbone
-        if mask is None or m.global_pool != "avg":
-            return m.forward_head(x)
-        w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
-        x = (x[:, self.num_prefix_tokens :] * w).sum(1) / w.sum(1).clamp_min(1e-6)
-        return m.head(m.head_drop(m.fc_norm(x)))
+    def _stage_at(self) -> dict[int, int]:
+        """{block index: stage} for the blocks a prediction module runs before."""
+        return {loc: s for s, loc in enumerate(self.prune_locs)}
 
     # -- training path: tokens masked ----------------------------------------------------------
 
@@ -174,15 +148,17 @@ class DynamicViT(nn.Module):
             decisions: optional per-stage keep masks (B, N) to use instead of sampling; they are
                 combined hierarchically like sampled ones. Used to compare with the inference path.
         """
-        x = self._embed(x)
+        host = self.host
+        x = host.embed(x)
         B, P = x.shape[0], self.num_prefix_tokens
         decision = x.new_ones(B, self.num_patches, 1)
         prefix = x.new_ones(B, P, 1)
         policy = None
         stage_decisions = []
-        stage = 0
-        for i, blk in enumerate(self.backbone.blocks):
-            if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
+        stage_at = self._stage_at()
+        for i in range(host.depth):
+            stage = stage_at.get(i)
+            if stage is not None:
                 if decisions is None:
                     log_probs = self.predictors[stage](x, decision, P)
                     decision = sample_keep(log_probs, decision)
@@ -190,12 +166,11 @@ class DynamicViT(nn.Module):
                     decision = decisions[stage].reshape(B, -1, 1).to(x.dtype) * decision
                 stage_decisions.append(decision.squeeze(-1))
                 policy = torch.cat([prefix, decision], dim=1)  # (B, M, 1)
-                stage += 1
-            x = blk(x) if policy is None else _masked_block(blk, x, policy)
-        x = self.backbone.norm(x)
+            x = host.block(i, x, policy)
+        x = host.norm(x)
         mask = decision.squeeze(-1).detach()
         return DynamicViTOutput(
-            logits=self._head(x, mask), tokens=x[:, P:], decisions=stage_decisions, mask=mask
+            logits=host.logits(x, mask), tokens=host.distill_targets(x), decisions=stage_decisions, mask=mask
         )
 
     # -- inference path: tokens removed --------------------------------------------------------
@@ -207,14 +182,16 @@ class DynamicViT(nn.Module):
             x: images, (B, C, H, W).
             return_scores: also return each stage's keep log-probabilities on the original grid.
         """
-        x = self._embed(x)
+        host = self.host
+        x = host.embed(x)
         B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches
         counts = self.keep_counts()
         index = None  # (B, n) original grid index of each current patch token
         kept, scores = [], []
-        stage = 0
-        for i, blk in enumerate(self.backbone.blocks):
-            if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
+        stage_at = self._stage_at()
+        for i in range(host.depth):
+            stage = stage_at.get(i)
+            if stage is not None:
                 predictor = self.predictors[stage]
                 if return_scores:
                     log_p = predictor(x, num_prefix_tokens=P)[..., 0]  # (B, n)
@@ -227,55 +204,11 @@ class DynamicViT(nn.Module):
                 x, keep = select_tokens(x, score, counts[stage], P)
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)
-                stage += 1
-            x = blk(x)
-        x = self.backbone.norm(x)
-        return PrunedOutput(self.backbone.forward_head(x), kept, scores if return_scores else None)
+            x = host.block(i, x)
+        x = host.norm(x)
+        return PrunedOutput(host.logits(x), kept, scores if return_scores else None)
 
     def forward(self, x: torch.Tensor):
         if self.training:
             return self.forward_masked(x)
         return self.forward_pruned(x).logits
-
-
-def _masked_block(blk: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """A timm `Block` forward with masked attention."""
-    x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-def check_backbone(model: nn.Module) -> None:
-    """Raise `UnsupportedModelError` unless `model` is a pre-norm ViT that DynamicViT can prune."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{name} is not a timm VisionTransformer; DynamicViT supports ViT-style timm models "
-            "such as deit_small_patch16_224, deit_base_patch16_224, vit_tiny_patch16_224"
-        )
-    bad_blocks = {type(b).__name__ for b in model.blocks if type(b) is not Block}
-    if bad_blocks:
-        raise UnsupportedModelError(
-            f"{name} uses block type(s) {sorted(bad_blocks)}; only timm's pre-norm `Block` is supported"
-        )
-    bad_attn = {type(b.attn).__name__ for b in model.blocks if type(b.attn) is not Attention}
-    if bad_attn or any(getattr(b.attn, "gate", None) is not None for b in model.blocks):
-        raise UnsupportedModelError(
-            f"{name} uses attention {sorted(bad_attn) or ['gated Attention']}; only timm's `Attention` is supported"
-        )
-    if model.attn_pool is not None or model.global_pool not in SUPPORTED_POOLS:
-        raise UnsupportedModelError(
-            f"{name} pools with global_pool={model.global_pool!r}; supported: {SUPPORTED_POOLS} "
-            "(pass global_pool='token' or 'avg' when creating the model)"
-        )
-    if not isinstance(model.patch_drop, nn.Identity):
-        raise UnsupportedModelError(
-            "patch dropout (patch_drop_rate > 0) changes the token count at random; build the model without it"
-        )
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError(
-            "dynamic_img_size=True is not supported: the number of kept tokens per stage is fixed by the "
-            "image size; build the model with img_size=<your size> instead"
-        )

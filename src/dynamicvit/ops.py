@@ -2,8 +2,8 @@
 
 - `PredictionModule`: scores every patch token (keep vs drop) from local and mask-aware global features.
 - `sample_keep`: straight-through Gumbel-softmax decisions for training.
-- `masked_softmax` / `masked_attention`: attention where dropped tokens cannot influence any other token,
-  differentiable in the decision (the training path).
+- `masked_softmax`: attention weights where dropped tokens cannot influence any other token,
+  differentiable in the decision (the training path; each host applies it inside its attention).
 - `select_tokens`: top-k selection and gather for the inference path (tokens physically removed).
 
 Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
@@ -157,28 +157,6 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     a = attn.to(torch.float32)
     e = torch.exp(a - a.amax(dim=-1, keepdim=True).detach()) * G
     return ((e + _EPS / M) / (e.sum(dim=-1, keepdim=True) + _EPS)).to(attn.dtype)
-
-
-def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """A timm `Attention` module's forward with `masked_softmax` in place of the softmax.
-
-    Uses the module's own weights (qkv, q/k norm, output norm, proj) and dropouts.
-
-    Args:
-        attn: a `timm.layers.Attention`.
-        x: tokens, (B, M, C).
-        policy: (B, M, 1).
-    """
-    B, M, C = x.shape
-    H, D = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
-    a = attn.attn_drop(masked_softmax(a, policy))
-    x = (a @ v).transpose(1, 2).reshape(B, M, H * D)
-    x = attn.norm(x)
-    return attn.proj_drop(attn.proj(x))
 
 
 def select_tokens(

@@ -1,0 +1,118 @@
+"""The protocol every host family implements (see `hosts/__init__.py`).
+
+Shapes: B batch, P prefix tokens (never dropped), N patch tokens of the full grid, n patch tokens
+currently in the sequence (n = N on the training path), C width, K classes.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+import torch
+import torch.nn as nn
+
+
+class Host:
+    """How DynamicViT drives one backbone of a family. Holds the backbone, owns no parameters.
+
+    A host is a plain object (not a module): the backbone's weights stay under `backbone.` in the
+    DynamicViT's state dict, and `copy.deepcopy` of the DynamicViT gives a host of the copy.
+    """
+
+    family: ClassVar[str] = "?"
+    # What token distillation compares on the final kept tokens: "mse" on features or "kl" on
+    # per-token class distributions (see `distill_targets`).
+    token_distill: ClassVar[Literal["mse", "kl"]] = "mse"
+    # Evenly spaced stages for `depth` blocks by default (`config.default_prune_locs`).
+
+    def __init__(self, model: nn.Module):
+        self.check(model)
+        self.model = model
+
+    # -- which models ----------------------------------------------------------------------------
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """True when `model` belongs to this family (it may still be an unsupported variant)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        """Raise `UnsupportedModelError` naming the problem unless this family can prune `model`."""
+
+    # -- geometry --------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_patches(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def in_chans(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    # -- forward pieces --------------------------------------------------------------------------
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, P + N, C) with position information, ready for block 0."""
+        raise NotImplementedError
+
+    def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block i on tokens (B, P + n, C); with `policy` (B, P + n, 1), dropped tokens are masked out
+        of attention (they cannot influence any other token)."""
+        raise NotImplementedError
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm, (B, P + n, C)."""
+        return self.model.norm(x)
+
+    def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits (B, K) from the final normed tokens (B, P + n, C).
+
+        Args:
+            mask: training path only: which of the n = N patch tokens are kept, (B, N); None when
+                every patch token in `x` counts (the inference path, where dropped tokens are gone).
+        """
+        raise NotImplementedError
+
+    def distill_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """What token distillation compares, per patch token, from the final normed tokens (B, P + n, C):
+        (B, n, C) features for "mse", (B, n, K) logits for "kl"."""
+        return x[:, self.num_prefix_tokens :]
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def filter_state(self, state: dict) -> dict:
+        """Map a dense checkpoint of this family (original release or timm layout) onto the backbone's
+        keys, resizing position embeddings for another image size."""
+        return state

@@ -1,0 +1,156 @@
+"""timm's VisionTransformer (ViT, DeiT, DeiT III, registers) as a DynamicViT host.
+
+Mirrors timm 1.0's `VisionTransformer.forward_features` / `forward_head` and `Block.forward`
+(pre-norm, LayerScale, drop path): `block` with a policy is that forward with `masked_attention`
+in place of the fused attention; without one it is the block itself. LayerScale, qk-norm, register
+and distillation tokens, and any image or patch size the backbone supports work unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..ops import masked_softmax
+from .base import Host
+
+SUPPORTED_POOLS = ("token", "avg")
+
+
+class ViTHost(Host):
+    family = "vit"
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        name = type(model).__name__
+        bad_blocks = {type(b).__name__ for b in model.blocks if type(b) is not Block}
+        if bad_blocks:
+            raise UnsupportedModelError(
+                f"{name} uses block type(s) {sorted(bad_blocks)}; only timm's pre-norm `Block` is supported"
+            )
+        bad_attn = {type(b.attn).__name__ for b in model.blocks if type(b.attn) is not Attention}
+        if bad_attn or any(getattr(b.attn, "gate", None) is not None for b in model.blocks):
+            raise UnsupportedModelError(
+                f"{name} uses attention {sorted(bad_attn) or ['gated Attention']}; only timm's `Attention` is supported"
+            )
+        if model.attn_pool is not None or model.global_pool not in SUPPORTED_POOLS:
+            raise UnsupportedModelError(
+                f"{name} pools with global_pool={model.global_pool!r}; supported: {SUPPORTED_POOLS} "
+                "(pass global_pool='token' or 'avg' when creating the model)"
+            )
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise UnsupportedModelError(
+                "patch dropout (patch_drop_rate > 0) changes the token count at random; build the model without it"
+            )
+        if getattr(model, "dynamic_img_size", False):
+            raise UnsupportedModelError(
+                "dynamic_img_size=True is not supported: the number of kept tokens per stage is fixed by the "
+                "image size; build the model with img_size=<your size> instead"
+            )
+
+    # -- geometry --------------------------------------------------------------------------------
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return self.model.patch_embed.num_patches
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.patch_size)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.img_size)
+
+    @property
+    def in_chans(self) -> int:
+        return self.model.patch_embed.proj.in_channels
+
+    # -- forward pieces --------------------------------------------------------------------------
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        check_images(images, self.in_chans, self.img_size)
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        blk = self.blocks[i]
+        if policy is None:
+            return blk(x)
+        x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy)))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = self.model
+        if mask is None or m.global_pool != "avg":
+            return m.forward_head(x)
+        # Average pooling over the kept patch tokens only (the masked ones are still in x).
+        w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+        x = (x[:, self.num_prefix_tokens :] * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        return m.head(m.head_drop(m.fc_norm(x)))
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def filter_state(self, state: dict) -> dict:
+        """timm's own adaptation of ViT weights (position embedding resize, foreign layouts)."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        try:
+            return checkpoint_filter_fn(state, self.model)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"the weights do not fit {type(self.model).__name__}: {e}") from None
+
+
+def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
+    """A clear error for images the backbone was not built for (before the backbone's own assertions)."""
+    if images.ndim != 4:
+        raise ConfigError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(images.shape)}")
+    if images.shape[1] != in_chans or tuple(images.shape[-2:]) != tuple(img_size):
+        raise ConfigError(
+            f"the model takes images of {in_chans} channel(s) at {img_size[0]}x{img_size[1]} px, got shape "
+            f"{tuple(images.shape)}; resize/convert the images, or build the model with img_size=... / in_chans=..."
+        )
+
+
+def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """A timm `Attention` module's forward with `masked_softmax` in place of the softmax.
+
+    Uses the module's own weights (qkv, q/k norm, output norm, proj) and dropouts.
+
+    Args:
+        attn: a `timm.layers.Attention`.
+        x: tokens, (B, M, C).
+        policy: (B, M, 1).
+    """
+    B, M, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
+    a = attn.attn_drop(masked_softmax(a, policy))
+    x = (a @ v).transpose(1, 2).reshape(B, M, H * D)
+    x = attn.norm(x)
+    return attn.proj_drop(attn.proj(x))
