@@ -19,13 +19,17 @@ VARIANTS = {
     "deit3_noembedclass": ("deit3_small_patch16_224", dict(embed_dim=48, num_heads=3)),
     "img48_patch8": ("vit_tiny_patch16_224", dict(img_size=48, patch_size=8)),
     "nonsquare": ("vit_tiny_patch16_224", dict(img_size=(32, 48), patch_size=8)),
+    # LV-ViT: convolution stem, residual branches / skip_lam, class head + 0.5 * max of the aux head.
+    "lvvit_s": ("lvvit_s", {}),
+    "lvvit_m_skip1_patch8": ("lvvit_m", dict(patch_size=8, skip_lam=1.0)),
+    "lvvit_nonsquare": ("lvvit_s", dict(img_size=(32, 48), patch_size=8)),
 }
 
 
 def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
     torch.manual_seed(seed)
-    h, w = model.backbone.patch_embed.img_size
-    return torch.randn(batch, 3, h, w)
+    h, w = model.host.img_size
+    return torch.randn(batch, model.host.in_chans, h, w)
 
 
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
@@ -48,7 +52,7 @@ def test_training_path_with_all_tokens_kept_equals_dense(variant):
         out = variant.forward_masked(x, decisions=ones)
         dense = variant.backbone.forward_features(x)
         torch.testing.assert_close(out.logits, variant.backbone.forward_head(dense), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(out.tokens, dense[:, variant.num_prefix_tokens :], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.tokens, variant.host.distill_targets(dense), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.7, 0.5])

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError
+from .hosts import host_for
 
 _logger = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def load_teacher(path: Path, info) -> nn.Module:
     model = load_model(path)
     if isinstance(model, DynamicViT):
         raise ConfigError(f"--teacher {path} is a DynamicViT; the demo needs a dense model to start from")
-    in_chans = model.patch_embed.proj.in_channels
-    size = tuple(model.patch_embed.img_size)
+    host = host_for(model)
+    in_chans, size = host.in_chans, tuple(host.img_size)
     if (in_chans, model.num_classes) != (info.in_chans, info.num_classes):
         raise ConfigError(
             f"--teacher {path} takes {in_chans}-channel images and predicts {model.num_classes} classes; "
@@ -217,7 +218,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     test_set = build_dataset(DATASET, "val", data_dir=cfg.data_dir, download=cfg.download, subset=cfg.test_images, seed=cfg.seed)
     t_path = teacher_path(cfg.teacher)
     teacher = load_teacher(t_path, info).to(device)
-    img_size = int(teacher.patch_embed.img_size[0])
+    img_size = int(host_for(teacher).img_size[0])
     if img_size != info.img_size:
         test_set = build_dataset(DATASET, "val", img_size=img_size, data_dir=cfg.data_dir, subset=cfg.test_images, seed=cfg.seed)
     prune_locs = cfg.prune_locs or (SHIPPED_PRUNE_LOCS if cfg.teacher is None else None)

@@ -23,6 +23,8 @@ REGISTERED = (
     "vit_tiny_patch16_224",
     "vit_small_patch16_224",
     "vit_base_patch16_224",
+    "lvvit_s",
+    "lvvit_m",
 )
 PREFIX = "dynamicvit_"
 
@@ -38,7 +40,8 @@ def create_model(
     """Build the timm model `name` and add DynamicViT prediction modules.
 
     Args:
-        name: a timm ViT name, e.g. `deit_small_patch16_224` (a `dynamicvit_` prefix is accepted).
+        name: a timm ViT name, e.g. `deit_small_patch16_224`, or `lvvit_s` / `lvvit_m` (a `dynamicvit_`
+            prefix is accepted).
         pretrained: load timm's pretrained weights (downloads from the hub).
         checkpoint_path: a local file: timm/DeiT weights, a reference DynamicViT checkpoint, or ours.
         keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens.
@@ -60,7 +63,7 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     import timm
 
     if not timm.is_model(name):
-        candidates = timm.list_models("*vit*") + timm.list_models("deit*")
+        candidates = timm.list_models("*vit*") + timm.list_models("deit*")  # lvvit_* included
         close = difflib.get_close_matches(name, candidates, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('deit*')"
         raise UnsupportedModelError(f"unknown timm model {name!r}{hint}")

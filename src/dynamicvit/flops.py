@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError, DynamicViTError
+from .errors import ConfigError, DynamicViTError, UnsupportedModelError
+from .hosts import host_for
 from .model import DynamicViT
 
 _logger = logging.getLogger(__name__)
@@ -279,11 +280,11 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for, from its patch embedding or its pretrained config."""
     model = _unwrap(model)
     backbone = model.backbone if isinstance(model, DynamicViT) else model
-    embed = getattr(backbone, "patch_embed", None)
-    img_size = getattr(embed, "img_size", None)
-    proj = getattr(embed, "proj", None)
-    if img_size is not None and hasattr(proj, "in_channels"):
-        return (int(proj.in_channels), int(img_size[0]), int(img_size[1]))
+    try:
+        host = host_for(backbone)
+        return (int(host.in_chans), int(host.img_size[0]), int(host.img_size[1]))
+    except UnsupportedModelError:
+        pass  # not a DynamicViT host family (any timm model can be counted dense)
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(int(v) for v in cfg["input_size"])
@@ -401,7 +402,7 @@ class _Layout:
         return {id(t): label for label, mods in groups for m in mods for t in [*m.parameters(), *m.buffers()]}
 
     def head_modules(self) -> list[nn.Module]:
-        names = ("norm", "fc_norm", "attn_pool", "head", "head_dist")
+        names = ("norm", "fc_norm", "attn_pool", "head", "head_dist", "aux_head")
         return [m for n in names if isinstance(m := getattr(self.backbone, n, None), nn.Module)]
 
     def report(self, counter: _MacCounter, tracker: "_StageTracker", size: tuple) -> MacsReport:

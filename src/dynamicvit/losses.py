@@ -3,14 +3,20 @@
 L = CE(student, labels)
   + ratio_weight   * mean_s mean_b (mean_i D_{b,i,s} - rho^s)^2
   + distill_weight * KL(teacher || student)               (batchmean, T = 1)
-  + token_weight   * MSE(student tokens, teacher tokens)  (over tokens kept at the end)
+  + token_weight   * token distillation                   (over tokens kept at the end)
 
-Reference weights: 2.0 / 0.5 / 0.5. Shapes: B batch, N patch tokens, C width, K classes.
+Token distillation follows the host (`Host.token_distill`): for ViTs the MSE between the student's
+and the teacher's final patch tokens; for LV-ViT the KL divergence between their per-token aux-head
+class distributions. For LV-ViT the reference trains the class head alone (`DynamicViTOutput.
+class_logits`) with CE and the logit KL; the combined prediction is what inference reports.
+
+Reference weights: 2.0 / 0.5 / 0.5 for DeiT and LV-ViT alike. Shapes: B batch, N patch tokens, C width,
+K classes.
 Every term is computed in fp32, whatever the autocast dtype of its inputs.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,6 +81,32 @@ def token_distill(
     return F.mse_loss(s[keep], t[keep])  # (kept, C)
 
 
+def token_kl_distill(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """KL(teacher || student) of per-token class distributions, averaged over the tokens where the mask is 1.
+
+    Args:
+        student_logits: per-token logits of the student (LV-ViT: aux head), (B, N, K).
+        teacher_logits: the teacher's, (B, N, K); no gradient flows into them.
+        mask: final keep decision, (B, N); None compares every token.
+
+    Returns:
+        The KL summed over classes and averaged over kept tokens; 0 (still differentiable) if no token survives.
+    """
+    s = student_logits.float()
+    t = teacher_logits.detach().float()
+    if mask is not None:
+        keep = mask.detach() > 0.5  # (B, N)
+        if not bool(keep.any()):
+            return s.sum() * 0.0
+        s, t = s[keep], t[keep]  # (kept, K)
+    return kl_distill(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
+
+
+TOKEN_DISTILL = {"mse": token_distill, "kl": token_kl_distill}
+
+
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy against class indices (with label smoothing) or against soft targets.
 
@@ -105,8 +137,12 @@ class DynamicViTLoss(nn.Module):
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
         smoothing: float = 0.1,
+        token_distill: Literal["mse", "kl"] = "mse",
     ):
         super().__init__()
+        if token_distill not in TOKEN_DISTILL:
+            raise ValueError(f"token_distill must be one of {sorted(TOKEN_DISTILL)}, got {token_distill!r}")
+        self.token_distill = token_distill
         self.keep_ratio = keep_ratio
         self.ratio_weight = ratio_weight
         self.distill_weight = distill_weight
@@ -123,24 +159,26 @@ class DynamicViTLoss(nn.Module):
         """Total loss and its terms.
 
         Args:
-            output: the student's `DynamicViTOutput` (logits, tokens, decisions, mask).
+            output: the student's `DynamicViTOutput` (logits, tokens, decisions, mask, class_logits).
             target: class indices (B,) or soft targets (B, K).
-            teacher_logits: (B, K), or None.
-            teacher_tokens: the teacher's final normed patch tokens, (B, N, C), or None.
+            teacher_logits: the teacher's counterpart of the student's trained logits (its class head
+                for LV-ViT), (B, K), or None.
+            teacher_tokens: the teacher's `Host.distill_targets`, (B, N, C) or (B, N, K), or None.
 
         Returns:
             (total, {"ce", "ratio", "kl", "token"}) with the terms unweighted and detached.
         """
-        ce = classification_loss(output.logits, target, self.smoothing)
+        logits = output.logits if getattr(output, "class_logits", None) is None else output.class_logits
+        ce = classification_loss(logits, target, self.smoothing)
         ratio = ratio_loss(output.decisions, self.keep_ratio)
         total = ce + self.ratio_weight * ratio
         terms = {"ce": ce.detach(), "ratio": ratio.detach()}
         if teacher_logits is not None:
-            kl = kl_distill(output.logits, teacher_logits)
+            kl = kl_distill(logits, teacher_logits)
             total = total + self.distill_weight * kl
             terms["kl"] = kl.detach()
         if teacher_tokens is not None:
-            tok = token_distill(output.tokens, teacher_tokens, output.mask)
+            tok = TOKEN_DISTILL[self.token_distill](output.tokens, teacher_tokens, output.mask)
             total = total + self.token_weight * tok
             terms["token"] = tok.detach()
         return total, terms
@@ -148,5 +186,6 @@ class DynamicViTLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"keep_ratio={self.keep_ratio}, ratio_weight={self.ratio_weight}, "
-            f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}"
+            f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}, "
+            f"token_distill={self.token_distill!r}"
         )

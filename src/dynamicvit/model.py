@@ -33,15 +33,18 @@ class DynamicViTOutput:
     Attributes:
         logits: classifier output, (B, num_classes) (a tuple for distilled DeiT in distilled training).
         tokens: what token distillation compares per patch token (`Host.distill_targets`): the final
-            normed patch tokens (B, N, C) for ViTs.
+            normed patch tokens (B, N, C) for ViTs, the aux-head logits (B, N, K) for LV-ViT.
         decisions: per-stage hard keep decisions with straight-through gradients, each (B, N).
         mask: the final keep decision, (B, N), detached.
+        class_logits: what CE and the logit distillation train when it differs from `logits`
+            (`Host.class_logits`: LV-ViT's class head alone), else None.
     """
 
     logits: torch.Tensor
     tokens: torch.Tensor
     decisions: list[torch.Tensor]
     mask: torch.Tensor
+    class_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -170,7 +173,8 @@ class DynamicViT(nn.Module):
         x = host.norm(x)
         mask = decision.squeeze(-1).detach()
         return DynamicViTOutput(
-            logits=host.logits(x, mask), tokens=host.distill_targets(x), decisions=stage_decisions, mask=mask
+            logits=host.logits(x, mask), tokens=host.distill_targets(x), decisions=stage_decisions, mask=mask,
+            class_logits=host.class_logits(x),
         )
 
     # -- inference path: tokens removed --------------------------------------------------------

@@ -44,6 +44,7 @@ from .checkpoint import (
     save_model,
 )
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
+from .hosts import Host, host_for
 from .losses import DynamicViTLoss, classification_loss
 
 _logger = logging.getLogger(__name__)
@@ -700,7 +701,8 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
     criterion = None if cfg.dense else DynamicViTLoss(
-        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing
+        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
+        token_distill=model.host.token_distill,
     )
     mixup_fn = None
     if cfg.mixing:
@@ -861,6 +863,7 @@ def _train_epoch(
     from tqdm.auto import tqdm
 
     keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
+    teacher_host = host_for(teacher) if teacher is not None else None
     stages = 0 if cfg.dense else len(model.prune_locs)
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
@@ -885,8 +888,7 @@ def _train_epoch(
                 keep = []
             else:
                 with torch.no_grad():
-                    feats = teacher.forward_features(x)  # (B, P + N, C), normed
-                    t_logits, t_tokens = teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+                    t_logits, t_tokens = teacher_targets(teacher_host, x)
                 out = net(x)  # DynamicViTOutput: training path, tokens masked
                 loss, terms = criterion(out, y, t_logits, t_tokens)
                 keep = [d.detach().float().mean() for d in out.decisions]
@@ -931,6 +933,15 @@ def _train_epoch(
     row.update({f"keep_ratio_stage{s + 1}": r for s, r in enumerate(mean[len(keys):])})
     row.update({"lr": lr, "epoch_time_s": time.time() - t0})
     return row
+
+
+def teacher_targets(host: Host, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (logits, per-token targets) for the distillation terms, through its host:
+    the logits the student's trained logits are compared with (`Host.class_logits`, else `Host.logits`)
+    and `Host.distill_targets` (final normed patch tokens for ViTs, aux-head logits for LV-ViT)."""
+    feats = host.model.forward_features(x)  # (B, P + N, C), normed
+    logits = host.class_logits(feats)
+    return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -986,8 +997,7 @@ def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
 def _check_model_fits(model: nn.Module, info) -> None:
     if info is None:
         return
-    backbone = getattr(model, "backbone", model)
-    in_chans = backbone.patch_embed.proj.in_channels
+    in_chans = host_for(model).in_chans
     if in_chans != info.in_chans or _num_classes(model) != info.num_classes:
         raise ConfigError(
             f"the model takes {in_chans}-channel images and predicts {_num_classes(model)} classes, but {info.name} "
@@ -1001,7 +1011,7 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def _img_size(model: nn.Module) -> int:
-    h, w = getattr(model, "backbone", model).patch_embed.img_size
+    h, w = host_for(model).img_size
     if h != w:
         raise ConfigError(f"non-square models ({h}x{w}) are not supported by the data pipeline; use img_size={h}")
     return int(h)

@@ -163,7 +163,7 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         kept_indices=[k.numpy() for k in kept],
         logits=torch.cat([o.logits for o in outs]).float().cpu().numpy(),
         keep_counts=tuple(model.keep_counts()),
-        patch_size=tuple(model.backbone.patch_embed.patch_size),
+        patch_size=tuple(model.host.patch_size),
     )
 
 
@@ -702,9 +702,11 @@ def eval_transform(
     """
     from timm.data import create_transform, resolve_data_config
 
+    from .hosts import host_for
+
     backbone = getattr(model, "backbone", model)
-    C = backbone.patch_embed.proj.in_channels
-    H, W = backbone.patch_embed.img_size
+    host = host_for(backbone)
+    C, (H, W) = host.in_chans, host.img_size
     base = resolve_data_config({}, model=backbone)
     args = {
         "input_size": (C, H, W),

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import build_dataset, resolve_dataset
+    from ..hosts import host_for
     from ..model import DynamicViT
     from ..train import _check_model_fits, _img_size, evaluate, resolve_device
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                             download=args.download, subset=args.subset)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
     device = resolve_device(args.device)
-    in_chans = getattr(model, "backbone", model).patch_embed.proj.in_channels
+    in_chans = host_for(model).in_chans
 
     rows = []
     for ratio in ratios:

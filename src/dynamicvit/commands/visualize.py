@@ -245,9 +245,10 @@ def _dataset_samples(args, model):
     from ..errors import ConfigError
 
     info = resolve_dataset(args.dataset, args.data_dir)
-    backbone = model.backbone
-    C = backbone.patch_embed.proj.in_channels
-    H, W = backbone.patch_embed.img_size
+    from ..hosts import host_for
+
+    host = host_for(model)
+    C, (H, W) = host.in_chans, host.img_size
     if C != info.in_chans or H != W:
         raise ConfigError(
             f"{info.name} has {info.in_chans}-channel images but the model takes {C}x{H}x{W} inputs; "

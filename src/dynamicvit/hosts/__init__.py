@@ -13,9 +13,10 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from .base import Host
+from .lvvit import LVViTHost
 from .vit import ViTHost
 
-FAMILIES: tuple[type[Host], ...] = (ViTHost,)
+FAMILIES: tuple[type[Host], ...] = (ViTHost, LVViTHost)
 
 
 def host_for(model: nn.Module) -> Host:
@@ -27,8 +28,9 @@ def host_for(model: nn.Module) -> Host:
     names = ", ".join(f.family for f in FAMILIES)
     raise UnsupportedModelError(
         f"{type(inner).__name__} is not a supported backbone (supported families: {names}); DynamicViT "
-        "supports ViT-style timm models such as deit_small_patch16_224, deit_base_patch16_224, vit_tiny_patch16_224"
+        "supports ViT-style timm models such as deit_small_patch16_224, deit_base_patch16_224, vit_tiny_patch16_224, "
+        "and LV-ViT (lvvit_s, lvvit_m)"
     )
 
 
-__all__ = ["FAMILIES", "Host", "ViTHost", "host_for"]
+__all__ = ["FAMILIES", "Host", "LVViTHost", "ViTHost", "host_for"]

@@ -49,25 +49,28 @@ class Host:
     def depth(self) -> int:
         return len(self.blocks)
 
+    # The defaults read timm's conventions: `num_prefix_tokens` on the model and a `patch_embed`
+    # holding num_patches, grid_size, patch_size and img_size.
+
     @property
     def num_prefix_tokens(self) -> int:
-        raise NotImplementedError
+        return self.model.num_prefix_tokens
 
     @property
     def num_patches(self) -> int:
-        raise NotImplementedError
+        return self.model.patch_embed.num_patches
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return tuple(self.model.patch_embed.grid_size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return tuple(self.model.patch_embed.patch_size)
 
     @property
     def img_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return tuple(self.model.patch_embed.img_size)
 
     @property
     def in_chans(self) -> int:
@@ -104,6 +107,11 @@ class Host:
                 every patch token in `x` counts (the inference path, where dropped tokens are gone).
         """
         raise NotImplementedError
+
+    def class_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The prediction that CE and the logit distillation train, (B, K), when it is not `logits`
+        (LV-ViT's reference trains its class head alone); None: train `logits`."""
+        return None
 
     def distill_targets(self, x: torch.Tensor) -> torch.Tensor:
         """What token distillation compares, per patch token, from the final normed tokens (B, P + n, C):

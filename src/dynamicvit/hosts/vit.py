@@ -62,26 +62,6 @@ class ViTHost(Host):
     # -- geometry --------------------------------------------------------------------------------
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def num_patches(self) -> int:
-        return self.model.patch_embed.num_patches
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.img_size)
-
-    @property
     def in_chans(self) -> int:
         return self.model.patch_embed.proj.in_channels
 
