@@ -6,7 +6,10 @@ Formats understood when loading:
   as written by the training loop;
 - the reference DynamicViT checkpoints: `{'model': state_dict}` with `score_predictor.{s}.*` keys;
 - plain timm / DeiT weights (a state dict, or `{'model': ...}` / `{'state_dict': ...}`): the
-  backbone is loaded and the prediction modules keep their fresh initialization.
+  backbone is loaded and the prediction modules keep their fresh initialization;
+- LV-ViT: the original release (e.g. lvvit_s-26M-224-83.3.pth.tar, a state dict or a wrapper as above)
+  and the reference DynamicViT-LV-ViT checkpoints (`{'model': ...}` with `score_predictor.{s}.*`).
+Each host family adapts its dense weights (`Host.filter_state`: position embedding resize, ...).
 
 A load never succeeds partially: missing, unexpected or mis-shaped keys raise `CheckpointError`
 listing them.
@@ -228,7 +231,7 @@ def load_state(model: nn.Module, state: dict, source: str, allow_missing_prefix:
     }
     reset = set()
     if reset_head:
-        reset = {k for k in mismatched if k.split(".")[-2] in ("head", "head_dist")}
+        reset = {k for k in mismatched if k.split(".")[-2] in ("head", "head_dist", "aux_head")}
         if reset:
             _logger.warning("classifier head re-initialized (%s): the checkpoint has another number of classes", sorted(reset))
             mismatched = {k: v for k, v in mismatched.items() if k not in reset}

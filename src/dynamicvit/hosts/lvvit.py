@@ -288,13 +288,14 @@ def checkpoint_filter_fn(state: dict, model: LVViT) -> dict:
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     own = model.state_dict()
     pos = state.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape:
+    # Another grid of the same width is resized; another width is left for the strict load to report.
+    if pos is not None and pos.ndim == 3 and pos.shape[1:] != own["pos_embed"].shape[1:] and pos.shape[-1] == own["pos_embed"].shape[-1]:
         n_old = pos.shape[1] - model.num_prefix_tokens
         side = int(round(n_old**0.5))
-        if pos.ndim != 3 or side * side != n_old or pos.shape[-1] != own["pos_embed"].shape[-1]:
+        if side * side != n_old:
             raise CheckpointError(
                 f"pos_embed of shape {tuple(pos.shape)} cannot be resized to {tuple(own['pos_embed'].shape)}: "
-                "it is not a square grid of the same width; check the model name and embed_dim"
+                f"its {n_old} patch positions are not a square grid; build the model with the checkpoint's img_size"
             )
         state["pos_embed"] = resample_abs_pos_embed(
             pos, new_size=list(model.patch_embed.grid_size), old_size=[side, side],
