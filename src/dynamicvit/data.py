@@ -144,6 +144,7 @@ def build_dataset(
     augment: Optional[dict] = None,
     subset: Optional[int] = None,
     seed: int = 0,
+    eval_resize: Optional[dict] = None,
 ) -> Dataset:
     """A dataset of (normalized image tensor (C, H, W), int label).
 
@@ -159,6 +160,8 @@ def build_dataset(
             merged over the dataset's light defaults; ignored for "val".
         subset: keep a fixed random subset of this many images (the same for the same `seed`).
         seed: seed of the subset.
+        eval_resize: ImageFolder "val": how to resize and crop (`eval_resize(...)` of the model); None:
+            timm's defaults.
 
     Raises:
         DataError: the data is missing, empty, or not laid out as expected (the message says how to fix it).
@@ -168,7 +171,7 @@ def build_dataset(
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
     info = resolve_dataset(spec, data_dir)
     kind = "fashion-mnist" if is_fashion_mnist(spec) else "imagefolder"
-    transform = build_transform(info, split, img_size=img_size, augment=augment, kind=kind)
+    transform = build_transform(info, split, img_size=img_size, augment=augment, kind=kind, eval_resize=eval_resize)
     if kind == "fashion-mnist":
         dataset = _fashion_mnist(split, data_dir, download, transform)
     else:
@@ -183,8 +186,10 @@ def build_transform(
     img_size: Optional[int] = None,
     augment: Optional[dict] = None,
     kind: Optional[str] = None,
+    eval_resize: Optional[dict] = None,
 ):
-    """timm's transform for `split`: augmentation for "train", resize + center crop for "val"."""
+    """timm's transform for `split`: augmentation for "train", resize + center crop for "val"
+    (`eval_resize`: crop_pct, crop_mode, interpolation of ImageFolder evaluation)."""
     from timm.data import create_transform
 
     kind = kind or ("fashion-mnist" if info.name == FASHION_MNIST.name else "imagefolder")
@@ -192,8 +197,9 @@ def build_transform(
     common = dict(input_size=(info.in_chans, size, size), mean=info.mean, std=info.std)
     if split == "val":
         # Fashion-MNIST images are whole objects on a blank field: no center crop.
-        crop_pct = 1.0 if kind == "fashion-mnist" else None
-        return create_transform(is_training=False, crop_pct=crop_pct, **common)
+        if kind == "fashion-mnist":
+            return create_transform(is_training=False, crop_pct=1.0, **common)
+        return create_transform(is_training=False, **(eval_resize or {}), **common)
     kwargs = {**DEFAULT_AUGMENT[kind], **_check_augment(augment or {})}
     aa = kwargs.get("auto_augment")
     if aa and str(aa).startswith("rand") and "mmax" not in str(aa) and not _posterize_accepts_zero_bits():
@@ -201,6 +207,24 @@ def build_transform(
         # the magnitude at 9 keeps at least 1 bit (the noise of mstd0.5 would otherwise reach 10).
         kwargs["auto_augment"] = f"{aa}-mmax9"
     return create_transform(is_training=True, **common, **kwargs)
+
+
+def eval_resize(pretrained_cfg: dict, img_size: int, crop_pct: Optional[float] = None) -> dict:
+    """How the reference resizes evaluation images for a model (create_transform arguments).
+
+    Below 384 px the shorter side is resized to img_size / crop_pct and the center cropped
+    (DeiT's pretrained config: crop 0.875, bicubic, so 256 -> 224); from 384 px on the whole image
+    is warped to img_size x img_size without a crop.
+
+    Args:
+        pretrained_cfg: the model's timm pretrained config (crop_pct, interpolation).
+        crop_pct: replaces the config's crop_pct.
+    """
+    interpolation = pretrained_cfg.get("interpolation") or "bicubic"
+    if img_size >= 384:
+        return {"crop_pct": 1.0, "crop_mode": "squash", "interpolation": interpolation}
+    crop = crop_pct if crop_pct is not None else pretrained_cfg.get("crop_pct") or 0.875
+    return {"crop_pct": float(crop), "crop_mode": "center", "interpolation": interpolation}
 
 
 def _check_augment(augment: dict) -> dict:

@@ -52,9 +52,75 @@ _logger = logging.getLogger(__name__)
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 # Learnable tokens the reference does not train when fine-tuning (and never decays).
 FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
-# The reference augmentation for ImageNet-style data (timm.data.create_transform arguments).
-REFERENCE_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}
+# The reference augmentation for ImageNet-style data (timm.data.create_transform arguments):
+# RandAugment, colour jitter 0.4, random erasing of one box with probability 0.25 filled with
+# per-pixel normal noise ("pixel" mode), bicubic resizing.
+REFERENCE_AUGMENT = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "color_jitter": 0.4,
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
+    "interpolation": "bicubic",
+}
 REFERENCE_LR, REFERENCE_BATCH = 1e-3, 1024
+
+# The authors' recipes (README training command + main.py defaults of the reference code), one per
+# paper row; `--recipe NAME` / `TrainConfig.from_recipe(NAME)`. Settings given explicitly win; dict
+# settings (timm_kwargs, augment) are merged key by key. lr is used as given, not scaled by batch
+# (main.py does not scale it): 1e-3 at 8 GPUs x 128 images. The reference trains in full precision
+# (no --use_amp), keeps an EMA of the weights (decay 0.9999), warms up from lr 0, starts its
+# predictors at keep probability 0.5 and evaluates at crop 0.875 (bicubic, 256 -> 224).
+_REFERENCE_RECIPE = {
+    "epochs": 30,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "backbone_lr_scale": 0.01,
+    "freeze_backbone_epochs": 5,
+    "warmup_epochs": 5,
+    "warmup_lr": 0.0,
+    "min_lr": 1e-6,
+    "weight_decay": 0.05,
+    "clip_grad": None,
+    "keep_ratio": 0.7,
+    "ratio_weight": 2.0,
+    "distill_weight": 0.5,
+    "token_weight": 0.5,
+    "smoothing": 0.1,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "augment": REFERENCE_AUGMENT,
+    "amp": "none",
+    "ema": True,
+    "ema_decay": 0.9999,
+    "predictor_keep_prior": 0.5,
+    "eval_crop_pct": 0.875,
+}
+RECIPES: dict[str, dict] = {
+    "deit-s": {**_REFERENCE_RECIPE, "model": "deit_small_patch16_224", "prune_locs": [3, 6, 9],
+               "timm_kwargs": {"drop_path_rate": 0.0}},
+    "deit-b": {**_REFERENCE_RECIPE, "model": "deit_base_patch16_224", "prune_locs": [3, 6, 9], "ratio_weight": 5.0,
+               "timm_kwargs": {"drop_path_rate": 0.2}},
+    # DeiT at width 256 with 4 heads (the paper's DynamicViT-256); its dense teacher comes from --teacher.
+    "deit-256": {**_REFERENCE_RECIPE, "model": "deit_small_patch16_224", "prune_locs": [3, 6, 9],
+                 "timm_kwargs": {"embed_dim": 256, "num_heads": 4, "drop_path_rate": 0.0}},
+    "lvvit-s": {**_REFERENCE_RECIPE, "model": "lvvit_s", "prune_locs": [4, 8, 12], "timm_kwargs": {"drop_path_rate": 0.0}},
+    "lvvit-m": {**_REFERENCE_RECIPE, "model": "lvvit_m", "prune_locs": [5, 10, 15], "timm_kwargs": {"drop_path_rate": 0.0}},
+}
+
+
+def apply_recipe(values: dict) -> dict:
+    """`values` with the settings of `values["recipe"]` filled in where `values` does not give them
+    (dict settings merged key by key, the explicit keys winning); unchanged without a recipe."""
+    name = values.get("recipe")
+    if name is None:
+        return dict(values)
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPES[name].items()}
+    for k, v in values.items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -81,6 +147,10 @@ class TrainConfig:
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
     timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
     # dataset fills in num_classes, in_chans and img_size unless given here
+    recipe: Optional[str] = None  # the paper recipe these settings started from (RECIPES); applied by
+    # from_recipe / from_dict / --recipe, where explicit settings win
+    predictor_keep_prior: Optional[float] = None  # keep probability the fresh prediction modules start at;
+    # None: rho (stage s starts at its target rho^s; see PredictionModule.reset_parameters); 0.5: the reference
 
     # Optimization (per-iteration schedule).
     epochs: int = 30
@@ -104,7 +174,9 @@ class TrainConfig:
     mixup: float = 0.8  # mixup alpha; 0 disables
     cutmix: float = 1.0  # cutmix alpha; 0 disables
     augment: Optional[dict] = None  # timm create_transform arguments for training images; None: RandAugment
-    # rand-m9-mstd0.5-inc1 + random erasing 0.25 for ImageFolder data, light crops/flips for Fashion-MNIST
+    # rand-m9-mstd0.5-inc1 + random erasing 0.25 ("pixel") for ImageFolder data, light crops/flips for Fashion-MNIST
+    eval_crop_pct: Optional[float] = None  # ImageFolder evaluation: resize to img_size / crop_pct, center crop;
+    # None: the model's pretrained config (DeiT: 0.875 bicubic, 256 -> 224); 384 px and up: the whole image warped
 
     # Precision and averaging.
     amp: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none elsewhere), "none", "bf16", "fp16"
@@ -141,9 +213,15 @@ class TrainConfig:
             hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, n=1)) else k for k in unknown]
             raise ConfigError(f"unknown training setting(s): {', '.join(hints)}; valid settings: {', '.join(sorted(names))}")
         types = {f.name: str(f.type).replace(" ", "") for f in dataclasses.fields(cls)}
+        values = apply_recipe(values)
         cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
         cfg.validate()
         return cfg
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> "TrainConfig":
+        """The paper recipe `name` (a key of `RECIPES`, e.g. "lvvit-s"); `overrides` win over it."""
+        return cls.from_dict({**overrides, "recipe": name})
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike], **overrides) -> "TrainConfig":
@@ -178,6 +256,10 @@ class TrainConfig:
         need(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be >= 1")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1")
         need(isinstance(self.timm_kwargs, dict), f"timm_kwargs must be a mapping, got {self.timm_kwargs!r}")
+        need(self.recipe is None or self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        need(self.predictor_keep_prior is None or 0 < self.predictor_keep_prior < 1,
+             f"predictor_keep_prior must be in (0, 1) (or None for rho), got {self.predictor_keep_prior}")
+        need(self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
         if self.mixing and self.batch_size % 2:
             raise ConfigError(
                 f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
@@ -403,6 +485,9 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
     teacher.eval().requires_grad_(False)
     student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs)
     student.backbone.requires_grad_(True)
+    if cfg.predictor_keep_prior is not None:
+        for predictor in student.predictors:
+            predictor.reset_parameters(cfg.predictor_keep_prior)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint)
     return student, teacher
@@ -682,7 +767,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
 
     # 3. Data: each process reads its own share (DistributedSampler; a fixed shuffle per epoch).
     if train_set is None:
-        train_set, val_set = build_datasets(cfg, info, img_size)
+        train_set, val_set = build_datasets(cfg, info, img_size, model.pretrained_cfg)
     sampler, train_loader, val_loader = build_loaders(cfg, env, device, train_set, val_set)
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     if steps_per_epoch == 0:
@@ -825,16 +910,18 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     return TrainResult(checkpoint=final, last=last, history=history, ema_checkpoint=ema_final, model=model)
 
 
-def build_datasets(cfg: TrainConfig, info, img_size: int) -> tuple[Dataset, Dataset]:
-    """Training and validation sets of `cfg.dataset` (through `dynamicvit.data`)."""
-    from .data import build_dataset
+def build_datasets(cfg: TrainConfig, info, img_size: int, pretrained_cfg: Optional[dict] = None) -> tuple[Dataset, Dataset]:
+    """Training and validation sets of `cfg.dataset` (through `dynamicvit.data`); validation images
+    are resized as the model's `pretrained_cfg` says (see `data.eval_resize`)."""
+    from .data import build_dataset, eval_resize
 
     augment = cfg.augment
     if augment is None and info.name != "fashion-mnist":
         augment = dict(REFERENCE_AUGMENT)
     common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
     train_set = build_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset, **common)
-    val_set = build_dataset(cfg.dataset, "val", subset=cfg.val_subset, **common)
+    resize = eval_resize(pretrained_cfg or {}, img_size, cfg.eval_crop_pct)
+    val_set = build_dataset(cfg.dataset, "val", subset=cfg.val_subset, eval_resize=resize, **common)
     return train_set, val_set
 
 

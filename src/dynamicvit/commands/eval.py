@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST when missing")
     parser.add_argument("--keep-ratio", type=float_list, default=None,
                         help="keep ratio(s) to evaluate at, e.g. 0.7 or 0.5,0.7,0.9 (default: the model's)")
+    parser.add_argument("--crop-pct", type=float, default=None,
+                        help="ImageFolder: resize to size / crop-pct and center crop (default: the model's pretrained "
+                        "config; the paper's recipes evaluate at 0.875); 384 px and up: the image is warped whole")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this many images")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -52,7 +55,7 @@ def load_for_eval(path: str, model_name=None, timm_kwargs=None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import build_dataset, resolve_dataset
+    from ..data import build_dataset, eval_resize, resolve_dataset
     from ..hosts import host_for
     from ..model import DynamicViT
     from ..train import _check_model_fits, _img_size, evaluate, resolve_device
@@ -71,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print("note: a dense model keeps every token; --keep-ratio is ignored")
         ratios = [1.0]
     img_size = _img_size(model)
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    resize = eval_resize(getattr(model, "pretrained_cfg", None) or {}, img_size, args.crop_pct)
     dataset = build_dataset(args.dataset, "val", img_size=img_size, data_dir=args.data_dir,
-                            download=args.download, subset=args.subset)
+                            download=args.download, subset=args.subset, eval_resize=resize)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
     device = resolve_device(args.device)
     in_chans = host_for(model).in_chans

@@ -1,7 +1,8 @@
 """`dynamicvit train`: fine-tune a DynamicViT from a dense teacher, or train a dense ViT (--dense).
 
 Every `TrainConfig` setting has a flag (`keep_ratio` -> `--keep-ratio`). Settings come from, in
-increasing priority: the defaults (the reference recipe), a YAML/JSON file (--config), the flags.
+increasing priority: the defaults, a paper recipe (--recipe lvvit-s, ...), a YAML/JSON file
+(--config), the flags.
 
 Multi-GPU:  torchrun --nproc_per_node 8 -m dynamicvit.cli train --config deit_s.yaml
 """
@@ -30,6 +31,9 @@ FLAG_HELP = {
     "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced)",
     "timm_kwargs": "JSON of timm.create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'",
+    "recipe": "start from a paper recipe (deit-s, deit-b, deit-256, lvvit-s, lvvit-m); flags given win",
+    "predictor_keep_prior": "keep probability fresh prediction modules start at (default rho; 0.5: the reference)",
+    "eval_crop_pct": "evaluation crop of ImageFolder images (default: the model's pretrained config)",
     "epochs": "training epochs",
     "batch_size": "images per process and step",
     "lr": "predictor learning rate (whole model when --dense); default 1e-3 * global batch / 1024",
@@ -67,7 +71,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train import AMP_MODES, TrainConfig
+    from ..train import AMP_MODES, RECIPES, TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags win over it)")
     for f in dataclasses.fields(TrainConfig):
@@ -83,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, "--data", type=str, metavar="DIR", **common)
         elif f.name == "amp":
             parser.add_argument(flag, choices=AMP_MODES, **common)
+        elif f.name == "recipe":
+            parser.add_argument(flag, choices=list(RECIPES), **common)
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif "list[int]" in kind:
