@@ -128,6 +128,11 @@ def images() -> torch.Tensor:
 
 def test_registered_with_timm_and_paper_sizes():
     assert {"lvvit_s", "lvvit_m", "dynamicvit_lvvit_s", "dynamicvit_lvvit_m"} <= set(timm.list_models("*lvvit*"))
+    with torch.device("meta"):  # full-size models, shapes only
+        _check_paper_sizes()
+
+
+def _check_paper_sizes():
     for name, params, depth, locs in (("lvvit_s", 26.15e6, 16, (4, 8, 12)), ("lvvit_m", 55.83e6, 20, (5, 10, 15))):
         dense = timm.create_model(name)
         assert dense.pretrained_cfg["architecture"] == name and dense.pretrained_cfg["input_size"] == (3, 224, 224)
@@ -292,3 +297,35 @@ def test_dense_weights_for_another_class_count_reset_both_heads(tmp_path, caplog
     model = dynamicvit.create_model("lvvit_s", checkpoint_path=path, **TINY)
     assert model.backbone.head.out_features == model.backbone.aux_head.out_features == 10
     assert "aux_head.weight" in caplog.text and "re-initialized" in caplog.text
+
+
+def test_macs_count_the_stem_and_match_the_readme():
+    from dynamicvit.flops import count_macs
+
+    stem = 112 * 112 * 64 * (3 * 7 * 7 + 2 * 64 * 3 * 3)  # conv1..conv3 at half resolution
+    for name, width, rows in (("lvvit_s", 384, {1.0: 6.551, 0.7: 4.635, 0.5: 3.778}), ("lvvit_m", 512, {1.0: 12.678, 0.7: 8.566})):
+        for keep_ratio, gmacs in rows.items():
+            with torch.device("meta"):  # shapes are all a count needs
+                model = timm.create_model(name) if keep_ratio == 1.0 else dynamicvit.create_model(name, keep_ratio=keep_ratio)
+            report = count_macs(model)
+            assert report.by_kind["conv"] == stem + 196 * width * 64 * 8 * 8  # + the 8x8 projection
+            assert round(report.gmacs, 3) == gmacs, (name, keep_ratio)
+            assert report.input_size == (3, 224, 224) and not report.uncounted
+
+
+def test_fine_tuning_from_the_original_release_runs_end_to_end(tmp_path):
+    """`train` with an original-layout LV-ViT file as the teacher: token KL, a saved model that reloads."""
+    from dynamicvit.train import TrainConfig, train
+    from test_train import synthetic
+
+    micro = dict(img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=2, num_classes=4)
+    path = tmp_path / "lvvit_micro.pth.tar"
+    torch.save({"state_dict": their_state(C=24, depth=4, heads=2, K=4, grid=4, patch=4)}, path)
+    cfg = TrainConfig(model="lvvit_s", teacher=str(path), timm_kwargs=micro, output=str(tmp_path / "run"), epochs=1,
+                      batch_size=8, lr=1e-3, warmup_epochs=0, freeze_backbone_epochs=0, mixup=0.8, cutmix=1.0,
+                      num_workers=0, device="cpu", amp="none", progress=False, tensorboard=False)
+    result = train(cfg, train_set=synthetic(16), val_set=synthetic(8, seed=1))
+    row = result.history[-1]
+    assert math.isfinite(row["train_token"]) and row["train_token"] > 0 and math.isfinite(row["val_top1"])
+    model = dynamicvit.load_model(result.checkpoint)
+    assert isinstance(model.host, LVViTHost) and model.prune_locs == (1, 2, 3)
