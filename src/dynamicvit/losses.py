@@ -126,7 +126,8 @@ class DynamicViTLoss(nn.Module):
     """The weighted DynamicViT objective.
 
     Call it with the student's training output (`DynamicViTOutput`), the targets and the teacher's
-    logits and final patch tokens; it returns the total and each term (detached, for logging).
+    logits and per-token targets (`train.teacher_targets`); it returns the total and each term
+    (detached, for logging). `token_distill` is the host's (`Host.token_distill`): "mse" or "kl".
     Without teacher outputs the distillation terms are left out.
     """
 

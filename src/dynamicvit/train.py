@@ -167,7 +167,8 @@ class TrainConfig:
     # Objective.
     ratio_weight: float = 2.0  # reference: 2.0 (DeiT-B: 5.0)
     distill_weight: float = 0.5  # KL(teacher || student) on logits
-    token_weight: float = 0.5  # MSE to the teacher's final patch tokens, on the tokens kept at the end
+    token_weight: float = 0.5  # token distillation on the tokens kept at the end: MSE to the teacher's final
+    # patch tokens (ViTs), KL to its per-token aux-head distributions (LV-ViT)
     smoothing: float = 0.1  # label smoothing (folded into the soft targets under mixup/cutmix)
 
     # Augmentation.

@@ -327,8 +327,7 @@ def _cfg(url: str, crop_pct: float) -> dict:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.conv1",
-        "classifier": "head",
-        "license": "apache-2.0",
+        "classifier": ("head", "aux_head"),  # both are dropped for weights of another class count
     }
 
 
