@@ -329,3 +329,42 @@ def test_fine_tuning_from_the_original_release_runs_end_to_end(tmp_path):
     assert math.isfinite(row["train_token"]) and row["train_token"] > 0 and math.isfinite(row["val_top1"])
     model = dynamicvit.load_model(result.checkpoint)
     assert isinstance(model.host, LVViTHost) and model.prune_locs == (1, 2, 3)
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+
+def test_commands_work_with_lvvit(tmp_path, capsys):
+    """info, flops, bench, eval and visualize on LV-ViT (eval and visualize from original-layout weights)."""
+    import json
+
+    from PIL import Image
+
+    from dynamicvit.cli import main
+    from test_data import make_image_folder
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    out = run("info", "--model", "lvvit_s")
+    assert "16 blocks" in out and [line.split()[1] for line in out.splitlines()[3:]] == ["4", "8", "12"]
+    kwargs = "embed_dim=48,depth=6,num_heads=3"
+    report = json.loads(run("flops", "--model", "lvvit_s", "--model-kwargs", kwargs, "--img-size", 64, "--json"))
+    assert report["input_size"] == [3, 64, 64] and report["keep_counts"] == [11, 7, 5] and report["by_kind_gmacs"]["conv"] > 0
+    run("bench", "--model", "lvvit_s", "--model-kwargs", kwargs + ",img_size=32,patch_size=8", "--keep-ratios", "1.0,0.7",
+        "--batch-size", 2, "--repeats", 1, "--warmup", 0, "--threads", 1, "--output", tmp_path / "bench")
+    assert (tmp_path / "bench").is_dir()
+
+    root = make_image_folder(tmp_path / "pets")  # 3 classes, 224 px after resizing
+    weights = tmp_path / "lvvit_pets.pth.tar"
+    torch.save(their_state(K=3, grid=14, patch=16), weights)
+    rows = json.loads(run("eval", "--checkpoint", weights, "--model", "lvvit_s", "--model-kwargs", kwargs,
+                          "--dataset", root, "--device", "cpu", "--num-workers", 0, "--json"))["results"]
+    assert rows[0]["images"] == 9 and rows[0]["keep_ratio"] == 1.0 and rows[0]["gmacs"] > 0
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    run("visualize", "--model", "lvvit_s", "--checkpoint", weights, "--model-kwargs", kwargs + ",num_classes=3",
+        "--output", tmp_path / "pictures", tmp_path / "red.png")
+    assert any((tmp_path / "pictures").iterdir())
