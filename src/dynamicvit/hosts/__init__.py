@@ -6,6 +6,9 @@ how block i runs with masked attention, how logits come out of the final tokens,
 distillation compares, and how foreign checkpoints map onto the backbone.
 
 `host_for(model)` picks the family of a timm model; families are tried in `FAMILIES` order.
+
+Hierarchical backbones (ConvNeXt, Swin) keep their 2-D maps and are sparsified by `DynamicSpatial`
+(spatial.py) through a `SpatialHost` (spatial_base.py); `spatial_host_for(model)` picks theirs.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from .base import Host
+from .convnext import ConvNeXtHost
+from .spatial_base import SpatialHost
+from .swin import SwinHost
 from .vit import ViTHost
 
 FAMILIES: tuple[type[Host], ...] = (ViTHost,)
@@ -31,4 +37,37 @@ def host_for(model: nn.Module) -> Host:
     )
 
 
-__all__ = ["FAMILIES", "Host", "ViTHost", "host_for"]
+SPATIAL_FAMILIES: tuple[type[SpatialHost], ...] = (ConvNeXtHost, SwinHost)
+
+
+def is_spatial(model: nn.Module) -> bool:
+    """True when `model` (or a DynamicSpatial's backbone) is of a hierarchical family."""
+    inner = getattr(model, "backbone", model)
+    return any(family.accepts(inner) for family in SPATIAL_FAMILIES)
+
+
+def spatial_host_for(model: nn.Module) -> SpatialHost:
+    """The `SpatialHost` of a hierarchical backbone; a clear error when none fits."""
+    inner = getattr(model, "backbone", model)
+    for family in SPATIAL_FAMILIES:
+        if family.accepts(inner):
+            return family(inner)
+    names = ", ".join(f.family for f in SPATIAL_FAMILIES)
+    raise UnsupportedModelError(
+        f"{type(inner).__name__} is not a supported hierarchical backbone (supported families: {names}); "
+        "e.g. convnext_tiny, swin_tiny_patch4_window7_224"
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "SPATIAL_FAMILIES",
+    "ConvNeXtHost",
+    "Host",
+    "SpatialHost",
+    "SwinHost",
+    "ViTHost",
+    "host_for",
+    "is_spatial",
+    "spatial_host_for",
+]
