@@ -129,8 +129,12 @@ class ConvNeXtHost(SpatialHost):
                 new[f"predictors.{m[1]}.{m[2]}"] = v.flatten(1) if v.ndim == 4 else v
             elif m := _FAST_PATH.match(k):
                 j, idx, rest = m[1], m[2], m[3]
-                part = "gamma" if idx is None else {"0": "norm", "1": "fc"}.get(idx, f"?{idx}") + "." + rest
-                new[f"fast_paths.{j}.{part}"] = v
+                if idx is None:
+                    new[f"fast_paths.{j}.gamma"] = v
+                else:
+                    # An unknown part keeps its own name, so the strict load reports it as unexpected.
+                    part = {"0": "norm", "1": "fc"}.get(idx)
+                    new[f"fast_paths.{j}.{part}.{rest}" if part else k] = v
             else:
                 dense[k] = v
         return dense, new

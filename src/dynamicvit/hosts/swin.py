@@ -114,8 +114,9 @@ class SwinHost(SpatialHost):
             if m := _PREDICTOR.match(k):
                 new[f"predictors.{m[1]}.{m[2]}"] = v
             elif m := _FAST_PATH.match(k):
-                part = {"0": "norm", "1": "fc"}.get(m[2], f"?{m[2]}")
-                new[f"fast_paths.{m[1]}.{part}.{m[3]}"] = v
+                # An unknown part keeps its own name, so the strict load reports it as unexpected.
+                part = {"0": "norm", "1": "fc"}.get(m[2])
+                new[f"fast_paths.{m[1]}.{part}.{m[3]}" if part else k] = v
             else:
                 dense[k] = v
         return dense, new
