@@ -29,7 +29,7 @@ import torch.nn as nn
 from .config import _as_locs, _as_ratio
 from .errors import ConfigError
 from .hosts import SpatialHost, spatial_host_for
-from .model import DynamicViTOutput, PrunedOutput
+from .model import DynamicViT, DynamicViTOutput, PrunedOutput
 from .ops import PredictionModule, sample_keep
 
 _logger = logging.getLogger(__name__)
@@ -254,6 +254,15 @@ class DynamicSpatial(nn.Module):
         self.config = SpatialConfig.create(
             keep_ratio, self.prune_locs, self.host.depth, self.num_patches, stage_ratios, self.config.restart_streams
         )
+
+    def at_keep_ratio(self, keep_ratio: float, stage_ratios: Optional[Sequence[float]] = None) -> "DynamicSpatial":
+        """Another DynamicSpatial at `keep_ratio` sharing this one's backbone, predictors and fast paths."""
+        twin = DynamicSpatial(
+            self.backbone, keep_ratio, self.prune_locs, stage_ratios, self.config.restart_streams,
+            self.model_name, self.timm_kwargs,
+        )
+        twin.predictors, twin.fast_paths = self.predictors, self.fast_paths
+        return twin
 
     def settings(self) -> dict:
         """What is needed to rebuild this model before loading weights (stored in checkpoints)."""
@@ -494,3 +503,7 @@ class DynamicSpatial(nn.Module):
             return out
         final = self.host.final_norm(maps[-1]) if len(maps) == num else maps[-1]
         return final, out
+
+
+# The models that sparsify a backbone (what commands accept in place of a dense timm model).
+SPARSE_MODELS = (DynamicViT, DynamicSpatial)
