@@ -146,9 +146,14 @@ def split_positions(score: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, t
     return order[:, :num_keep], order[:, num_keep:]
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows `index` (B, k) of tokens `t` (B, N, C) -> (B, k, C)."""
-    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+def _flat_rows(index: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Per-image positions (B, k) -> rows of the (B * N, C) view of a map, (B * k,).
+
+    Whole rows are copied (index_select / index_copy_): on CPUs several times faster than
+    `gather` / `scatter` with an index expanded over the channels.
+    """
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_positions
+    return (index + offsets).reshape(-1)
 
 
 def dense_targets(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,11 +405,12 @@ class DynamicSpatial(nn.Module):
         residual = y if host.mixer_has_residual else x
         t = host.to_nhwc(y)
         B, H, W, C = t.shape
-        t = t.reshape(B, H * W, C)
+        t = t.reshape(B * H * W, C)  # a view for NHWC maps and channels-last NCHW ones, else a copy
+        rows_keep, rows_rest = _flat_rows(keep, H * W), _flat_rows(rest, H * W)
         out = torch.empty_like(t)
-        out.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, C), host.ffn(j, _gather(t, keep)))
-        out.scatter_(1, rest.unsqueeze(-1).expand(-1, -1, C), self.fast_paths[str(j)](_gather(t, rest)))
-        return residual + host.drop_path(j)(host.from_nhwc(out.reshape(B, H, W, C)))
+        out.index_copy_(0, rows_keep, host.ffn(j, t.index_select(0, rows_keep)))
+        out.index_copy_(0, rows_rest, self.fast_paths[str(j)](t.index_select(0, rows_rest)))
+        return residual + host.drop_path(j)(host.from_nhwc(out.view(B, H, W, C)))
 
     # -- the two paths -------------------------------------------------------------------------
 
