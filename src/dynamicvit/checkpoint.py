@@ -292,9 +292,7 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
         overrides: timm keyword arguments that replace the stored ones.
     """
-    import timm
-
-    from .factory import create_model
+    from .factory import create_backbone, create_model
 
     state, settings = read_checkpoint(path)
     if settings is None:
@@ -304,8 +302,7 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         )
     kwargs = {**settings.get("timm_kwargs", {}), **overrides}
     if settings.get("kind") == "dense":
-        model = timm.create_model(settings["model_name"], **kwargs)
-        model.dynamicvit_timm_kwargs = kwargs
+        model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
         load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")
         return model
     model = create_model(

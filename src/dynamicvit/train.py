@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from .checkpoint import (
     save_model,
 )
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
-from .losses import DynamicViTLoss, classification_loss
+from .losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
 
 _logger = logging.getLogger(__name__)
 
@@ -454,7 +454,8 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "predictors" if name.startswith("predictors.") else "backbone"
+        # New parameters (prediction modules; fast paths of ConvNeXt/Swin) train at the full lr from the start.
+        part = "predictors" if name.startswith(getattr(model, "new_parameter_prefixes", "predictors.")) else "backbone"
         decay = p.ndim > 1 and name.split(".")[-1] not in skip
         group = groups.setdefault(
             (part, decay),
@@ -699,9 +700,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999))
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
-    criterion = None if cfg.dense else DynamicViTLoss(
-        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing
-    )
+    criterion = None if cfg.dense else _criterion(model, cfg)
     mixup_fn = None
     if cfg.mixing:
         from timm.data import Mixup
@@ -804,7 +803,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     finally:
         metrics.close()
     if env.is_main and not cfg.dense and history:
-        for warning in keep_ratio_drift(history[-1], model.keep_ratio):
+        for warning in keep_ratio_drift(history[-1], model.keep_ratio, getattr(model, "stage_ratios", None)):
             _logger.warning(warning)
 
     # 7. The final model file(s), with the settings that made them.
@@ -885,8 +884,7 @@ def _train_epoch(
                 keep = []
             else:
                 with torch.no_grad():
-                    feats = teacher.forward_features(x)  # (B, P + N, C), normed
-                    t_logits, t_tokens = teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+                    t_logits, t_tokens = _teacher_targets(model, teacher, x)
                 out = net(x)  # DynamicViTOutput: training path, tokens masked
                 loss, terms = criterion(out, y, t_logits, t_tokens)
                 keep = [d.detach().float().mean() for d in out.decisions]
@@ -936,8 +934,31 @@ def _train_epoch(
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> list[str]:
-    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`.
+def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
+    distillation over all positions) for ConvNeXt / Swin."""
+    from .spatial import DynamicSpatial
+
+    if isinstance(model, DynamicSpatial):
+        return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
+    return DynamicViTLoss(model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
+
+
+def _teacher_targets(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense teacher's logits and what the student's `tokens` are compared with."""
+    from .spatial import DynamicSpatial, dense_targets
+
+    if isinstance(model, DynamicSpatial):
+        return dense_targets(teacher, x)  # final normalized map, every position
+    feats = teacher.forward_features(x)  # (B, P + N, C), normed
+    return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+
+
+def keep_ratio_drift(
+    row: dict, keep_ratio: float, stage_ratios: Optional[Sequence[float]] = None, tolerance: float = 0.05
+) -> list[str]:
+    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`
+    (for ConvNeXt / Swin: its own r_s, `stage_ratios`).
 
     Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
     training meets token sets it was not trained on. The usual cause is a prediction module that
@@ -947,13 +968,14 @@ def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> l
     out = []
     stage = 1
     while f"keep_ratio_stage{stage}" in row:
-        realized, target = row[f"keep_ratio_stage{stage}"], keep_ratio**stage
+        realized = row[f"keep_ratio_stage{stage}"]
+        target = stage_ratios[stage - 1] if stage_ratios else keep_ratio**stage
         if abs(realized - target) > tolerance:
             previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
             stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
             out.append(
                 f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
+                f"({'r_' + str(stage) if stage_ratios else f'keep ratio {keep_ratio}^{stage}'}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
                 "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
                 "its prediction module saturated: lower --lr"
             )
@@ -987,7 +1009,8 @@ def _check_model_fits(model: nn.Module, info) -> None:
     if info is None:
         return
     backbone = getattr(model, "backbone", model)
-    in_chans = backbone.patch_embed.proj.in_channels
+    embed = getattr(backbone, "patch_embed", None)
+    in_chans = embed.proj.in_channels if embed is not None else backbone.in_chans  # ConvNeXt: no patch_embed
     if in_chans != info.in_chans or _num_classes(model) != info.num_classes:
         raise ConfigError(
             f"the model takes {in_chans}-channel images and predicts {_num_classes(model)} classes, but {info.name} "
@@ -1001,7 +1024,10 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def _img_size(model: nn.Module) -> int:
-    h, w = getattr(model, "backbone", model).patch_embed.img_size
+    backbone = getattr(model, "backbone", model)
+    embed = getattr(backbone, "patch_embed", None)
+    # ConvNeXt takes any size: the one it is meant for is in its pretrained config (`img_size=` sets it).
+    h, w = embed.img_size if embed is not None else backbone.pretrained_cfg["input_size"][-2:]
     if h != w:
         raise ConfigError(f"non-square models ({h}x{w}) are not supported by the data pipeline; use img_size={h}")
     return int(h)

@@ -1,7 +1,8 @@
 """`dynamicvit train`: fine-tune a DynamicViT from a dense teacher, or train a dense ViT (--dense).
 
 Every `TrainConfig` setting has a flag (`keep_ratio` -> `--keep-ratio`). Settings come from, in
-increasing priority: the defaults (the reference recipe), a YAML/JSON file (--config), the flags.
+increasing priority: the defaults (the reference recipe), a preset (--preset, e.g. convnext-t), a
+YAML/JSON file (--config), the flags.
 
 Multi-GPU:  torchrun --nproc_per_node 8 -m dynamicvit.cli train --config deit_s.yaml
 """
@@ -69,7 +70,13 @@ FLAG_HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train import AMP_MODES, TrainConfig
 
+    from ..presets import PRESETS
+
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags win over it)")
+    parser.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS),
+        help="the authors' recipe for ConvNeXt / Swin (a --config file and flags override it)",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).replace(" ", "")
@@ -101,9 +108,12 @@ def config_from_args(args: argparse.Namespace):
     """Defaults, then the --config file, then the flags given on the command line."""
     from ..train import TrainConfig, read_config_file
 
+    from ..presets import preset
+
+    base = preset(args.preset) if getattr(args, "preset", None) else {}
     values = read_config_file(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
-    return TrainConfig.from_dict({**values, **flags})
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "preset")}
+    return TrainConfig.from_dict({**base, **values, **flags})
 
 
 def run(args: argparse.Namespace) -> int:
