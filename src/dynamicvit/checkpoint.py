@@ -187,7 +187,8 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict, Optional[dict]]:
 
 
 def is_reference_format(state: dict) -> bool:
-    return any(k.startswith("score_predictor.") for k in state)
+    """The authors' checkpoints: `score_predictor.*` (DynamicViT, DynamicCNN), `layers.2.score_predictor.*` (DynamicSwin)."""
+    return any(k.startswith("score_predictor.") or ".score_predictor." in k for k in state)
 
 
 def is_own_format(state: dict) -> bool:

@@ -239,6 +239,12 @@ class DynamicSpatial(nn.Module):
         return 0
 
     @property
+    def patch_size(self) -> tuple[int, int]:
+        """Image pixels per position of the stage-3 map (its stride), for drawing decisions."""
+        r = int(self.backbone.feature_info[self.host.sparse_stage]["reduction"])
+        return r, r
+
+    @property
     def embed_dim(self) -> int:
         return self.host.embed_dim
 

@@ -114,10 +114,10 @@ class TokenMasks:
 
 
 def as_dynamicvit(model: nn.Module):
-    """Return `model` if it is a DynamicViT, else raise a `ConfigError` that says how to get one."""
-    from .model import DynamicViT
+    """Return `model` if it is a DynamicViT (or a DynamicSpatial), else raise a `ConfigError` that says how to get one."""
+    from .spatial import SPARSE_MODELS
 
-    if not isinstance(model, DynamicViT):
+    if not isinstance(model, SPARSE_MODELS):
         raise ConfigError(
             f"{type(model).__name__} has no prediction modules, so there are no kept tokens to draw; "
             "wrap it with dynamicvit.sparsify(model) or build it with dynamicvit.create_model(name)"
@@ -163,7 +163,8 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         kept_indices=[k.numpy() for k in kept],
         logits=torch.cat([o.logits for o in outs]).float().cpu().numpy(),
         keep_counts=tuple(model.keep_counts()),
-        patch_size=tuple(model.backbone.patch_embed.patch_size),
+        # ConvNeXt / Swin: the positions of the stage-3 map, `patch_size` pixels apart.
+        patch_size=tuple(getattr(model, "patch_size", None) or model.backbone.patch_embed.patch_size),
     )
 
 
@@ -703,8 +704,10 @@ def eval_transform(
     from timm.data import create_transform, resolve_data_config
 
     backbone = getattr(model, "backbone", model)
-    C = backbone.patch_embed.proj.in_channels
-    H, W = backbone.patch_embed.img_size
+    embed = getattr(backbone, "patch_embed", None)
+    C = backbone.in_chans
+    # ConvNeXt has no patch embedding; the size it is meant for is in its pretrained config.
+    H, W = embed.img_size if embed is not None else backbone.pretrained_cfg["input_size"][-2:]
     base = resolve_data_config({}, model=backbone)
     args = {
         "input_size": (C, H, W),
