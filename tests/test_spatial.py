@@ -296,3 +296,12 @@ def test_stage_ratio_loss_and_the_objective():
     ce = F.cross_entropy(Out.logits, target)
     kl = F.kl_div(F.log_softmax(Out.logits, -1), F.log_softmax(t_logits, -1), reduction="batchmean", log_target=True)
     assert total.item() == pytest.approx((ce + 10 * expected + 0.5 * kl + 0.5 * terms["token"]).item(), rel=1e-5)
+
+
+@pytest.mark.slow  # torch.export takes about 10 s per model
+def test_inference_path_exports_with_a_dynamic_batch(family):
+    model = tiny_spatial(family).eval()
+    program = torch.export.export(model, (images(),), dynamic_shapes={"images": {0: torch.export.Dim("batch", max=64)}})
+    x = images(batch=3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
