@@ -408,7 +408,9 @@ class _Layout:
         macs, norms = counter.macs, counter.norm_ops
         total = sum(macs.values())
         params_total = sum(p.numel() for p in self.model.parameters())
-        is_dvit = isinstance(self.model, DynamicViT)
+        from .spatial import SPARSE_MODELS
+
+        is_dvit = isinstance(self.model, SPARSE_MODELS)  # DynamicSpatial: keep ratio and positions on the FFN
         common = dict(
             input_size=size,
             by_kind=dict(counter.by_kind),
