@@ -190,6 +190,8 @@ def test_convnext_takes_other_image_sizes_with_counts_from_the_map():
     with torch.no_grad():
         out = model.forward_pruned(x)
     assert [k.shape[1] for k in out.kept_indices] == [int(64 * r) for r in (0.7, 0.5, 0.3)]
+    with pytest.raises(ConfigError, match="keeps zero of the 1 positions"):
+        model(images(size=16))  # a 1 x 1 stage-3 map
 
 
 def test_keep_ratio_changes_after_training_and_settings_round_trip(family, tmp_path):

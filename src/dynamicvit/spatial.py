@@ -338,6 +338,8 @@ class DynamicSpatial(nn.Module):
         B, N = x.shape[0], H * W
         stage_at = {loc: s for s, loc in enumerate(self.prune_locs)}
         counts = self.keep_counts(N)
+        if min(counts) < 1:  # images smaller than the model was built for (ConvNeXt takes any size)
+            self.config.validate(host.depth, N)
         x1 = x2 = m = None  # training path
         keep = rest = None  # inference path
         record: dict[str, list] = {"decisions": [], "kept": [], "scores": []}
