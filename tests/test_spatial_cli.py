@@ -51,6 +51,14 @@ def test_flops_counts_predictors_and_fast_paths(capsys):
     h, q = C // 2, C // 4
     predictors = 3 * (N * (C * C + h * h + h * q + q * 2) + h * h)
     assert dense - report["macs"] == saved - fast - predictors
+    # Per stage of the backbone: only stage 3 changes, and it holds the predictors.
+    stages = {s["name"]: s for s in report["stages"]}
+    dense_stages = {s["name"]: s for s in count_macs(model.backbone).stages}
+    assert list(stages) == ["embed", "stage1", "stage2", "stage3", "stage4", "head"]
+    for name in ("embed", "stage1", "stage2", "stage4", "head"):
+        assert stages[name]["macs"] == dense_stages[name]["macs"]
+    assert stages["stage3"]["predictor_macs"] == predictors and stages["stage3"]["blocks"] == [0, 1, 2, 3]
+    assert report["keep_counts"] == [25, 18, 10]
 
 
 def test_bench_times_dense_and_dynamic_side_by_side(capsys):

@@ -376,18 +376,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Layout:
-    """Where the stages of a ViT-like model are."""
+    """Where the stages of a ViT-like model are.
+
+    Hierarchical models (ConvNeXt, Swin; dense or DynamicSpatial) are counted per stage of the
+    backbone instead: `blocks` then holds the four stage modules, and the predictors and fast paths
+    belong to the sparsified stage `sparse_stage`.
+    """
 
     model: nn.Module
     backbone: nn.Module
     blocks: list
     predictors: list
     prune_locs: tuple
+    sparse_stage: Optional[int] = None
+    new_modules: tuple = ()  # DynamicSpatial's fast paths (their MACs run inside the sparsified stage)
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Layout":
+        from .hosts import is_spatial, spatial_host_for
+        from .spatial import DynamicSpatial
+
         if isinstance(model, DynamicViT):
             return cls(model, model.backbone, list(model.backbone.blocks), list(model.predictors), tuple(model.prune_locs))
+        if is_spatial(model):
+            host = spatial_host_for(model)
+            sparse = isinstance(model, DynamicSpatial)
+            return cls(
+                model, host.model, list(host.stages), list(model.predictors) if sparse else [], (),
+                host.sparse_stage, (model.fast_paths,) if sparse else (),
+            )
         blocks = getattr(model, "blocks", None)
         blocks = list(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else []
         return cls(model, model, blocks, [], ())
@@ -427,21 +444,35 @@ class _Layout:
         def nparams(modules) -> int:
             return sum(p.numel() for m in modules for p in m.parameters())
 
-        starts = [0, *self.prune_locs]
-        ends = [*self.prune_locs, len(self.blocks)]
+        # (name, units of `blocks`, block indices shown, predictors, other modules) per stage.
+        if self.sparse_stage is None:
+            starts = [0, *self.prune_locs]
+            ends = [*self.prune_locs, len(self.blocks)]
+            plan = [
+                (f"stage{s}", range(start, end), list(range(start, end)), [s - 1] if s > 0 else [], [])
+                for s, (start, end) in enumerate(zip(starts, ends))
+            ]
+        else:  # hierarchical: stage i (1-based names) with its own block indices
+            plan = [
+                (f"stage{i + 1}", [i], list(range(len(stage.blocks))),
+                 list(range(len(self.predictors))) if i == self.sparse_stage else [],
+                 list(self.new_modules) if i == self.sparse_stage else [])
+                for i, stage in enumerate(self.blocks)
+            ]
         stages = []
-        for s, (start, end) in enumerate(zip(starts, ends)):
-            keys = [("block", i) for i in range(start, end)]
-            pred = [("predictor", s - 1)] if s > 0 else []
+        for name, units, shown, preds, extra in plan:
+            keys = [("block", i) for i in units]
+            pred = [("predictor", p) for p in preds]
             pred_macs = sum(macs.get(k, 0) for k in pred)
             stages.append(dict(
-                name=f"stage{s}",
-                blocks=list(range(start, end)),
-                tokens=tracker.tokens.get(start),
+                name=name,
+                blocks=shown,
+                # Hierarchical maps have no token sequence (window attention's would mislead).
+                tokens=tracker.tokens.get(units[0]) if self.sparse_stage is None else None,
                 macs=sum(macs.get(k, 0) for k in keys) + pred_macs,
                 predictor_macs=pred_macs,
                 norm_ops=sum(norms.get(k, 0) for k in keys + pred),
-                params=nparams(self.blocks[start:end]) + (nparams([self.predictors[s - 1]]) if s > 0 else 0),
+                params=nparams([self.blocks[i] for i in units] + [self.predictors[p] for p in preds] + extra),
             ))
         head_params = nparams(self.head_modules())
         embed_params = params_total - head_params - sum(s["params"] for s in stages)
