@@ -234,6 +234,8 @@ def test_sparsify_and_registry(family):
     dense = create_backbone(name, **kw)
     model = dynamicvit.sparsify(dense, keep_ratio=0.9, prune_locs=(1, 2, 3))
     assert isinstance(model, DynamicSpatial) and model.backbone is dense and model.stage_ratios == (0.9, 0.7, 0.5)
+    with pytest.raises(ConfigError, match="already a DynamicSpatial"):
+        dynamicvit.sparsify(model)
     assert timm.is_model("dynamicvit_" + name)
     reg = timm.create_model("dynamicvit_" + name, prune_locs=(1, 2, 3), **kw)
     assert isinstance(reg, DynamicSpatial)

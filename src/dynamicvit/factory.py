@@ -131,6 +131,11 @@ def sparsify(
 
 def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs):
     """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
+    if isinstance(backbone, (DynamicViT, DynamicSpatial)):
+        raise ConfigError(
+            f"the model is already a {type(backbone).__name__}; change how much it keeps with "
+            "model.set_keep_ratio(...) instead of sparsifying it again"
+        )
     if is_spatial(backbone):
         return DynamicSpatial(
             backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, model_name=name, timm_kwargs=timm_kwargs
