@@ -94,3 +94,12 @@ def test_eval_and_visualize_a_saved_convnext(tmp_path, image_folder, capsys):
     code, text = _run(capsys, "visualize", "--checkpoint", str(path), "--output", str(out), str(image_folder / "val" / "a"))
     assert code == 0, text
     assert len(list(out.glob("*.png"))) >= 2
+
+
+def test_flops_uses_the_image_size_and_channels_the_model_is_built_for():
+    swin = dynamicvit.create_model(
+        "swin_tiny_patch4_window7_224", depths=(1, 1, 4, 1), embed_dim=16, num_heads=(1, 2, 4, 8), window_size=3,
+        img_size=96, in_chans=1, prune_locs=(1, 2, 3),
+    )
+    assert count_macs(swin).input_size == (1, 96, 96) == count_macs(swin.backbone).input_size
+    assert count_macs(tiny_convnext(in_chans=1)).input_size == (1, 96, 96)

@@ -278,7 +278,7 @@ class MacsReport:
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for, from its patch embedding or its pretrained config."""
     model = _unwrap(model)
-    backbone = model.backbone if isinstance(model, DynamicViT) else model
+    backbone = _backbone(model)
     embed = getattr(backbone, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
     proj = getattr(embed, "proj", None)
@@ -337,7 +337,7 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
 
 
 def _check_image_size(model: nn.Module, size: tuple) -> None:
-    backbone = model.backbone if isinstance(model, DynamicViT) else model
+    backbone = _backbone(model)
     embed = getattr(backbone, "patch_embed", None)
     built = getattr(embed, "img_size", None)
     fixed = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False)
@@ -367,6 +367,13 @@ def _run(model: nn.Module, layout: "_Layout", size: tuple, dtype: torch.dtype, m
         with tracker, torch.inference_mode(), counter:
             model(x)
     return counter, tracker
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The timm model inside a DynamicViT or DynamicSpatial (or `model` itself)."""
+    from .spatial import SPARSE_MODELS
+
+    return model.backbone if isinstance(model, SPARSE_MODELS) else model
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
