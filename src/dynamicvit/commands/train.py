@@ -28,8 +28,9 @@ FLAG_HELP = {
     "teacher": "dense teacher checkpoint; the student starts from its weights",
     "pretrained": "without --teacher: use timm's pretrained weights (needs the hub or its cache)",
     "init_checkpoint": "weights to start the model from instead of the teacher's",
-    "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens",
-    "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced)",
+    "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens (ConvNeXt/Swin: int(N * (rho - 0.2 s)) positions on the FFN)",
+    "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "
+    "ConvNeXt/Swin: block indices inside stage 3, default the authors' table)",
     "timm_kwargs": "JSON of timm.create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'",
     "epochs": "training epochs",
     "batch_size": "images per process and step",
