@@ -34,6 +34,17 @@ EXPECTED = {
     "lvvit-s": dict(COMMON, model="lvvit_s", prune_locs=[4, 8, 12], timm_kwargs={"drop_path_rate": 0.0}),
     "lvvit-m": dict(COMMON, model="lvvit_m", prune_locs=[5, 10, 15], timm_kwargs={"drop_path_rate": 0.0}),
 }
+# The hierarchical recipes (shared/reference/spatial.md): the rest stays at TrainConfig's defaults.
+SPATIAL = dict(keep_ratio=0.7, epochs=120, backbone_lr_scale=0.01, freeze_backbone_epochs=5, weight_decay=0.05,
+               ratio_weight=10.0, distill_weight=0.5, token_weight=0.5, smoothing=0.1, mixup=0.8, cutmix=1.0, ema=True)
+EXPECTED.update({
+    "convnext-t": dict(SPATIAL, model="convnext_tiny", timm_kwargs={"drop_path_rate": 0.2}),
+    "convnext-s": dict(SPATIAL, model="convnext_small", timm_kwargs={"drop_path_rate": 0.2}),
+    "convnext-b": dict(SPATIAL, model="convnext_base", timm_kwargs={"drop_path_rate": 0.5}),
+    "swin-t": dict(SPATIAL, model="swin_tiny_patch4_window7_224", timm_kwargs={"drop_path_rate": 0.2}),
+    "swin-s": dict(SPATIAL, model="swin_small_patch4_window7_224", timm_kwargs={"drop_path_rate": 0.2}),
+    "swin-b": dict(SPATIAL, model="swin_base_patch4_window7_224", timm_kwargs={"drop_path_rate": 0.5}),
+})
 
 
 def parse(*argv: str) -> argparse.Namespace:

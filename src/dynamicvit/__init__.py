@@ -1,10 +1,12 @@
-"""DynamicViT: dynamic token sparsification for timm vision transformers (Rao et al., NeurIPS 2021)."""
+"""DynamicViT: dynamic token sparsification for timm vision transformers (Rao et al., NeurIPS 2021),
+and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal version, `DynamicSpatial`)."""
 from .checkpoint import load_model, save_model
 from .config import SparsityConfig
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, UnsupportedModelError
 from .factory import create_model, sparsify, _register
 from .model import DynamicViT, DynamicViTOutput, PrunedOutput
 from .ops import PredictionModule
+from .spatial import DynamicSpatial, SpatialConfig
 
 __version__ = "0.1.0"
 
@@ -14,12 +16,14 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DynamicSpatial",
     "DynamicViT",
     "DynamicViTError",
     "DynamicViTOutput",
     "PredictionModule",
     "PrunedOutput",
     "SparsityConfig",
+    "SpatialConfig",
     "UnsupportedModelError",
     "create_model",
     "load_model",

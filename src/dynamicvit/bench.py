@@ -92,6 +92,10 @@ def with_keep_ratio(model: DynamicViT, keep_ratio: float) -> DynamicViT:
 
     A dense timm ViT is wrapped with new (untrained) prediction modules instead.
     """
+    from .spatial import DynamicSpatial
+
+    if isinstance(model, DynamicSpatial):
+        return model.at_keep_ratio(keep_ratio)
     if not isinstance(model, DynamicViT):
         from .factory import sparsify
 
@@ -348,11 +352,13 @@ def run_benchmark(
     ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
     if 1.0 not in {float(r) for r in keep_ratios}:
         _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
-    if not isinstance(base, DynamicViT) and min(ratios) < 1.0:
+    from .spatial import SPARSE_MODELS
+
+    if not isinstance(base, SPARSE_MODELS) and min(ratios) < 1.0:
         from .factory import sparsify
 
         base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
-    dense = base.backbone if isinstance(base, DynamicViT) else base
+    dense = base.backbone if isinstance(base, SPARSE_MODELS) else base
     models = {r: dense if r == 1.0 else with_keep_ratio(base, r) for r in ratios}
     size = tuple(input_size or default_input_size(dense))
     macs = {r: count_macs(m, size) for r, m in models.items()}
@@ -401,7 +407,7 @@ def run_benchmark(
                 macs_ratio=macs[r].total / macs[1.0].total,
                 params=macs[r].params,
                 peak_memory_mb=res.peak_memory_mb,
-                keep_counts=list(m.keep_counts()) if isinstance(m, DynamicViT) else [],
+                keep_counts=list(m.keep_counts()) if isinstance(m, SPARSE_MODELS) else [],
                 times_ms=res.times_ms,
                 **settings,
             ))

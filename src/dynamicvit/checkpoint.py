@@ -5,6 +5,7 @@ Formats understood when loading:
   (`save_model` / `load_model`), or a torch file `{'model': state_dict, 'dynamicvit': settings, ...}`
   as written by the training loop;
 - the reference DynamicViT checkpoints: `{'model': state_dict}` with `score_predictor.{s}.*` keys;
+- the authors' DynamicCNN / DynamicSwin checkpoints (ConvNeXt, Swin; see `SpatialHost.split_reference`);
 - plain timm / DeiT weights (a state dict, or `{'model': ...}` / `{'state_dict': ...}`): the
   backbone is loaded and the prediction modules keep their fresh initialization;
 - LV-ViT: the original release (e.g. lvvit_s-26M-224-83.3.pth.tar, a state dict or a wrapper as above)
@@ -41,7 +42,10 @@ PathLike = Union[str, os.PathLike]
 def model_settings(model: nn.Module) -> dict:
     """What is needed to rebuild `model` (a DynamicViT or a dense timm ViT) before loading weights."""
     from .model import DynamicViT
+    from .spatial import DynamicSpatial
 
+    if isinstance(model, DynamicSpatial):
+        return {"format_version": FORMAT_VERSION, **model.settings()}
     if isinstance(model, DynamicViT):
         return {
             "format_version": FORMAT_VERSION,
@@ -186,7 +190,8 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict, Optional[dict]]:
 
 
 def is_reference_format(state: dict) -> bool:
-    return any(k.startswith("score_predictor.") for k in state)
+    """The authors' checkpoints: `score_predictor.*` (DynamicViT, DynamicCNN), `layers.2.score_predictor.*` (DynamicSwin)."""
+    return any(k.startswith("score_predictor.") or ".score_predictor." in k for k in state)
 
 
 def is_own_format(state: dict) -> bool:
@@ -194,12 +199,19 @@ def is_own_format(state: dict) -> bool:
 
 
 def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
-    """Map any supported layout onto DynamicViT's keys: (state, has_predictors)."""
+    """Map any supported layout onto DynamicViT's (or DynamicSpatial's) keys: (state, has_predictors)."""
+    from .hosts import is_spatial, spatial_host_for
+
     if is_own_format(state):
         # Resize the position embedding etc. when the model is built for another image size.
         dense = filter_dense_state({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, backbone)
         rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
         return {**{"backbone." + k: v for k, v in dense.items()}, **rest}, any(k.startswith("predictors.") for k in rest)
+    if is_spatial(backbone):
+        # The authors' predictor and fast-path keys come out first: timm's dense filters reject them.
+        dense, new = spatial_host_for(backbone).split_reference(state)
+        dense = filter_dense_state(dense, backbone)
+        return {**{"backbone." + k: v for k, v in dense.items()}, **new}, bool(new)
     predictors = {
         "predictors." + k[len("score_predictor."):]: v for k, v in state.items() if k.startswith("score_predictor.")
     }
@@ -210,16 +222,18 @@ def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
 
 def filter_dense_state(state: dict, model: nn.Module) -> dict:
     """The host family's adaptation of dense weights (position embedding resize, foreign layouts)."""
-    from .hosts import host_for
+    from .hosts import host_for, is_spatial, spatial_host_for
 
-    return host_for(model).filter_state(state)
+    return (spatial_host_for(model) if is_spatial(model) else host_for(model)).filter_state(state)
 
 
-def load_state(model: nn.Module, state: dict, source: str, allow_missing_prefix: str = "", reset_head: bool = False) -> None:
+def load_state(
+    model: nn.Module, state: dict, source: str, allow_missing_prefix: Union[str, tuple[str, ...]] = "", reset_head: bool = False
+) -> None:
     """Load `state` into `model` strictly, with one clear error listing every offending key.
 
     Args:
-        allow_missing_prefix: keys under this prefix may be absent (kept as initialized).
+        allow_missing_prefix: keys under this prefix (or these prefixes) may be absent (kept as initialized).
         reset_head: a classifier head of the wrong shape is dropped and re-initialized (dense weights
             for another number of classes), as timm does for pretrained weights.
     """
@@ -231,7 +245,8 @@ def load_state(model: nn.Module, state: dict, source: str, allow_missing_prefix:
     }
     reset = set()
     if reset_head:
-        reset = {k for k in mismatched if k.split(".")[-2] in ("head", "head_dist", "aux_head")}
+        reset = {k for k in mismatched
+                 if k.split(".")[-2] in ("head", "head_dist", "aux_head") or k.split(".")[-3:-1] == ["head", "fc"]}
         if reset:
             _logger.warning("classifier head re-initialized (%s): the checkpoint has another number of classes", sorted(reset))
             mismatched = {k: v for k, v in mismatched.items() if k not in reset}
@@ -264,7 +279,8 @@ def load_weights(model: nn.Module, path: PathLike) -> Optional[dict]:
         model,
         state,
         source=f"checkpoint {path}",
-        allow_missing_prefix="" if has_predictors else "predictors.",
+        # New parameters (predictors; fast paths of DynamicSpatial) start fresh from dense weights.
+        allow_missing_prefix="" if has_predictors else getattr(model, "new_parameter_prefixes", "predictors."),
         reset_head=not has_predictors and settings is None,
     )
     if not has_predictors:
@@ -281,9 +297,7 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
         overrides: timm keyword arguments that replace the stored ones.
     """
-    import timm
-
-    from .factory import create_model
+    from .factory import create_backbone, create_model
 
     state, settings = read_checkpoint(path)
     if settings is None:
@@ -293,14 +307,14 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         )
     kwargs = {**settings.get("timm_kwargs", {}), **overrides}
     if settings.get("kind") == "dense":
-        model = timm.create_model(settings["model_name"], **kwargs)
-        model.dynamicvit_timm_kwargs = kwargs
+        model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
         load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")
         return model
     model = create_model(
         settings["model_name"],
         keep_ratio=settings["keep_ratio"],
         prune_locs=settings["prune_locs"],
+        **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
         **kwargs,
     )
     state, _ = to_own_keys(state, model.backbone)

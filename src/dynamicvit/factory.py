@@ -1,4 +1,8 @@
-"""Building DynamicViTs: from a timm name, from a model the user has, or through timm's registry."""
+"""Building DynamicViTs: from a timm name, from a model the user has, or through timm's registry.
+
+ViT-style models become a `DynamicViT` (token pruning); hierarchical ones (ConvNeXt, Swin) a
+`DynamicSpatial` (spatial sparsification of stage 3, spatial.py).
+"""
 from __future__ import annotations
 
 import difflib
@@ -7,8 +11,10 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .hosts import is_spatial
 from .model import DynamicViT
+from .spatial import DynamicSpatial
 
 # Architectures registered with timm as `dynamicvit_<name>` on `import dynamicvit`.
 REGISTERED = (
@@ -25,6 +31,12 @@ REGISTERED = (
     "vit_base_patch16_224",
     "lvvit_s",
     "lvvit_m",
+    "convnext_tiny",
+    "convnext_small",
+    "convnext_base",
+    "swin_tiny_patch4_window7_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
 )
 PREFIX = "dynamicvit_"
 
@@ -35,24 +47,31 @@ def create_model(
     checkpoint_path: Optional[Union[str, os.PathLike]] = None,
     keep_ratio: float = 0.7,
     prune_locs: Optional[Sequence[int]] = None,
+    stage_ratios: Optional[Sequence[float]] = None,
+    restart_streams: bool = True,
     **timm_kwargs,
-) -> DynamicViT:
+) -> Union[DynamicViT, DynamicSpatial]:
     """Build the timm model `name` and add DynamicViT prediction modules.
 
     Args:
-        name: a timm ViT name, e.g. `deit_small_patch16_224`, or `lvvit_s` / `lvvit_m` (a `dynamicvit_`
-            prefix is accepted).
+        name: a timm ViT, LV-ViT, ConvNeXt or Swin name, e.g. `deit_small_patch16_224`, `lvvit_s`,
+            `convnext_tiny`, `swin_tiny_patch4_window7_224` (a `dynamicvit_` prefix is accepted).
         pretrained: load timm's pretrained weights (downloads from the hub).
-        checkpoint_path: a local file: timm/DeiT weights, a reference DynamicViT checkpoint, or ours.
-        keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens.
-        prune_locs: blocks before which to prune; default three evenly spaced stages.
+        checkpoint_path: a local file: timm/original weights, a reference DynamicViT / DynamicCNN /
+            DynamicSwin checkpoint, or ours.
+        keep_ratio: rho. ViTs: stage s keeps int(N * rho ** s) patch tokens. ConvNeXt/Swin: predictor s
+            sends int(N * r_s) positions of the stage-3 map through the full FFN, r = (rho, rho - 0.2, ...).
+        prune_locs: ViTs: blocks before which to prune (default three evenly spaced stages).
+            ConvNeXt/Swin: block indices inside stage 3 (default: the spec's table for the published models).
+        stage_ratios: ConvNeXt/Swin only: explicit r_s per predictor instead of rho - 0.2 s.
+        restart_streams: ConvNeXt/Swin only: see `SpatialConfig.restart_streams`.
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
     from .checkpoint import load_weights
 
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
-    model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
+    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs)
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
     return model
@@ -63,15 +82,16 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     import timm
 
     if not timm.is_model(name):
-        candidates = timm.list_models("*vit*") + timm.list_models("deit*")  # lvvit_* included
+        candidates = timm.list_models("*vit*") + timm.list_models("deit*") + timm.list_models("convnext*") + timm.list_models("swin*")
         close = difflib.get_close_matches(name, candidates, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('deit*')"
         raise UnsupportedModelError(f"unknown timm model {name!r}{hint}")
+    args = _timm_args(name, timm_kwargs)
     if not pretrained:
-        model = timm.create_model(name, **timm_kwargs)
+        model = timm.create_model(name, **args)
     else:
         try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
+            model = timm.create_model(name, pretrained=True, **args)
         except Exception as e:  # noqa: BLE001 - hub, network and cache errors come in many types
             raise CheckpointError(
                 f"could not get pretrained weights for {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
@@ -82,12 +102,51 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     return model
 
 
-def sparsify(model: nn.Module, keep_ratio: float = 0.7, prune_locs: Optional[Sequence[int]] = None) -> DynamicViT:
-    """Wrap a timm ViT the user already has (weights shared, not copied) as a DynamicViT."""
+def _timm_args(name: str, timm_kwargs: dict) -> dict:
+    """timm's ConvNeXt has no `img_size` argument (it takes any size): the size it is meant for goes
+    into its pretrained config instead, which data transforms, keep counts and FLOPs read."""
+    from timm.models import model_entrypoint
+
+    if "img_size" not in timm_kwargs or not model_entrypoint(name).__module__.endswith(".convnext"):
+        return timm_kwargs
+    args = dict(timm_kwargs)
+    size = args.pop("img_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
+    overlay["input_size"] = (args.get("in_chans", 3), h, w)
+    return {**args, "pretrained_cfg_overlay": overlay}
+
+
+def sparsify(
+    model: nn.Module,
+    keep_ratio: float = 0.7,
+    prune_locs: Optional[Sequence[int]] = None,
+    stage_ratios: Optional[Sequence[float]] = None,
+    restart_streams: bool = True,
+) -> Union[DynamicViT, DynamicSpatial]:
+    """Wrap a timm ViT, ConvNeXt or Swin the user already has (weights shared, not copied)."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}
-    return DynamicViT(model, keep_ratio, prune_locs, timm_kwargs=kwargs)
+    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs)
+
+
+def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs):
+    """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
+    if isinstance(backbone, (DynamicViT, DynamicSpatial)):
+        raise ConfigError(
+            f"the model is already a {type(backbone).__name__}; change how much it keeps with "
+            "model.set_keep_ratio(...) instead of sparsifying it again"
+        )
+    if is_spatial(backbone):
+        return DynamicSpatial(
+            backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, model_name=name, timm_kwargs=timm_kwargs
+        )
+    if stage_ratios is not None:
+        raise ConfigError(
+            "stage_ratios applies to ConvNeXt and Swin models only; ViTs keep int(N * keep_ratio ** s) tokens per stage"
+        )
+    return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
 
 
 def _register() -> None:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ConfigError, DynamicViTError, UnsupportedModelError
-from .hosts import host_for
+from .hosts import any_host
 from .model import DynamicViT
 
 _logger = logging.getLogger(__name__)
@@ -279,9 +279,9 @@ class MacsReport:
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for, from its patch embedding or its pretrained config."""
     model = _unwrap(model)
-    backbone = model.backbone if isinstance(model, DynamicViT) else model
+    backbone = _backbone(model)
     try:
-        host = host_for(backbone)
+        host = any_host(backbone)
         return (int(host.in_chans), int(host.img_size[0]), int(host.img_size[1]))
     except UnsupportedModelError:
         pass  # not a DynamicViT host family (any timm model can be counted dense)
@@ -338,7 +338,7 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
 
 
 def _check_image_size(model: nn.Module, size: tuple) -> None:
-    backbone = model.backbone if isinstance(model, DynamicViT) else model
+    backbone = _backbone(model)
     embed = getattr(backbone, "patch_embed", None)
     built = getattr(embed, "img_size", None)
     fixed = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False)
@@ -370,6 +370,13 @@ def _run(model: nn.Module, layout: "_Layout", size: tuple, dtype: torch.dtype, m
     return counter, tracker
 
 
+def _backbone(model: nn.Module) -> nn.Module:
+    """The timm model inside a DynamicViT or DynamicSpatial (or `model` itself)."""
+    from .spatial import SPARSE_MODELS
+
+    return model.backbone if isinstance(model, SPARSE_MODELS) else model
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The original module of a `torch.compile`d one."""
     return getattr(model, "_orig_mod", model)
@@ -377,18 +384,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Layout:
-    """Where the stages of a ViT-like model are."""
+    """Where the stages of a ViT-like model are.
+
+    Hierarchical models (ConvNeXt, Swin; dense or DynamicSpatial) are counted per stage of the
+    backbone instead: `blocks` then holds the four stage modules, and the predictors and fast paths
+    belong to the sparsified stage `sparse_stage`.
+    """
 
     model: nn.Module
     backbone: nn.Module
     blocks: list
     predictors: list
     prune_locs: tuple
+    sparse_stage: Optional[int] = None
+    new_modules: tuple = ()  # DynamicSpatial's fast paths (their MACs run inside the sparsified stage)
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Layout":
+        from .hosts import is_spatial, spatial_host_for
+        from .spatial import DynamicSpatial
+
         if isinstance(model, DynamicViT):
             return cls(model, model.backbone, list(model.backbone.blocks), list(model.predictors), tuple(model.prune_locs))
+        if is_spatial(model):
+            host = spatial_host_for(model)
+            sparse = isinstance(model, DynamicSpatial)
+            return cls(
+                model, host.model, list(host.stages), list(model.predictors) if sparse else [], (),
+                host.sparse_stage, (model.fast_paths,) if sparse else (),
+            )
         blocks = getattr(model, "blocks", None)
         blocks = list(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else []
         return cls(model, model, blocks, [], ())
@@ -409,7 +433,9 @@ class _Layout:
         macs, norms = counter.macs, counter.norm_ops
         total = sum(macs.values())
         params_total = sum(p.numel() for p in self.model.parameters())
-        is_dvit = isinstance(self.model, DynamicViT)
+        from .spatial import SPARSE_MODELS
+
+        is_dvit = isinstance(self.model, SPARSE_MODELS)  # DynamicSpatial: keep ratio and positions on the FFN
         common = dict(
             input_size=size,
             by_kind=dict(counter.by_kind),
@@ -426,21 +452,35 @@ class _Layout:
         def nparams(modules) -> int:
             return sum(p.numel() for m in modules for p in m.parameters())
 
-        starts = [0, *self.prune_locs]
-        ends = [*self.prune_locs, len(self.blocks)]
+        # (name, units of `blocks`, block indices shown, predictors, other modules) per stage.
+        if self.sparse_stage is None:
+            starts = [0, *self.prune_locs]
+            ends = [*self.prune_locs, len(self.blocks)]
+            plan = [
+                (f"stage{s}", range(start, end), list(range(start, end)), [s - 1] if s > 0 else [], [])
+                for s, (start, end) in enumerate(zip(starts, ends))
+            ]
+        else:  # hierarchical: stage i (1-based names) with its own block indices
+            plan = [
+                (f"stage{i + 1}", [i], list(range(len(stage.blocks))),
+                 list(range(len(self.predictors))) if i == self.sparse_stage else [],
+                 list(self.new_modules) if i == self.sparse_stage else [])
+                for i, stage in enumerate(self.blocks)
+            ]
         stages = []
-        for s, (start, end) in enumerate(zip(starts, ends)):
-            keys = [("block", i) for i in range(start, end)]
-            pred = [("predictor", s - 1)] if s > 0 else []
+        for name, units, shown, preds, extra in plan:
+            keys = [("block", i) for i in units]
+            pred = [("predictor", p) for p in preds]
             pred_macs = sum(macs.get(k, 0) for k in pred)
             stages.append(dict(
-                name=f"stage{s}",
-                blocks=list(range(start, end)),
-                tokens=tracker.tokens.get(start),
+                name=name,
+                blocks=shown,
+                # Hierarchical maps have no token sequence (window attention's would mislead).
+                tokens=tracker.tokens.get(units[0]) if self.sparse_stage is None else None,
                 macs=sum(macs.get(k, 0) for k in keys) + pred_macs,
                 predictor_macs=pred_macs,
                 norm_ops=sum(norms.get(k, 0) for k in keys + pred),
-                params=nparams(self.blocks[start:end]) + (nparams([self.predictors[s - 1]]) if s > 0 else 0),
+                params=nparams([self.blocks[i] for i in units] + [self.predictors[p] for p in preds] + extra),
             ))
         head_params = nparams(self.head_modules())
         embed_params = params_total - head_params - sum(s["params"] for s in stages)

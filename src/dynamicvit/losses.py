@@ -12,6 +12,10 @@ class_logits`) with CE and the logit KL; the combined prediction is what inferen
 
 Reference weights: 2.0 / 0.5 / 0.5 for DeiT and LV-ViT alike. Shapes: B batch, N patch tokens, C width,
 K classes.
+
+Hierarchical models (`DynamicSpatial`, spec: shared/reference/spatial.md) use `DynamicSpatialLoss`:
+the ratio term pulls predictor s toward its own r_s (decisions not hierarchical), weight 10.0, and the
+feature term compares the final normalized maps over all positions.
 Every term is computed in fp32, whatever the autocast dtype of its inputs.
 """
 from __future__ import annotations
@@ -34,12 +38,27 @@ def ratio_loss(decisions: Sequence[torch.Tensor], keep_ratio: float) -> torch.Te
     Returns:
         mean over stages of mean_b (mean_i D_{b,i,s} - rho^s)^2, a scalar.
     """
+    return stage_ratio_loss(decisions, [keep_ratio**s for s in range(1, len(decisions) + 1)])
+
+
+def stage_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
+    """Pull the fraction of kept tokens (positions) of each stage toward its own target.
+
+    Args:
+        decisions: per-stage keep decisions, each (B, N) (or (B, H, W)), 1 = kept.
+        targets: the target fraction per stage (rho^s for ViTs, r_s for hierarchical models).
+
+    Returns:
+        mean over stages of mean_b (mean_i D_{b,i,s} - target_s)^2, a scalar.
+    """
     if not decisions:
-        raise ValueError("ratio_loss needs at least one stage of decisions")
+        raise ValueError("the ratio loss needs at least one stage of decisions")
+    if len(targets) != len(decisions):
+        raise ValueError(f"{len(decisions)} stages of decisions but {len(targets)} target ratios")
     terms = []
-    for s, d in enumerate(decisions, start=1):
+    for d, target in zip(decisions, targets):
         realized = d.float().flatten(1).mean(dim=1)  # (B,)
-        terms.append(((realized - keep_ratio**s) ** 2).mean())
+        terms.append(((realized - target) ** 2).mean())
     return torch.stack(terms).mean()
 
 
@@ -189,4 +208,53 @@ class DynamicViTLoss(nn.Module):
             f"keep_ratio={self.keep_ratio}, ratio_weight={self.ratio_weight}, "
             f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}, "
             f"token_distill={self.token_distill!r}"
+        )
+
+
+class DynamicSpatialLoss(nn.Module):
+    """The objective of hierarchical models (spatial.md): CE + 10 * ratio + 0.5 * KL + 0.5 * feature MSE.
+
+    Called like `DynamicViTLoss` with the student's training output of a `DynamicSpatial` (its
+    `tokens` are the final normalized feature map, (B, N4, C4)), the targets, and the teacher's logits
+    and final normalized map; returns the total and the terms ("ce", "ratio", "kl", "token"), detached.
+    """
+
+    def __init__(
+        self,
+        stage_ratios: Sequence[float],
+        ratio_weight: float = 10.0,
+        distill_weight: float = 0.5,
+        feature_weight: float = 0.5,
+        smoothing: float = 0.1,
+    ):
+        super().__init__()
+        self.stage_ratios = tuple(stage_ratios)
+        self.ratio_weight = ratio_weight
+        self.distill_weight = distill_weight
+        self.feature_weight = feature_weight
+        self.smoothing = smoothing
+
+    def forward(
+        self,
+        output,
+        target: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor] = None,
+        teacher_tokens: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        weighted = {
+            "ce": (1.0, classification_loss(output.logits, target, self.smoothing)),
+            "ratio": (self.ratio_weight, stage_ratio_loss(output.decisions, self.stage_ratios)),
+        }
+        if teacher_logits is not None:
+            weighted["kl"] = (self.distill_weight, kl_distill(output.logits, teacher_logits))
+        if teacher_tokens is not None:
+            # Every position counts: the map keeps all of them (only their path differs).
+            weighted["token"] = (self.feature_weight, token_distill(output.tokens, teacher_tokens))
+        total = sum(w * term for w, term in weighted.values())
+        return total, {k: term.detach() for k, (_, term) in weighted.items()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"stage_ratios={self.stage_ratios}, ratio_weight={self.ratio_weight}, "
+            f"distill_weight={self.distill_weight}, feature_weight={self.feature_weight}, smoothing={self.smoothing}"
         )

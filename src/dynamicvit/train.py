@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -44,8 +44,9 @@ from .checkpoint import (
     save_model,
 )
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
-from .hosts import Host, host_for
-from .losses import DynamicViTLoss, classification_loss
+from .hosts import Host, any_host, host_for
+from .losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
+from .spatial import DynamicSpatial, dense_targets
 
 _logger = logging.getLogger(__name__)
 
@@ -107,6 +108,34 @@ RECIPES: dict[str, dict] = {
     "lvvit-s": {**_REFERENCE_RECIPE, "model": "lvvit_s", "prune_locs": [4, 8, 12], "timm_kwargs": {"drop_path_rate": 0.0}},
     "lvvit-m": {**_REFERENCE_RECIPE, "model": "lvvit_m", "prune_locs": [5, 10, 15], "timm_kwargs": {"drop_path_rate": 0.0}},
 }
+# Hierarchical models (shared/reference/spatial.md): CE + 10 * ratio + 0.5 KL + 0.5 feature MSE; the
+# predictors and fast paths at the full lr, the pretrained backbone at 0.01x and frozen for 5 epochs;
+# 120 epochs; peak lr 4e-3 at an effective batch of 4096, which is the default scaling (1e-3 per 1024
+# images), so `lr` stays unset; AdamW, weight decay 0.05, cosine, RandAugment, mixup 0.8 / cutmix 1.0,
+# label smoothing 0.1, EMA. Predictor locations come from the spec's table (the factory's default).
+_SPATIAL_RECIPE = {
+    "keep_ratio": 0.7,
+    "epochs": 120,
+    "backbone_lr_scale": 0.01,
+    "freeze_backbone_epochs": 5,
+    "weight_decay": 0.05,
+    "ratio_weight": 10.0,
+    "distill_weight": 0.5,
+    "token_weight": 0.5,  # the MSE of the final normalized feature maps, every position
+    "smoothing": 0.1,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "ema": True,
+}
+RECIPES.update({
+    "convnext-t": {**_SPATIAL_RECIPE, "model": "convnext_tiny", "timm_kwargs": {"drop_path_rate": 0.2}},
+    "convnext-s": {**_SPATIAL_RECIPE, "model": "convnext_small", "timm_kwargs": {"drop_path_rate": 0.2}},
+    "convnext-b": {**_SPATIAL_RECIPE, "model": "convnext_base", "timm_kwargs": {"drop_path_rate": 0.5}},
+    "swin-t": {**_SPATIAL_RECIPE, "model": "swin_tiny_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.2}},
+    "swin-s": {**_SPATIAL_RECIPE, "model": "swin_small_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.2}},
+    # The spec names 0.5 for ConvNeXt-B only; Swin-B's own fine-tuning setting is 0.5 as well.
+    "swin-b": {**_SPATIAL_RECIPE, "model": "swin_base_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.5}},
+})
 
 
 def apply_recipe(values: dict) -> dict:
@@ -541,7 +570,8 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "predictors" if name.startswith("predictors.") else "backbone"
+        # New parameters (prediction modules; fast paths of ConvNeXt/Swin) train at the full lr from the start.
+        part = "predictors" if name.startswith(getattr(model, "new_parameter_prefixes", "predictors.")) else "backbone"
         decay = p.ndim > 1 and name.split(".")[-1] not in skip
         group = groups.setdefault(
             (part, decay),
@@ -786,10 +816,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999))
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
-    criterion = None if cfg.dense else DynamicViTLoss(
-        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
-        token_distill=model.host.token_distill,
-    )
+    criterion = None if cfg.dense else _criterion(model, cfg)
     mixup_fn = None
     if cfg.mixing:
         from timm.data import Mixup
@@ -892,7 +919,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     finally:
         metrics.close()
     if env.is_main and not cfg.dense and history:
-        for warning in keep_ratio_drift(history[-1], model.keep_ratio):
+        for warning in keep_ratio_drift(history[-1], model.keep_ratio, getattr(model, "stage_ratios", None)):
             _logger.warning(warning)
 
     # 7. The final model file(s), with the settings that made them.
@@ -951,7 +978,8 @@ def _train_epoch(
     from tqdm.auto import tqdm
 
     keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
-    teacher_host = host_for(teacher) if teacher is not None else None
+    # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
+    teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
     stages = 0 if cfg.dense else len(model.prune_locs)
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
@@ -976,7 +1004,7 @@ def _train_epoch(
                 keep = []
             else:
                 with torch.no_grad():
-                    t_logits, t_tokens = teacher_targets(teacher_host, x)
+                    t_logits, t_tokens = teacher_targets(teacher, teacher_host, x)
                 out = net(x)  # DynamicViTOutput: training path, tokens masked
                 loss, terms = criterion(out, y, t_logits, t_tokens)
                 keep = [d.detach().float().mean() for d in out.decisions]
@@ -1023,10 +1051,16 @@ def _train_epoch(
     return row
 
 
-def teacher_targets(host: Host, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen teacher's (logits, per-token targets) for the distillation terms, through its host:
-    the logits the student's trained logits are compared with (`Host.class_logits`, else `Host.logits`)
-    and `Host.distill_targets` (final normed patch tokens for ViTs, aux-head logits for LV-ViT)."""
+def teacher_targets(teacher: nn.Module, host: Optional[Host], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (logits, per-token targets) for the distillation terms.
+
+    Token hosts (ViT, LV-ViT): the logits the student's trained logits are compared with
+    (`Host.class_logits`, else `Host.logits`) and `Host.distill_targets` (final normed patch tokens for
+    ViTs, aux-head logits for LV-ViT). Hierarchical teachers (`host` None): logits and the final
+    normalized map, every position (`spatial.dense_targets`).
+    """
+    if host is None:
+        return dense_targets(teacher, x)
     feats = host.model.forward_features(x)  # (B, P + N, C), normed
     logits = host.class_logits(feats)
     return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)
@@ -1035,8 +1069,22 @@ def teacher_targets(host: Host, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> list[str]:
-    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`.
+def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
+    distillation over all positions) for ConvNeXt / Swin."""
+    if isinstance(model, DynamicSpatial):
+        return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
+    return DynamicViTLoss(
+        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
+        token_distill=model.host.token_distill,
+    )
+
+
+def keep_ratio_drift(
+    row: dict, keep_ratio: float, stage_ratios: Optional[Sequence[float]] = None, tolerance: float = 0.05
+) -> list[str]:
+    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`
+    (for ConvNeXt / Swin: its own r_s, `stage_ratios`).
 
     Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
     training meets token sets it was not trained on. The usual cause is a prediction module that
@@ -1046,13 +1094,14 @@ def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> l
     out = []
     stage = 1
     while f"keep_ratio_stage{stage}" in row:
-        realized, target = row[f"keep_ratio_stage{stage}"], keep_ratio**stage
+        realized = row[f"keep_ratio_stage{stage}"]
+        target = stage_ratios[stage - 1] if stage_ratios else keep_ratio**stage
         if abs(realized - target) > tolerance:
             previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
             stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
             out.append(
                 f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
+                f"({'r_' + str(stage) if stage_ratios else f'keep ratio {keep_ratio}^{stage}'}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
                 "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
                 "its prediction module saturated: lower --lr"
             )
@@ -1085,7 +1134,7 @@ def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
 def _check_model_fits(model: nn.Module, info) -> None:
     if info is None:
         return
-    in_chans = host_for(model).in_chans
+    in_chans = any_host(model).in_chans
     if in_chans != info.in_chans or _num_classes(model) != info.num_classes:
         raise ConfigError(
             f"the model takes {in_chans}-channel images and predicts {_num_classes(model)} classes, but {info.name} "
@@ -1099,7 +1148,7 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def _img_size(model: nn.Module) -> int:
-    h, w = host_for(model).img_size
+    h, w = any_host(model).img_size
     if h != w:
         raise ConfigError(f"non-square models ({h}x{w}) are not supported by the data pipeline; use img_size={h}")
     return int(h)

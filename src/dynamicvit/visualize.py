@@ -114,10 +114,10 @@ class TokenMasks:
 
 
 def as_dynamicvit(model: nn.Module):
-    """Return `model` if it is a DynamicViT, else raise a `ConfigError` that says how to get one."""
-    from .model import DynamicViT
+    """Return `model` if it is a DynamicViT (or a DynamicSpatial), else raise a `ConfigError` that says how to get one."""
+    from .spatial import SPARSE_MODELS
 
-    if not isinstance(model, DynamicViT):
+    if not isinstance(model, SPARSE_MODELS):
         raise ConfigError(
             f"{type(model).__name__} has no prediction modules, so there are no kept tokens to draw; "
             "wrap it with dynamicvit.sparsify(model) or build it with dynamicvit.create_model(name)"
@@ -702,10 +702,10 @@ def eval_transform(
     """
     from timm.data import create_transform, resolve_data_config
 
-    from .hosts import host_for
+    from .hosts import any_host
 
     backbone = getattr(model, "backbone", model)
-    host = host_for(backbone)
+    host = any_host(backbone)
     C, (H, W) = host.in_chans, host.img_size
     base = resolve_data_config({}, model=backbone)
     args = {

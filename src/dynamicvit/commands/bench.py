@@ -41,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
     from ..errors import ConfigError
-    from ..model import DynamicViT
+    from ..spatial import SPARSE_MODELS
 
     if any(not 0.0 < r <= 1.0 for r in args.keep_ratios):
         raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
     batch_sizes = [args.batch_size] if args.batch_size else (args.batch_sizes or [32, 1])
     base = build_base_model(args, keep_ratio=min(r for r in args.keep_ratios))
-    if not isinstance(base, DynamicViT):
+    if not isinstance(base, SPARSE_MODELS):
         _logger.warning("the checkpoint holds a dense model: the DynamicViTs get untrained prediction modules")
     if args.checkpoint is None:
         _logger.info("random weights: fine for speed and MACs (pass --checkpoint for a trained model)")

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import build_dataset, eval_resize, resolve_dataset
-    from ..hosts import host_for
-    from ..model import DynamicViT
+    from ..hosts import any_host
+    from ..spatial import SPARSE_MODELS
     from ..train import _check_model_fits, _img_size, evaluate, resolve_device
 
     if args.batch_size < 1:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs},
     )
     _check_model_fits(model, info)
-    is_dynamic = isinstance(model, DynamicViT)
+    is_dynamic = isinstance(model, SPARSE_MODELS)
     ratios = args.keep_ratio or [model.keep_ratio if is_dynamic else 1.0]
     if not is_dynamic and args.keep_ratio:
         print("note: a dense model keeps every token; --keep-ratio is ignored")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                             download=args.download, subset=args.subset, eval_resize=resize)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
     device = resolve_device(args.device)
-    in_chans = host_for(model).in_chans
+    in_chans = any_host(model).in_chans
 
     rows = []
     for ratio in ratios:

@@ -61,11 +61,11 @@ def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
 def at_keep_ratio(base, keep_ratio: float):
     """The dense timm model for keep ratio 1.0, else a DynamicViT at `keep_ratio` sharing `base`'s weights."""
     from ..bench import with_keep_ratio
-    from ..model import DynamicViT
+    from ..spatial import SPARSE_MODELS
 
     if keep_ratio >= 1.0:
-        return base.backbone if isinstance(base, DynamicViT) else base
-    if not isinstance(base, DynamicViT):
+        return base.backbone if isinstance(base, SPARSE_MODELS) else base
+    if not isinstance(base, SPARSE_MODELS):
         _logger.warning("the checkpoint holds a dense model: its prediction modules are untrained (random)")
     return with_keep_ratio(base, keep_ratio)
 
@@ -86,17 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..flops import count_macs
     from ..model import DynamicViT
+    from ..spatial import SPARSE_MODELS, DynamicSpatial
 
     keep_ratio = 1.0 if args.dense else args.keep_ratio
     base = build_base_model(args, keep_ratio=keep_ratio)
     model = at_keep_ratio(base, keep_ratio)
     report = count_macs(model)
-    name = base.model_name if isinstance(base, DynamicViT) else args.model
+    name = base.model_name if isinstance(base, SPARSE_MODELS) else args.model
     if args.json:
-        print(json.dumps({"model": name, "dense": not isinstance(model, DynamicViT), **report.to_dict()}, indent=2))
+        print(json.dumps({"model": name, "dense": not isinstance(model, SPARSE_MODELS), **report.to_dict()}, indent=2))
         return 0
     C, H, W = report.input_size
-    if isinstance(model, DynamicViT):
+    if isinstance(model, DynamicSpatial):
+        what = (f"DynamicSpatial on {name}, stage ratios {list(model.stage_ratios)} before stage-3 blocks "
+                f"{list(model.prune_locs)}, positions on the full path {list(model.keep_counts())} of {model.num_patches}")
+    elif isinstance(model, DynamicViT):
         what = (f"DynamicViT on {name}, keep ratio {model.keep_ratio}, prune before blocks "
                 f"{list(model.prune_locs)}, patch tokens kept {list(model.keep_counts())}")
     else:

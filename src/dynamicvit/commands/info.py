@@ -17,9 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..factory import create_model
+    from ..spatial import DynamicSpatial
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = create_model(args.model, keep_ratio=args.keep_ratio, prune_locs=args.prune_locs, **kwargs)
+    if isinstance(model, DynamicSpatial):
+        return _spatial_info(args.model, model)
     N, P = model.num_patches, model.num_prefix_tokens
     print(f"DynamicViT on {args.model}: {len(model.backbone.blocks)} blocks, grid {model.grid_size[0]}x{model.grid_size[1]} "
           f"= {N} patch tokens + {P} prefix token(s), keep ratio {model.keep_ratio}")
@@ -27,4 +30,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"{0:>5} {'-':>12} {N:>18} {N + P:>19}")
     for s, (loc, k) in enumerate(zip(model.prune_locs, model.keep_counts()), 1):
         print(f"{s:>5} {loc:>12} {k:>18} {k + P:>19}")
+    return 0
+
+
+def _spatial_info(name: str, model) -> int:
+    """ConvNeXt / Swin: where the predictors sit in stage 3 and how many positions take the full path."""
+    H, W = model.grid_size
+    depth = model.host.depth
+    print(f"DynamicSpatial on {name}: stage 3 has {depth} blocks on a {H}x{W} map = {model.num_patches} positions, "
+          f"keep ratio {model.keep_ratio}; blocks {model.prune_locs[0]}..{depth - 1} are adaptive (FFN on kept "
+          "positions, fast path on the rest); decisions are not hierarchical")
+    print(f"{'predictor':>9} {'before block':>12} {'r_s':>6} {'positions on FFN':>17} {'on fast path':>13}")
+    for s, (loc, r, k) in enumerate(zip(model.prune_locs, model.stage_ratios, model.keep_counts()), 1):
+        print(f"{s:>9} {loc:>12} {r:>6.2f} {k:>17} {model.num_patches - k:>13}")
     return 0

@@ -1,8 +1,8 @@
 """`dynamicvit train`: fine-tune a DynamicViT from a dense teacher, or train a dense ViT (--dense).
 
 Every `TrainConfig` setting has a flag (`keep_ratio` -> `--keep-ratio`). Settings come from, in
-increasing priority: the defaults, a paper recipe (--recipe lvvit-s, ...), a YAML/JSON file
-(--config), the flags.
+increasing priority: the defaults, a paper recipe (--recipe lvvit-s, convnext-t, ...), a YAML/JSON
+file (--config), the flags.
 
 Multi-GPU:  torchrun --nproc_per_node 8 -m dynamicvit.cli train --config deit_s.yaml
 """
@@ -28,10 +28,11 @@ FLAG_HELP = {
     "teacher": "dense teacher checkpoint; the student starts from its weights",
     "pretrained": "without --teacher: use timm's pretrained weights (needs the hub or its cache)",
     "init_checkpoint": "weights to start the model from instead of the teacher's",
-    "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens",
-    "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced)",
+    "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens (ConvNeXt/Swin: int(N * (rho - 0.2 s)) positions on the FFN)",
+    "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "
+    "ConvNeXt/Swin: block indices inside stage 3, default the authors' table)",
     "timm_kwargs": "JSON of timm.create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'",
-    "recipe": "start from a paper recipe (deit-s, deit-b, deit-256, lvvit-s, lvvit-m); flags given win",
+    "recipe": "start from a paper recipe (deit-s, deit-b, deit-256, lvvit-s, lvvit-m, convnext-t/s/b, swin-t/s/b); flags given win",
     "predictor_keep_prior": "keep probability fresh prediction modules start at; None: rho (0.5: the reference's)",
     "eval_crop_pct": "evaluation crop of ImageFolder images; None: the model's pretrained config's",
     "epochs": "training epochs",

@@ -147,7 +147,7 @@ def load_model(args: argparse.Namespace):
     from ..checkpoint import load_weights, read_settings
     from ..errors import ConfigError
     from ..factory import create_model, sparsify
-    from ..model import DynamicViT
+    from ..spatial import SPARSE_MODELS
 
     kwargs = dict(args.model_kwargs)
     if args.img_size:
@@ -161,7 +161,7 @@ def load_model(args: argparse.Namespace):
                 _logger.warning("warning: --model %s ignored: %s holds a %s",
                                 args.model, args.checkpoint, settings.get("model_name"))
             model = load_saved(args.checkpoint, **kwargs)
-            trained = isinstance(model, DynamicViT)
+            trained = isinstance(model, SPARSE_MODELS)
         elif args.model:
             model = create_model(args.model, **kwargs)
             before = [p.detach().clone() for p in model.predictors.parameters()]
@@ -176,7 +176,7 @@ def load_model(args: argparse.Namespace):
         model = create_model(args.model, **kwargs)
     else:
         raise ConfigError("give --checkpoint PATH (a file saved by dynamicvit) and/or --model NAME")
-    if not isinstance(model, DynamicViT):
+    if not isinstance(model, SPARSE_MODELS):
         _logger.info("the checkpoint holds a dense model; adding fresh prediction modules")
         model = sparsify(model)
     if args.keep_ratio is not None:
@@ -245,9 +245,9 @@ def _dataset_samples(args, model):
     from ..errors import ConfigError
 
     info = resolve_dataset(args.dataset, args.data_dir)
-    from ..hosts import host_for
+    from ..hosts import any_host
 
-    host = host_for(model)
+    host = any_host(model)
     C, (H, W) = host.in_chans, host.img_size
     if C != info.in_chans or H != W:
         raise ConfigError(
