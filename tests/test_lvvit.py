@@ -255,7 +255,7 @@ def test_training_path_prediction_ignores_dropped_tokens():
 def test_teacher_targets_and_token_kl(images):
     teacher = timm.create_model("lvvit_s", **TINY).eval()
     with torch.no_grad():
-        logits, tokens = teacher_targets(host_for(teacher), images)
+        logits, tokens = teacher_targets(teacher, host_for(teacher), images)
         feats = teacher.forward_features(images)
     torch.testing.assert_close(logits, teacher.head(feats[:, 0]))  # the class head, as the reference distills
     torch.testing.assert_close(tokens, teacher.aux_head(feats[:, 1:]))  # (B, N, K)
@@ -279,7 +279,7 @@ def test_lvvit_objective_trains_the_class_head_and_every_parameter(images):
     out = model(images)
     assert out.tokens.shape == (3, 16, 10) and out.class_logits.shape == (3, 10)
     with torch.no_grad():
-        t_logits, t_tokens = teacher_targets(host_for(teacher), images)
+        t_logits, t_tokens = teacher_targets(teacher, host_for(teacher), images)
     loss_fn = DynamicViTLoss(0.7, token_distill="kl")
     loss, terms = loss_fn(out, torch.tensor([1, 2, 3]), t_logits, t_tokens)
     torch.testing.assert_close(terms["ce"], F.cross_entropy(out.class_logits, torch.tensor([1, 2, 3]), label_smoothing=0.1))

@@ -105,6 +105,11 @@ class DynamicViT(nn.Module):
         return self.host.grid_size
 
     @property
+    def patch_size(self) -> tuple[int, int]:
+        """Pixels per patch token (height, width)."""
+        return self.host.patch_size
+
+    @property
     def embed_dim(self) -> int:
         return self.host.embed_dim
 

@@ -163,7 +163,7 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         kept_indices=[k.numpy() for k in kept],
         logits=torch.cat([o.logits for o in outs]).float().cpu().numpy(),
         keep_counts=tuple(model.keep_counts()),
-        patch_size=tuple(model.host.patch_size),
+        patch_size=tuple(model.patch_size),  # ConvNeXt / Swin: positions of the stage-3 map
     )
 
 
