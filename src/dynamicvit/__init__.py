@@ -1,6 +1,7 @@
 """DynamicViT: dynamic token sparsification for timm vision transformers (Rao et al., NeurIPS 2021)."""
 from .checkpoint import load_model, save_model
 from .config import SparsityConfig
+from .deploy import ExportError, compile, export_onnx
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, UnsupportedModelError
 from .factory import create_model, sparsify, _register
 from .model import DynamicViT, DynamicViTOutput, PrunedOutput
@@ -17,11 +18,14 @@ __all__ = [
     "DynamicViT",
     "DynamicViTError",
     "DynamicViTOutput",
+    "ExportError",
     "PredictionModule",
     "PrunedOutput",
     "SparsityConfig",
     "UnsupportedModelError",
+    "compile",
     "create_model",
+    "export_onnx",
     "load_model",
     "save_model",
     "sparsify",

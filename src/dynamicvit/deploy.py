@@ -54,10 +54,10 @@ MIN_OPSET = {"dynamo": 18, "torchscript": 17}  # 17: the first opset with LayerN
 MAX_OPSET = {"dynamo": 23, "torchscript": 20}
 VERIFY_BATCH_SIZES = (1, 4)
 FP32_ATOL = 1e-4
-# Two patch scores closer than this are a tie: which of them survives top-k is decided by rounding,
+# Two patch scores (keep log-probabilities) closer than this are a tie: which of them survives top-k is decided by rounding,
 # and ONNX Runtime may break the tie the other way than PyTorch (it happens with untrained, nearly
 # uniform prediction modules). Such images are reported and left out of the logits comparison.
-SCORE_TIE = 1e-3
+SCORE_TIE = 1e-4
 
 
 class ExportError(DynamicViTError):
@@ -326,6 +326,8 @@ def _model_to_export(model: nn.Module, keep_ratio: Optional[float], dense: bool)
     from .bench import with_keep_ratio
 
     check_inference_ready(model, "export")
+    if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
+        raise ConfigError(f"keep_ratio must be in (0, 1] (the fraction of tokens each stage keeps), got {keep_ratio}")
     if dense and keep_ratio is not None and keep_ratio < 1.0:
         raise ConfigError(f"dense=True exports every token; it cannot be combined with keep_ratio={keep_ratio}")
     if dense or (keep_ratio is not None and keep_ratio >= 1.0):
