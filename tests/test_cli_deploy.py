@@ -159,3 +159,23 @@ def test_predict_errors(tmp_path, checkpoint, capsys):
 def test_predict_compiled(tmp_path, checkpoint, folder, capsys):
     code, cap = _run_predict(capsys, folder / "a.png", "--checkpoint", checkpoint, "--compile", "--json")
     assert code == 0 and json.loads(cap.out)["runtime"] == "compile"
+
+
+@pytest.mark.slow
+@pytest.mark.fashion_mnist
+def test_eval_compile_gives_the_eager_accuracy(capsys):
+    from dynamicvit.demo import TEACHER_ASSET
+
+    try:
+        from dynamicvit.data import fashion_mnist_root
+
+        fashion_mnist_root()
+    except Exception:  # noqa: BLE001
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    results = []
+    for extra in ([], ["--compile"]):
+        args = ["eval", "--checkpoint", str(TEACHER_ASSET), "--subset", "200", "--num-workers", "0", "--device", "cpu",
+                "--json", *extra]
+        assert cli.main(args) == 0
+        results.append(json.loads(capsys.readouterr().out)["results"][0])
+    assert results[1]["top1"] == results[0]["top1"] and results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)

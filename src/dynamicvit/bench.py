@@ -1,4 +1,8 @@
-"""Throughput and latency of a dense timm ViT and DynamicViTs, measured side by side.
+"""Throughput and latency of a dense timm ViT and DynamicViTs, measured side by side, per runtime.
+
+Runtimes (`run_benchmark(runtimes=...)`): eager PyTorch ("torch"), `dynamicvit.compile` ("compile") and
+ONNX Runtime on the CPU ("onnxruntime", models exported and verified by `dynamicvit.deploy`); each
+runtime's DynamicViTs are compared with the dense model on the same runtime.
 
 Timing protocol (`compare_throughput`):
 - every model runs in eval mode under `torch.inference_mode` (and autocast when asked) on the same
@@ -10,7 +14,8 @@ Timing protocol (`compare_throughput`):
   warm-up), timed with `time.perf_counter` and, on CUDA, `torch.cuda.synchronize` on both ends;
 - the median repetition gives the latency per batch; images/s = batch size / latency.
 
-Peak memory (`BenchResult.peak_memory_mb`, measured in a separate untimed forward): the model's
+Peak memory (`BenchResult.peak_memory_mb`, measured in a separate untimed forward, for eager models,
+and for compiled ones on CUDA only; not measurable inside ONNX Runtime): the model's
 weights + the input + the most memory its tensors hold at once during the forward.
 On CUDA this comes from the allocator (`torch.cuda.max_memory_allocated`); on CPU from tracking
 the storages every operator creates and frees, so scratch space inside a kernel and allocator
