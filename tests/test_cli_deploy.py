@@ -179,3 +179,13 @@ def test_eval_compile_gives_the_eager_accuracy(capsys):
         assert cli.main(args) == 0
         results.append(json.loads(capsys.readouterr().out)["results"][0])
     assert results[1]["top1"] == results[0]["top1"] and results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
+
+
+def test_predict_random_model_in_onnx_runtime_names_imagenet_classes(tmp_path, folder, capsys):
+    code, cap = _run_predict(capsys, folder / "sub" / "b.jpg", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                             "img_size=32,patch_size=4,embed_dim=48,depth=6,num_heads=3", "--runtime", "onnxruntime",
+                             "--json", "--top-k", "1")
+    assert code == 0
+    report = json.loads(cap.out)
+    pred = report["results"][0]["predictions"][0]
+    assert report["runtime"] == "onnxruntime" and pred["name"] != f"class {pred['class']}"  # ImageNet's names

@@ -12,10 +12,12 @@ missing), 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -210,9 +212,15 @@ def _torch_runner(args, runtime: str) -> Runner:
             from ..errors import ConfigError
 
             raise ConfigError("--runtime onnxruntime runs on the CPU here; drop --device or use --runtime eager")
-        path = _cached_export(model, args, names, preprocessing, settings)
+        if args.checkpoint:
+            path = _cached_export(model, args, names, preprocessing)
+        else:  # random weights: nothing worth caching; the folder lives as long as the process
+            folder = tempfile.TemporaryDirectory(prefix="dynamicvit-predict-")
+            atexit.register(folder.cleanup)
+            path = deploy.export_onnx(model, Path(folder.name) / "model.onnx", class_names=names,
+                                      preprocessing=preprocessing).path
         runner = _onnx_runner(args, path, f"{model.model_name if isinstance(model, DynamicViT) else source} "
-                                          f"({kind}) in ONNX Runtime, exported from {source} (cached at {path})")
+                                          f"({kind}) in ONNX Runtime, exported from {source} to {path}")
         if isinstance(model, DynamicViT):  # pictures from PyTorch: they also show the keep probabilities
             runner.masks = lambda x: vis.kept_token_masks(model, x)
         return runner
@@ -230,7 +238,7 @@ def _torch_runner(args, runtime: str) -> Runner:
                   f"{source} ({kind}) in PyTorch ({runtime}, {device})")
 
 
-def _cached_export(model, args, class_names, preprocessing, settings) -> Path:
+def _cached_export(model, args, class_names, preprocessing) -> Path:
     """The checkpoint exported to ONNX once, verified, and kept in the cache under a key of its content."""
     import torch
 
