@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 for p, c in zip(top.values[i], top.indices[i])
             ]
             results.append({"file": name, "predictions": preds})
+            if not args.json:  # as they come, above the progress bar
+                bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds), file=sys.stdout)
         if out_dir is not None:
             _draw(runner, x, names, results[-len(names):], out_dir, len(results) - len(names))
     bar.close()
@@ -129,9 +131,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": runner.description, "runtime": runner.runtime, "results": results,
                           "skipped": [{"file": f, "error": e} for f, e in failed]}, indent=2))
-    else:
-        for r in results:
-            print(f"{r['file']}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in r["predictions"]))
     if not results and not failed:
         raise DataError(f"no image files found in {', '.join(args.inputs)}")
     summary = f"classified {len(results)} image(s)" + (f", skipped {len(failed)} (see warnings)" if failed else "")
