@@ -332,6 +332,7 @@ def run_benchmark(
     compile: bool = False,
     runtimes: Sequence[str] = ("torch",),
     onnx_dir: Optional[Union[str, os.PathLike]] = None,
+    compile_mode: str = "default",
     model_name: Optional[str] = None,
     progress: bool = False,
 ) -> list[dict]:
@@ -355,6 +356,7 @@ def run_benchmark(
         compile: the same as runtimes=("compile",) (kept for older callers).
         runtimes: any of "torch", "compile", "onnxruntime".
         onnx_dir: where the ONNX files go (default: a temporary folder, removed afterwards).
+        compile_mode: torch.compile mode of the "compile" runtime ("reduce-overhead": CUDA graphs on a GPU).
         Others: as in `compare_throughput`.
 
     Returns:
@@ -391,12 +393,14 @@ def run_benchmark(
         threads=threads if threads is not None else torch.get_num_threads(),
         repeats=repeats,
         warmup=warmup,
+        compile_mode=compile_mode if "compile" in runtimes else None,
         torch=torch.__version__,
     )
     rows = []
     with _onnx_folder(onnx_dir if "onnxruntime" in runtimes else None) as folder:
         runnable = {
-            (rt, r): runtime_model(m, rt, onnx_path=folder / f"{_slug(r)}.onnx" if folder else None, threads=threads)
+            (rt, r): runtime_model(m, rt, onnx_path=folder / f"{_slug(r)}.onnx" if folder else None, threads=threads,
+                                   compile_mode=compile_mode)
             for rt in runtimes for r, m in models.items()
         }
         for bs in batch_sizes:
@@ -439,7 +443,12 @@ def run_benchmark(
 
 
 def runtime_model(
-    model: nn.Module, runtime: str, *, onnx_path: Optional[Union[str, os.PathLike]] = None, threads: Optional[int] = None
+    model: nn.Module,
+    runtime: str,
+    *,
+    onnx_path: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+    compile_mode: str = "default",
 ) -> nn.Module:
     """`model` ready to time on `runtime`: itself, compiled, or exported to `onnx_path` and loaded in ONNX Runtime."""
     from . import deploy
@@ -448,7 +457,7 @@ def runtime_model(
     if runtime == "torch":
         return model
     if runtime == "compile":
-        return deploy.compile(model.eval())
+        return deploy.compile(model.eval(), mode=compile_mode)
     if onnx_path is None:
         raise ConfigError("the onnxruntime runtime needs a path to export the model to")
     deploy.export_onnx(model.eval(), onnx_path, overwrite=True)

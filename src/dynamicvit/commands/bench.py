@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "warm-up), onnxruntime (exported to ONNX, verified, run on the CPU); one table row per runtime (default: torch)",
     )
     parser.add_argument("--compile", action="store_true", help="same as --runtime compile")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the compile runtime; reduce-overhead = CUDA graphs on a GPU (default: %(default)s)")
     parser.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first (default: %(default)s)")
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         runtimes=_runtime_list(args),
         onnx_dir=args.onnx_dir,
+        compile_mode=args.compile_mode,
         model_name=getattr(base, "model_name", None) or args.model,
         progress=True,
     )
