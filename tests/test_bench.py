@@ -170,3 +170,31 @@ def test_cli_single_batch_size_and_errors(tmp_path, capsys):
 def test_compile_runs():
     rows = run_benchmark(tiny_model(), [0.7], [2], repeats=1, warmup=1, compile=True)
     assert rows[1]["compile"] is True and rows[1]["images_per_s"] > 0
+    assert rows[1]["runtime"] == "compile"
+
+
+def test_runtimes_side_by_side(tmp_path):
+    base = tiny_model(keep_ratio=0.7)
+    rows = run_benchmark(base, [0.7], [3], repeats=1, warmup=1, threads=1, runtimes=["torch", "onnxruntime"],
+                         onnx_dir=tmp_path)
+    assert [(r["runtime"], r["keep_ratio"]) for r in rows] == [
+        ("torch", 1.0), ("torch", 0.7), ("onnxruntime", 1.0), ("onnxruntime", 0.7)]
+    # Each runtime has its own dense baseline; memory is measured where it can be (eager PyTorch).
+    assert [r["speedup"] for r in rows if r["keep_ratio"] == 1.0] == [1.0, 1.0]
+    assert all(r["peak_memory_mb"] > 0 for r in rows if r["runtime"] == "torch")
+    assert all(r["peak_memory_mb"] is None for r in rows if r["runtime"] == "onnxruntime")
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["dense.onnx", "keep0.7.onnx"]
+    md = to_markdown(rows)
+    assert "| onnxruntime | 0.7 | 3 |" in md and "| torch | 1.0 (dense) | 3 |" in md
+
+
+def test_cli_runtime_option(tmp_path, capsys):
+    args = ["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", KWARGS, "--keep-ratios", "0.7",
+            "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1", "--device", "cpu",
+            "--runtime", "onnxruntime", "--output", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {r["runtime"] for r in rows} == {"onnxruntime"} and (tmp_path / "out" / "bench.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["bench", "--model-kwargs", KWARGS, "--runtime", "tensorrt"]) == 2
+    assert "unknown runtime" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal version, `DynamicSpatial`)."""
 from .checkpoint import load_model, save_model
 from .config import SparsityConfig
+from .deploy import ExportError, compile, export_onnx
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, UnsupportedModelError
 from .factory import create_model, sparsify, _register
 from .model import DynamicViT, DynamicViTOutput, PrunedOutput
@@ -20,12 +21,15 @@ __all__ = [
     "DynamicViT",
     "DynamicViTError",
     "DynamicViTOutput",
+    "ExportError",
     "PredictionModule",
     "PrunedOutput",
     "SparsityConfig",
     "SpatialConfig",
     "UnsupportedModelError",
+    "compile",
     "create_model",
+    "export_onnx",
     "load_model",
     "save_model",
     "sparsify",

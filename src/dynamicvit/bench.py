@@ -1,4 +1,8 @@
-"""Throughput and latency of a dense timm ViT and DynamicViTs, measured side by side.
+"""Throughput and latency of a dense timm ViT and DynamicViTs, measured side by side, per runtime.
+
+Runtimes (`run_benchmark(runtimes=...)`): eager PyTorch ("torch"), `dynamicvit.compile` ("compile") and
+ONNX Runtime on the CPU ("onnxruntime", models exported and verified by `dynamicvit.deploy`); each
+runtime's DynamicViTs are compared with the dense model on the same runtime.
 
 Timing protocol (`compare_throughput`):
 - every model runs in eval mode under `torch.inference_mode` (and autocast when asked) on the same
@@ -10,7 +14,8 @@ Timing protocol (`compare_throughput`):
   warm-up), timed with `time.perf_counter` and, on CUDA, `torch.cuda.synchronize` on both ends;
 - the median repetition gives the latency per batch; images/s = batch size / latency.
 
-Peak memory (`BenchResult.peak_memory_mb`, measured in a separate untimed forward): the model's
+Peak memory (`BenchResult.peak_memory_mb`, measured in a separate untimed forward, for eager models,
+and for compiled ones on CUDA only; not measurable inside ONNX Runtime): the model's
 weights + the input + the most memory its tensors hold at once during the forward.
 On CUDA this comes from the allocator (`torch.cuda.max_memory_allocated`); on CPU from tracking
 the storages every operator creates and frees, so scratch space inside a kernel and allocator
@@ -314,6 +319,9 @@ def _tensors(out) -> list[torch.Tensor]:
 # -- the keep-ratio sweep ------------------------------------------------------------------------
 
 
+RUNTIMES = ("torch", "compile", "onnxruntime")
+
+
 def run_benchmark(
     base: nn.Module,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
@@ -326,29 +334,42 @@ def run_benchmark(
     amp: Union[str, torch.dtype, None] = None,
     threads: Optional[int] = None,
     compile: bool = False,
+    runtimes: Sequence[str] = ("torch",),
+    onnx_dir: Optional[Union[str, os.PathLike]] = None,
+    compile_mode: str = "default",
     model_name: Optional[str] = None,
     progress: bool = False,
 ) -> list[dict]:
-    """Dense model vs DynamicViT at several keep ratios, one row per (batch size, keep ratio).
+    """Dense model vs DynamicViT at several keep ratios, one row per (runtime, batch size, keep ratio).
 
     Keep ratio 1.0 is the unmodified dense timm model (the baseline; added when missing). The other
-    ratios are DynamicViTs sharing `base`'s weights. All models of a batch size are timed together
-    by `compare_throughput`.
+    ratios are DynamicViTs sharing `base`'s weights. Every model of every runtime is timed together by
+    `compare_throughput` (interleaved), per batch size; each speed-up is against the dense model on the
+    same runtime.
+
+    Runtimes: "torch" (eager), "compile" (`dynamicvit.compile`, compiled in the warm-up), "onnxruntime"
+    (each model exported with `dynamicvit.deploy.export_onnx`, verified, run by ONNX Runtime on the CPU
+    with `threads` threads). Peak memory is measured where it can be: eager models on any device,
+    compiled ones on CUDA (allocator statistics); None otherwise.
 
     Args:
         base: a DynamicViT (its prediction modules are used) or a dense timm ViT (random ones).
         keep_ratios: rho values; 1.0 means the dense model.
         batch_sizes: one timing round per batch size.
         input_size: (C, H, W); default the model's.
-        compile: `torch.compile` every model (compilation happens in the warm-up).
+        compile: the same as runtimes=("compile",) (kept for older callers).
+        runtimes: any of "torch", "compile", "onnxruntime".
+        onnx_dir: where the ONNX files go (default: a temporary folder, removed afterwards).
+        compile_mode: torch.compile mode of the "compile" runtime ("reduce-overhead": CUDA graphs on a GPU).
         Others: as in `compare_throughput`.
 
     Returns:
-        Rows with keep_ratio, batch_size, images_per_s, latency_ms, speedup (vs dense at the same
-        batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings of the run.
+        Rows with runtime, keep_ratio, batch_size, images_per_s, latency_ms, speedup (vs dense on the
+        same runtime and batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings.
     """
     from .flops import count_macs, default_input_size
 
+    runtimes = _check_runtimes(["compile"] if compile and tuple(runtimes) == ("torch",) else runtimes)
     ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
     if 1.0 not in {float(r) for r in keep_ratios}:
         _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
@@ -360,13 +381,14 @@ def run_benchmark(
         base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
     dense = base.backbone if isinstance(base, SPARSE_MODELS) else base
     models = {r: dense if r == 1.0 else with_keep_ratio(base, r) for r in ratios}
+    for m in models.values():
+        m.eval()
     size = tuple(input_size or default_input_size(dense))
     macs = {r: count_macs(m, size) for r, m in models.items()}
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp)
-    runnable = {_label(r): m for r, m in models.items()}
-    if compile:
-        runnable = {k: torch.compile(m) for k, m in runnable.items()}
+    if "onnxruntime" in runtimes and (dev.type != "cpu" or amp_dtype is not None):
+        raise ConfigError("--runtime onnxruntime is timed in fp32 on the CPU; use --device cpu and --amp none for it")
 
     settings = dict(
         model=model_name or getattr(base, "model_name", None) or dense.pretrained_cfg.get("architecture"),
@@ -375,43 +397,105 @@ def run_benchmark(
         device_name=device_name(dev),
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         threads=threads if threads is not None else torch.get_num_threads(),
-        compile=bool(compile),
         repeats=repeats,
         warmup=warmup,
+        compile_mode=compile_mode if "compile" in runtimes else None,
         torch=torch.__version__,
     )
     rows = []
-    for bs in batch_sizes:
-        _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
-        try:
-            results = compare_throughput(
-                runnable, size, bs, device=dev, repeats=repeats, warmup=warmup,
-                amp_dtype=amp_dtype, threads=threads, progress=progress,
-            )
-        except Exception as e:
-            if compile and not isinstance(e, ConfigError):
-                raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without --compile") from e
-            raise
-        base_rate = results[_label(1.0)].images_per_s
-        for r in ratios:
-            res = results[_label(r)]
-            m = models[r]
-            rows.append(dict(
-                keep_ratio=r,
-                batch_size=bs,
-                images_per_s=res.images_per_s,
-                latency_ms=res.latency_ms,
-                latency_ms_per_image=res.latency_ms / bs,
-                speedup=res.images_per_s / base_rate,
-                gmacs=macs[r].gmacs,
-                macs_ratio=macs[r].total / macs[1.0].total,
-                params=macs[r].params,
-                peak_memory_mb=res.peak_memory_mb,
-                keep_counts=list(m.keep_counts()) if isinstance(m, SPARSE_MODELS) else [],
-                times_ms=res.times_ms,
-                **settings,
-            ))
+    with _onnx_folder(onnx_dir if "onnxruntime" in runtimes else None) as folder:
+        runnable = {
+            (rt, r): runtime_model(m, rt, onnx_path=folder / f"{_slug(r)}.onnx" if folder else None, threads=threads,
+                                   compile_mode=compile_mode)
+            for rt in runtimes for r, m in models.items()
+        }
+        for bs in batch_sizes:
+            _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
+            try:
+                results = compare_throughput(
+                    {_key(*k): m for k, m in runnable.items()}, size, bs, device=dev, repeats=repeats,
+                    warmup=warmup, amp_dtype=amp_dtype, threads=threads, measure_memory=False, progress=progress,
+                )
+            except Exception as e:
+                if "compile" in runtimes and not isinstance(e, ConfigError):
+                    raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without the compile runtime") from e
+                raise
+            x = torch.randn(bs, *size, device=dev)
+            for rt in runtimes:
+                base_rate = results[_key(rt, 1.0)].images_per_s
+                for r in ratios:
+                    res, m = results[_key(rt, r)], models[r]
+                    measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
+                    with _threads(threads):
+                        peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
+                    rows.append(dict(
+                        runtime=rt,
+                        keep_ratio=r,
+                        batch_size=bs,
+                        images_per_s=res.images_per_s,
+                        latency_ms=res.latency_ms,
+                        latency_ms_per_image=res.latency_ms / bs,
+                        speedup=res.images_per_s / base_rate,
+                        gmacs=macs[r].gmacs,
+                        macs_ratio=macs[r].total / macs[1.0].total,
+                        params=macs[r].params,
+                        peak_memory_mb=peak,
+                        keep_counts=list(m.keep_counts()) if isinstance(m, SPARSE_MODELS) else [],
+                        times_ms=res.times_ms,
+                        compile=rt == "compile",
+                        **settings,
+                    ))
     return rows
+
+
+def runtime_model(
+    model: nn.Module,
+    runtime: str,
+    *,
+    onnx_path: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+    compile_mode: str = "default",
+) -> nn.Module:
+    """`model` ready to time on `runtime`: itself, compiled, or exported to `onnx_path` and loaded in ONNX Runtime."""
+    from . import deploy
+
+    _check_runtimes([runtime])
+    if runtime == "torch":
+        return model
+    if runtime == "compile":
+        return deploy.compile(model.eval(), mode=compile_mode)
+    if onnx_path is None:
+        raise ConfigError("the onnxruntime runtime needs a path to export the model to")
+    deploy.export_onnx(model.eval(), onnx_path, overwrite=True)
+    return deploy.OnnxModel(onnx_path, threads=threads)
+
+
+def _check_runtimes(runtimes: Sequence[str]) -> list[str]:
+    runtimes = list(dict.fromkeys(runtimes))
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad or not runtimes:
+        raise ConfigError(f"unknown runtime(s) {bad or runtimes}; choose from {', '.join(RUNTIMES)} (comma-separated)")
+    return runtimes
+
+
+@contextmanager
+def _onnx_folder(folder: Optional[Union[str, os.PathLike]]) -> Iterator[Optional[Path]]:
+    import tempfile
+
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="dynamicvit-bench-") as tmp:
+        yield Path(tmp)
+
+
+def _key(runtime: str, keep_ratio: float) -> str:
+    return f"{runtime}/{_label(keep_ratio)}"
+
+
+def _slug(keep_ratio: float) -> str:
+    return "dense" if keep_ratio >= 1.0 else f"keep{keep_ratio:g}"
 
 
 def _label(keep_ratio: float) -> str:
@@ -443,20 +527,20 @@ def to_markdown(rows: Sequence[dict]) -> str:
     setup = (
         f"{r0['model']}, {'x'.join(map(str, r0['img_size']))} px, {r0['amp']}, {r0['device_name']}"
         + (f", {r0['threads']} threads" if r0["device"] == "cpu" else "")
-        + (", torch.compile" if r0["compile"] else "")
         + f", median of {r0['repeats']} interleaved repetitions, torch {r0['torch']}"
     )
     lines = [
         setup,
         "",
-        "| keep ratio | batch | images/s | latency (ms / batch) | speed-up | GMACs | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| runtime | keep ratio | batch | images/s | latency (ms / batch) | speed-up | GMACs | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "1.0 (dense)" if r["keep_ratio"] >= 1.0 else f"{r['keep_ratio']:g}"
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        runtime = r.get("runtime", "compile" if r.get("compile") else "torch")
         lines.append(
-            f"| {ratio} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['latency_ms']:.1f} | "
+            f"| {runtime} | {ratio} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['latency_ms']:.1f} | "
             f"{r['speedup']:.2f}x | {format_gmacs(r['gmacs'])} | {mem} |"
         )
     return "\n".join(lines) + "\n"
@@ -496,9 +580,12 @@ def save_plot(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_speed, ax_macs) = plt.subplots(1, 2, figsize=(10, 4))
     ratios = sorted({r["keep_ratio"] for r in rows})
-    for bs in sorted({r["batch_size"] for r in rows}):
-        pts = sorted((r["keep_ratio"], r["speedup"]) for r in rows if r["batch_size"] == bs)
-        ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {bs}")
+    runtimes = list(dict.fromkeys(r.get("runtime", "torch") for r in rows))
+    for rt in runtimes:
+        for bs in sorted({r["batch_size"] for r in rows}):
+            pts = sorted((r["keep_ratio"], r["speedup"]) for r in rows if r["batch_size"] == bs and r.get("runtime", "torch") == rt)
+            label = f"batch {bs}" if len(runtimes) == 1 else f"{rt}, batch {bs}"
+            ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     macs = {r["keep_ratio"]: r["gmacs"] for r in rows}
     dense = macs[max(ratios)]
     ax_speed.plot(ratios, [dense / macs[k] for k in ratios], "k--", label="dense MACs / MACs")
@@ -525,6 +612,7 @@ __all__ = [
     "compare_throughput",
     "peak_memory_mb",
     "run_benchmark",
+    "runtime_model",
     "save_json",
     "save_markdown",
     "save_plot",

@@ -21,6 +21,8 @@ COMMANDS = {
     "flops": "Count multiply-accumulates (GMACs) and parameters, per stage and in total.",
     "bench": "Throughput and latency of dense vs DynamicViT, side by side.",
     "info": "Build a DynamicViT and print its stages and token counts.",
+    "export": "Export the inference path to ONNX (checked with ONNX Runtime), optionally int8-quantized.",
+    "predict": "Classify image files and folders (top-k with class names); optionally draw the kept tokens.",
 }
 
 

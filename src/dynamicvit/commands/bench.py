@@ -29,13 +29,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none = fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled during warm-up)")
+    parser.add_argument(
+        "--runtime", type=_runtimes, default=None, metavar="RUNTIME[,RUNTIME]",
+        help="where to run the models, comma-separated: torch (eager), compile (torch.compile, compiled during "
+        "warm-up), onnxruntime (exported to ONNX, verified, run on the CPU); one table row per runtime (default: torch)",
+    )
+    parser.add_argument("--compile", action="store_true", help="same as --runtime compile")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the compile runtime; reduce-overhead = CUDA graphs on a GPU (default: %(default)s)")
+    parser.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first (default: %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as a JSON list")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of speed-up and GMACs against keep ratio")
     parser.add_argument("--output", default=None, metavar="DIR", help="write bench.json, bench.md and bench.png into DIR")
+
+
+def _runtimes(text: str) -> list[str]:
+    from ..bench import RUNTIMES
+
+    names = [s for s in text.replace(" ", "").split(",") if s]
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {bad or text!r}; choose from {', '.join(RUNTIMES)}")
+    return names
+
+
+def _runtime_list(args: argparse.Namespace) -> list[str]:
+    runtimes = list(args.runtime or ([] if args.compile else ["torch"]))
+    if args.compile and "compile" not in runtimes:
+        runtimes.append("compile")
+    return runtimes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         amp=args.amp,
         threads=args.threads,
-        compile=args.compile,
+        runtimes=_runtime_list(args),
+        onnx_dir=args.onnx_dir,
+        compile_mode=args.compile_mode,
         model_name=getattr(base, "model_name", None) or args.model,
         progress=True,
     )

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
     parser.add_argument("--num-workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (dynamicvit.compile)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -89,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
             model.set_keep_ratio(ratio)
         macs = _count_macs(model, (in_chans, img_size, img_size))
         model.to(device)
-        metrics = evaluate(model, loader, device, args.amp, progress=not args.json)
+        runnable = model
+        if args.compile:
+            from ..deploy import compile as compile_model
+
+            runnable = compile_model(model.eval())
+        metrics = evaluate(runnable, loader, device, args.amp, progress=not args.json)
         model.cpu()
         rows.append({
             "keep_ratio": ratio,

@@ -1,0 +1,312 @@
+"""`dynamicvit predict`: classify image files and folders with a DynamicViT (or its ONNX export).
+
+Runtimes (`--runtime`): `onnxruntime` (the default where it applies: the fastest on a CPU at batch 1,
+see the README), `eager` (PyTorch as is), `compile` (`dynamicvit.compile`, also `--compile`). With
+`--checkpoint` and the ONNX Runtime, the checkpoint is exported once (verified against PyTorch) into
+the cache (`$DYNAMICVIT_CACHE/onnx`, default ~/.cache/dynamicvit/onnx) and reused by later runs.
+
+Results go to stdout (one line per image, or JSON with `--json`); progress and skipped files to stderr.
+Exit code: 0 when every input was classified, 1 when some were skipped (not an image, corrupt,
+missing), 2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ._common import model_kwargs
+
+HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
+
+_logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "eager", "compile", "onnxruntime")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", default=None, metavar="PATH", help="a model saved by dynamicvit (knows its settings)")
+    source.add_argument("--model", default=None, help="timm name; random weights (for trying the command out)")
+    source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX file written by `dynamicvit export`")
+    add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
+        help="extra timm.create_model arguments for --model (JSON object or key=value pairs)")
+    add("--keep-ratio", type=float, default=None,
+        help="keep ratio (default: the checkpoint's; fixed in an ONNX file, so not allowed with --onnx)")
+    add("--top-k", type=int, default=5, help="classes to report per image (default: %(default)s)")
+    add("--json", action="store_true", help="print one JSON object with every result and every skipped file")
+    add("--batch-size", type=int, default=32, help="images per forward (default: %(default)s)")
+    add("--runtime", choices=RUNTIMES, default="auto",
+        help="auto (default): ONNX Runtime on the CPU (an --onnx file, or --checkpoint exported once into the "
+        "cache), eager PyTorch for --model or a GPU; eager; compile (torch.compile); onnxruntime")
+    add("--compile", action="store_true", help="same as --runtime compile")
+    add("--device", default="cpu", help="PyTorch device for eager/compile: cpu, cuda, cuda:N (default: %(default)s)")
+    add("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add("--show-tokens", default=None, metavar="DIR", help="also write the kept-token picture of each image into DIR")
+
+
+@dataclass
+class Runner:
+    """What classifies a batch: returns logits and, for pictures, the kept-token masks."""
+
+    runtime: str
+    predict: object  # (B, C, H, W) tensor -> (B, num_classes) logits
+    masks: object  # (B, C, H, W) tensor -> visualize.TokenMasks, or None for a dense model
+    preprocessing: dict
+    class_names: Optional[list]
+    description: str
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import visualize as vis
+    from ..errors import ConfigError, DataError
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ConfigError("--top-k and --batch-size must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    runtime = "compile" if args.compile else args.runtime
+    if args.compile and args.runtime not in ("auto", "compile"):
+        raise ConfigError(f"--compile and --runtime {args.runtime} contradict each other; give one")
+    runner = _onnx_runner(args, Path(args.onnx)) if args.onnx else _torch_runner(args, runtime)
+    if args.show_tokens and runner.masks is None:
+        raise ConfigError("--show-tokens needs a DynamicViT: this model is dense, so it keeps every token")
+    _logger.info("%s", runner.description)
+
+    files, missing = vis.find_images(args.inputs)
+    failed = [(str(p), why) for p, why in missing]
+    for path, why in failed:
+        _logger.warning("skipping %s: %s", path, why)
+    transform = _transform(runner.preprocessing)
+    in_chans = runner.preprocessing["input_size"][0]
+    out_dir = Path(args.show_tokens) if args.show_tokens else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    show_bar = any(Path(p).is_dir() for p in args.inputs) and not args.json
+    results = []
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show_bar, file=sys.stderr)
+    for chunk in _chunks(files, args.batch_size):
+        names, tensors = [], []
+        for path in chunk:
+            try:
+                tensors.append(vis.load_image(path, transform, in_chans))
+                names.append(str(path))
+            except DataError as e:
+                failed.append((str(path), str(e)))
+                _logger.warning("skipping %s", e)
+        bar.update(len(chunk))
+        if not tensors:
+            continue
+        x = torch.stack(tensors)
+        with torch.inference_mode():
+            logits = runner.predict(x).float().cpu()
+        probs = logits.softmax(-1)
+        top = probs.topk(min(args.top_k, probs.shape[-1]), dim=-1)
+        for i, name in enumerate(names):
+            preds = [
+                {"class": int(c), "name": _name(runner.class_names, int(c)), "probability": float(p)}
+                for p, c in zip(top.values[i], top.indices[i])
+            ]
+            results.append({"file": name, "predictions": preds})
+            if not args.json:  # as they come, above the progress bar
+                bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds), file=sys.stdout)
+        if out_dir is not None:
+            _draw(runner, x, names, results[-len(names):], out_dir, len(results) - len(names))
+    bar.close()
+
+    if args.json:
+        print(json.dumps({"model": runner.description, "runtime": runner.runtime, "results": results,
+                          "skipped": [{"file": f, "error": e} for f, e in failed]}, indent=2))
+    if not results and not failed:
+        raise DataError(f"no image files found in {', '.join(args.inputs)}")
+    summary = f"classified {len(results)} image(s)" + (f", skipped {len(failed)} (see warnings)" if failed else "")
+    if out_dir is not None and results:
+        summary += f"; kept-token pictures in {out_dir}"
+    print(summary, file=sys.stderr)
+    return 1 if failed else 0
+
+
+# -- runtimes -----------------------------------------------------------------------------------
+
+
+def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
+    from .. import deploy
+    from ..errors import ConfigError
+
+    if args.keep_ratio is not None and args.checkpoint is None:
+        raise ConfigError("--keep-ratio: an ONNX file has its keep ratio fixed at export; export again with --keep-ratio")
+    if args.compile or args.runtime in ("eager", "compile"):
+        raise ConfigError(f"--runtime {args.runtime if not args.compile else 'compile'} needs a PyTorch model "
+                          "(--checkpoint); an ONNX file runs in ONNX Runtime")
+    session = deploy.OnnxModel(path, threads=args.threads)
+    meta = session.metadata
+    if "preprocessing" not in meta:
+        raise ConfigError(f"{path} has no dynamicvit metadata (preprocessing); export it with `dynamicvit export`")
+    kept_names = [n for n in session.output_names if n.startswith(deploy.KEPT_NAME.format(""))]
+
+    def masks(x):
+        return _masks_from_kept(session.run(x), kept_names, meta)
+
+    kind = (f"keep ratio {meta.get('keep_ratio')}, tokens kept {meta.get('keep_counts')}"
+            if meta.get("kind") == "dynamicvit" else "dense")
+    return Runner("onnxruntime", session, masks if kept_names else None, meta["preprocessing"],
+                  meta.get("class_names"), description or f"{meta.get('model_name')} ({kind}) in ONNX Runtime from {path}")
+
+
+def _torch_runner(args, runtime: str) -> Runner:
+    import torch
+
+    from .. import deploy
+    from .. import visualize as vis
+    from ..checkpoint import load_model, read_settings
+    from ..factory import create_model
+    from ..model import DynamicViT
+    from ..train import resolve_device
+
+    device = resolve_device(args.device)
+    settings = None
+    if args.checkpoint:
+        settings = read_settings(args.checkpoint)
+        if settings is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{args.checkpoint} holds weights without dynamicvit settings; save the model with "
+                              "dynamicvit.save_model or use the model.safetensors that `dynamicvit train` writes")
+        model = load_model(args.checkpoint, **args.model_kwargs)
+    else:
+        _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
+        model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
+    if args.keep_ratio is not None:
+        if not isinstance(model, DynamicViT):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a DynamicViT")
+        model.set_keep_ratio(args.keep_ratio)
+    model.eval()
+    train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
+    num_classes = (model.backbone if isinstance(model, DynamicViT) else model).num_classes
+    names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
+    preprocessing = deploy.preprocessing_config(model, train_dataset)
+    kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
+    source = args.checkpoint or f"{args.model} (random weights)"
+
+    if runtime == "auto":
+        runtime = "onnxruntime" if args.checkpoint and device.type == "cpu" else "eager"
+    if runtime == "onnxruntime":
+        if device.type != "cpu":
+            from ..errors import ConfigError
+
+            raise ConfigError("--runtime onnxruntime runs on the CPU here; drop --device or use --runtime eager")
+        if args.checkpoint:
+            path = _cached_export(model, args, names, preprocessing)
+        else:  # random weights: nothing worth caching; the folder lives as long as the process
+            folder = tempfile.TemporaryDirectory(prefix="dynamicvit-predict-")
+            atexit.register(folder.cleanup)
+            path = deploy.export_onnx(model, Path(folder.name) / "model.onnx", class_names=names,
+                                      preprocessing=preprocessing).path
+        runner = _onnx_runner(args, path, f"{model.model_name if isinstance(model, DynamicViT) else source} "
+                                          f"({kind}) in ONNX Runtime, exported from {source} to {path}")
+        if isinstance(model, DynamicViT):  # pictures from PyTorch: they also show the keep probabilities
+            runner.masks = lambda x: vis.kept_token_masks(model, x)
+        return runner
+
+    model.to(device)
+    forward = deploy.compile(model) if runtime == "compile" else model
+
+    def predict(x):
+        return forward(x.to(device))
+
+    def masks(x):
+        return vis.kept_token_masks(model, x.to(device))
+
+    return Runner(runtime, predict, masks if isinstance(model, DynamicViT) else None, preprocessing, names,
+                  f"{source} ({kind}) in PyTorch ({runtime}, {device})")
+
+
+def _cached_export(model, args, class_names, preprocessing) -> Path:
+    """The checkpoint exported to ONNX once, verified, and kept in the cache under a key of its content."""
+    import torch
+
+    from .. import __version__, deploy
+    from ..data import cache_dir
+
+    digest = hashlib.sha256()
+    with open(args.checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps([getattr(model, "keep_ratio", 1.0), args.model_kwargs, __version__, torch.__version__],
+                             sort_keys=True, default=str).encode())
+    path = cache_dir() / "onnx" / f"{Path(args.checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        _logger.info("exporting %s to ONNX once (verified against PyTorch): %s", args.checkpoint, path)
+        deploy.export_onnx(model, path, class_names=class_names, preprocessing=preprocessing,
+                           extra_metadata={"source": str(args.checkpoint)})
+    return path
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _transform(preprocessing: dict):
+    from ..deploy import image_transform
+
+    return image_transform(preprocessing)
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _name(class_names: Optional[list], index: int) -> str:
+    return class_names[index] if class_names and index < len(class_names) else f"class {index}"
+
+
+def _masks_from_kept(outputs: dict, kept_names: list[str], meta: dict):
+    """TokenMasks from an ONNX graph's kept-token outputs (keep probabilities are not in the graph: NaN)."""
+    import numpy as np
+
+    from ..visualize import TokenMasks
+
+    gh, gw = meta["grid_size"]
+    C, H, W = meta["input_size"]
+    kept = [outputs[n].numpy() for n in kept_names]
+    B = kept[0].shape[0]
+    masks = np.zeros((B, len(kept), gh * gw), dtype=bool)
+    for s, idx in enumerate(kept):
+        np.put_along_axis(masks[:, s], idx, True, axis=1)
+    nan = np.full((B, len(kept), gh, gw), np.nan)
+    return TokenMasks(
+        masks=masks.reshape(B, len(kept), gh, gw), keep_prob=nan[:, 0].copy(), stage_keep_prob=nan,
+        kept_indices=kept, logits=outputs["logits"].numpy(), keep_counts=tuple(meta["keep_counts"]),
+        patch_size=(H // gh, W // gw),
+    )
+
+
+def _draw(runner: Runner, x, names: list, results: list, out_dir: Path, first: int) -> None:
+    """One picture per image, numbered in input order so that equal file names in two folders stay apart."""
+    import re
+
+    from .. import visualize as vis
+
+    tm = runner.masks(x)
+    pics = vis.to_uint8(x, runner.preprocessing["mean"], runner.preprocessing["std"])
+    for i, (name, r) in enumerate(zip(names, results)):
+        best = r["predictions"][0]
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
+        title = f"{Path(name).name}: {best['name']} ({best['probability']:.0%})"
+        vis.render_tokens(pics[i], tm, i, title=title).save(out_dir / f"{first + i:05d}_{stem}.png")
