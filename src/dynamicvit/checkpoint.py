@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 _logger = logging.getLogger(__name__)
 
@@ -63,19 +63,40 @@ def model_settings(model: nn.Module) -> dict:
 
 
 def atomic_write(path: PathLike, write_fn) -> None:
-    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`."""
+    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`.
+
+    Raises:
+        OutputError: the folder or the file cannot be written (a file in the way, no permission, disk
+            full); `path` is then as it was before the call.
+    """
+    from .outputs import describe_os_error, temp_name_prefix
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {describe_os_error(e)}; choose a writable folder") from None
     try:
         write_fn(tmp)
         # mkstemp creates the file 0600; give it the mode a plain open() would (or the old file's).
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(_write_failed(path, describe_os_error(e))) from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk as "file write failed"
+        if "write" not in str(e):
+            raise
+        raise OutputError(_write_failed(path, f"the writer failed ({str(e).splitlines()[-1].strip()}), is the disk full?")) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_failed(path: Path, why: str) -> str:
+    kept = "the previous file is intact" if path.exists() else "nothing was written"
+    return f"cannot write {path}: {why}; {kept}. Free some space or choose another folder"
 
 
 def _umask() -> int:

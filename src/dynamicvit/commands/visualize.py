@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..outputs import OutputNames, prepare_output_dir
 from ._common import float_list, model_kwargs
 
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
@@ -73,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
             "the kept tokens are arbitrary and the picture is meaningless"
         )
     model.to(device).eval()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(args.output)
 
     skipped: list[tuple[str, str]] = []
     sources = []  # iterators of (name, image tensor, label or None)
+    input_files: list[Path] = []
     class_names = _class_names(model)
     mean = std = None
     use_dataset = bool(args.dataset) and _is_dataset(args.dataset)
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + ([args.dataset] if args.dataset and not use_dataset else [])
     if inputs:
         files, missing = vis.find_images(inputs)
+        input_files = list(files)
         if args.dataset and not args.inputs and args.num_samples:
             files = files[: args.num_samples]
         norm = _file_normalization(args, args.dataset if use_dataset else train_dataset)
@@ -103,17 +105,19 @@ def run(args: argparse.Namespace) -> int:
 
     batches = _batched((item for source in sources for item in source), args.batch_size)
     entries: list[tuple[str, Path]] = []
+    # Output names never replace an input or any file we did not write (e.g. --output is the input folder).
+    names = OutputNames(out, inputs=input_files, is_ours=vis.is_our_file)
     if args.average:
-        drawn = _draw_average(model, batches, out, entries)
+        drawn = _draw_average(model, batches, names, entries)
     else:
-        drawn = _draw_images(model, batches, out, mean, std, class_names, args, entries)
+        drawn = _draw_images(model, batches, names, mean, std, class_names, args, entries)
 
     if args.html and entries:
         notes = [f"{getattr(model, 'model_name', '')}, keep ratio {model.keep_ratio}, "
                  f"tokens kept per stage {list(model.keep_counts())} of {model.num_patches}"]
         if not trained:
             notes.append("Warning: random prediction modules; the kept tokens are arbitrary.")
-        page = vis.write_html(out / "index.html", entries, notes=notes, embed=args.embed)
+        page = vis.write_html(names.claim_file("index", ".html"), entries, notes=notes, embed=args.embed)
         print(f"wrote {page}")
     if drawn == 0:
         reasons = "; ".join(why for _, why in skipped[:5]) or "no inputs"
@@ -290,14 +294,10 @@ def _batched(samples, batch_size: int):
 # -- drawing ------------------------------------------------------------------------------------
 
 
-def _unique_png(out: Path, name: str, used: set) -> Path:
+def _png_path(names: OutputNames, name: str) -> Path:
+    """A free `<stem>.png` for an input called `name` (see `OutputNames`)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
-    candidate, n = stem, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{stem}_{n}"
-    used.add(candidate)
-    return out / f"{candidate}.png"
+    return names.claim_file(stem, ".png")
 
 
 def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
@@ -311,20 +311,19 @@ def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
     return f"{name}: {truth}predicted {predicted} ({p[k]:.0%})"
 
 
-def _draw_images(model, batches, out: Path, mean, std, class_names, args, entries: list) -> int:
+def _draw_images(model, batches, names: OutputNames, mean, std, class_names, args, entries: list) -> int:
     from tqdm.auto import tqdm
 
     from .. import visualize as vis
 
-    used: set = set()
     sheet_images, sheet_masks, sheet_titles = [], [], []
     drawn = 0
-    for names, x, labels in tqdm(batches, desc="visualize", unit="batch", disable=None):
+    for batch_names, x, labels in tqdm(batches, desc="visualize", unit="batch", disable=None):
         tm = vis.kept_token_masks(model, x)
         pics = vis.to_uint8(x, mean, std)
-        titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(names)]
-        for i, (name, title) in enumerate(zip(names, titles)):
-            path = vis.render_tokens(pics[i], tm, i, title=title).save(_unique_png(out, name, used))
+        titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(batch_names)]
+        for i, (name, title) in enumerate(zip(batch_names, titles)):
+            path = vis.render_tokens(pics[i], tm, i, title=title).save(_png_path(names, name))
             entries.append((title, path))
             drawn += 1
         if args.contact_sheet:
@@ -338,18 +337,19 @@ def _draw_images(model, batches, out: Path, mean, std, class_names, args, entrie
         pages = range(0, len(images), args.sheet_rows)
         for page, start in enumerate(pages, 1):
             stop = start + args.sheet_rows
-            name = "contact_sheet.png" if len(pages) == 1 else f"contact_sheet_{page:02d}.png"
+            name = "contact_sheet" if len(pages) == 1 else f"contact_sheet_{page:02d}"
             grid = vis.render_contact_sheet(images[start:stop], tm[start:stop], sheet_titles[start:stop])
-            path = grid.save(out / name)
+            path = grid.save(names.claim_file(name, ".png"))
             entries.insert(page - 1, (f"contact sheet {page}/{len(pages)}", path))
             print(f"wrote {path}")
     return drawn
 
 
-def _draw_average(model, batches, out: Path, entries: list) -> int:
+def _draw_average(model, batches, names: OutputNames, entries: list) -> int:
     import numpy as np
 
     from .. import visualize as vis
+    from ..checkpoint import atomic_write
     from ..errors import DataError
 
     count = 0
@@ -365,8 +365,15 @@ def _draw_average(model, batches, out: Path, entries: list) -> int:
     except DataError:  # no image could be read
         return 0
     title = f"keep frequency per position over {count} image(s)"
-    path = vis.save_average(maps, out / "average_keep.png", model.keep_counts(), title=title)
-    np.save(out / "average_keep.npy", maps)
+    stem = names.claim("average_keep", (".png", ".npy"))
+    path = vis.save_average(maps, stem.parent / f"{stem.name}.png", model.keep_counts(), title=title)
+    array = stem.parent / f"{stem.name}.npy"
+
+    def write_array(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a temp name
+            np.save(f, maps)
+
+    atomic_write(array, write_array)
     entries.append((title, path))
-    print(f"wrote {path} and {out / 'average_keep.npy'} (shape {maps.shape}: stage, row, column)")
+    print(f"wrote {path} and {array} (shape {maps.shape}: stage, row, column)")
     return count
