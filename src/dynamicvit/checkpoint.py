@@ -270,7 +270,18 @@ def load_state(model: nn.Module, state: dict, source: str, allow_missing_prefix:
             lines.append(f"  shape mismatch {k}: checkpoint {got} vs model {want}")
         lines.append("check that the model name and its settings (img_size, num_classes, ...) match the checkpoint")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=False)
+    check_finite(state, source)
+    nn.Module.load_state_dict(model, state, strict=False)
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Raise `CheckpointError` naming the tensors of `state` that hold NaN or Inf values."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s): {_short(bad)}; the weights are "
+            "broken (e.g. a diverged run); use an earlier checkpoint"
+        )
 
 
 def _short(keys: list, n: int = 8) -> str:

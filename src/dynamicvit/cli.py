@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .errors import DynamicViTError
+from .errors import DynamicViTError, TrainingStopped
 
 COMMANDS = {
     "demo": "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures.",
@@ -55,6 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return int(module.run(args) or 0)
+    except TrainingStopped as e:  # SIGINT / SIGTERM: a checkpoint was written; 128 + signal, as a shell reports it
+        print(f"dynamicvit {top.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except DynamicViTError as e:
         print(f"dynamicvit {top.command}: error: {e}", file=sys.stderr)
         return 2

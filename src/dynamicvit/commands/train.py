@@ -29,7 +29,7 @@ FLAG_HELP = {
     "init_checkpoint": "weights to start the model from instead of the teacher's",
     "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced)",
-    "timm_kwargs": "JSON of timm.create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'",
+    "timm_kwargs": "timm.create_model arguments: a JSON object ('{\"drop_path_rate\": 0.1}') or key=value pairs",
     "epochs": "training epochs",
     "batch_size": "images per process and step",
     "lr": "predictor learning rate (whole model when --dense); default 1e-3 * global batch / 1024",
@@ -60,6 +60,8 @@ FLAG_HELP = {
     "eval_every": "evaluate every this many epochs",
     "log_every": "steps between metric lines",
     "resume": "continue from <output>/last.pth, or from the given file",
+    "overwrite": "replace an earlier run in --output (without it, an earlier run is an error)",
+    "bad_images": "unreadable images: skip (each reported by path, counted) or abort (all read before training)",
     "deterministic": "use deterministic algorithms (slower, repeatable)",
     "progress": "show progress bars",
     "tensorboard": "write TensorBoard logs",
@@ -67,6 +69,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data import BAD_IMAGE_MODES
     from ..train import AMP_MODES, TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags win over it)")
@@ -83,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, "--data", type=str, metavar="DIR", **common)
         elif f.name == "amp":
             parser.add_argument(flag, choices=AMP_MODES, **common)
+        elif f.name == "bad_images":
+            parser.add_argument(flag, choices=BAD_IMAGE_MODES, **common)
+        elif f.name == "timm_kwargs":  # one spelling for every command: --model-kwargs (--timm-kwargs still works)
+            parser.add_argument("--model-kwargs", flag, type=model_kwargs, metavar="KWARGS", **common)
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif "list[int]" in kind:
