@@ -31,28 +31,79 @@ def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-    keep_ratio: float = 0.7,
+    keep_ratio: Optional[float] = None,
     prune_locs: Optional[Sequence[int]] = None,
     **timm_kwargs,
 ) -> DynamicViT:
     """Build the timm model `name` and add DynamicViT prediction modules.
 
+    A checkpoint saved by dynamicvit carries its settings, and they win: its prune locations and timm
+    arguments are used, and an argument given here that contradicts them is an error naming both
+    values (only the keep ratio, image size and dropout rates may differ: they change nothing the
+    weights depend on).
+
     Args:
         name: a timm ViT name, e.g. `deit_small_patch16_224` (a `dynamicvit_` prefix is accepted).
         pretrained: load timm's pretrained weights (downloads from the hub).
         checkpoint_path: a local file: timm/DeiT weights, a reference DynamicViT checkpoint, or ours.
-        keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens.
-        prune_locs: blocks before which to prune; default three evenly spaced stages.
+        keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens (default: the checkpoint's, else 0.7).
+        prune_locs: blocks before which to prune (default: the checkpoint's, else three evenly spaced stages).
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
-    from .checkpoint import load_weights
+    from .checkpoint import load_weights, read_checkpoint
 
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
-    model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
+    checkpoint = None
     if checkpoint_path is not None:
-        load_weights(model, checkpoint_path)
+        # Settings that cannot be used are ignored (with a warning): the caller named the architecture.
+        checkpoint = read_checkpoint(checkpoint_path, bad_settings="ignore")
+        if checkpoint[1] is not None:
+            keep_ratio, prune_locs, timm_kwargs = _checkpoint_settings_win(
+                checkpoint[1], checkpoint_path, name, keep_ratio, prune_locs, timm_kwargs
+            )
+    backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
+    keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
+    model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint_path, checkpoint)
     return model
+
+
+DEFAULT_KEEP_RATIO = 0.7
+# timm arguments that may differ from a checkpoint's: the weights adapt (img_size: the position
+# embedding is resized) or do not depend on them (regularization).
+ADJUSTABLE_KWARGS = frozenset({"img_size", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"})
+
+
+def _checkpoint_settings_win(settings: dict, path, name: str, keep_ratio, prune_locs, timm_kwargs: dict):
+    """(keep_ratio, prune_locs, timm_kwargs) for a model built for the checkpoint `path` with `settings`.
+
+    Raises:
+        CheckpointError: an explicit argument contradicts the checkpoint (both values are named).
+    """
+    if settings["model_name"] != name:
+        raise CheckpointError(
+            f"{path} holds a {settings['model_name']}, not a {name}; ask for {settings['model_name']} "
+            "(or use dynamicvit.load_model(path), which reads the architecture from the file)"
+        )
+    stored = settings.get("timm_kwargs", {})
+    clashes = [k for k, v in timm_kwargs.items() if k in stored and v != stored[k] and k not in ADJUSTABLE_KWARGS]
+    if clashes:
+        raise CheckpointError(
+            f"{path} was saved with " + ", ".join(f"{k}={stored[k]!r}" for k in clashes) + " but "
+            + ", ".join(f"{k}={timm_kwargs[k]!r}" for k in clashes) + " was asked for; drop the argument(s) "
+            "(the checkpoint's settings are used)"
+        )
+    if settings.get("kind", "dynamicvit") == "dynamicvit":
+        stored_locs = tuple(settings["prune_locs"])
+        if prune_locs is not None and tuple(prune_locs) != stored_locs:
+            raise CheckpointError(
+                f"{path} was trained to prune before blocks {list(stored_locs)}, but prune_locs={list(prune_locs)} "
+                "was asked for; drop prune_locs (the checkpoint's are used)"
+            )
+        prune_locs = stored_locs
+        keep_ratio = settings["keep_ratio"] if keep_ratio is None else keep_ratio
+    return keep_ratio, prune_locs, {**stored, **timm_kwargs}
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:
@@ -79,7 +130,7 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     return model
 
 
-def sparsify(model: nn.Module, keep_ratio: float = 0.7, prune_locs: Optional[Sequence[int]] = None) -> DynamicViT:
+def sparsify(model: nn.Module, keep_ratio: float = DEFAULT_KEEP_RATIO, prune_locs: Optional[Sequence[int]] = None) -> DynamicViT:
     """Wrap a timm ViT the user already has (weights shared, not copied) as a DynamicViT."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:

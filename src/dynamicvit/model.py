@@ -132,6 +132,15 @@ class DynamicViT(nn.Module):
         """Change how many tokens each stage keeps; no retraining needed."""
         self.config = SparsityConfig.create(keep_ratio, self.prune_locs, len(self.backbone.blocks), self.num_patches)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes timm/DeiT and reference DynamicViT weights, as `timm.create_model("dynamicvit_...",
+        checkpoint_path=...)` passes them, through `dynamicvit.checkpoint` (clear errors, NaN checks)."""
+        from .checkpoint import load_foreign_state
+
+        if any(k.startswith(("backbone.", "predictors.")) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_foreign_state(self, state_dict, "the state dict")
+
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
 
@@ -139,8 +148,13 @@ class DynamicViT(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.backbone
-        if x.ndim != 4:
-            raise ConfigError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        C, (H, W) = m.patch_embed.proj.in_channels, m.patch_embed.img_size
+        # Checked here, before timm's PatchEmbed asserts with a message that names no fix.
+        if x.ndim != 4 or x.shape[1] != C or (getattr(m.patch_embed, "strict_img_size", True) and x.shape[-2:] != (H, W)):
+            raise ConfigError(
+                f"expected images of shape (B, {C}, {H}, {W}), got a tensor of shape {tuple(x.shape)}; resize the "
+                f"images to {H}x{W} with {C} channel(s), or build the model with img_size / in_chans to match them"
+            )
         x = m.patch_embed(x)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
