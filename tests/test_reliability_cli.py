@@ -94,3 +94,107 @@ def test_unusable_output_folder_is_one_line(tmp_path, photos, capsys, where):
     line = one_error_line(err, "visualize")
     assert line.startswith("dynamicvit visualize: error: --output") and str(target) in line
     assert _snapshot(photos) == before
+
+
+# -- items 6 and 8: bad values are usage errors naming the value ---------------------------------
+
+
+@pytest.mark.parametrize("argv, value", [
+    (["info", "--img-size", "0"], "'0'"),
+    (["info", "--img-size", "-5"], "'-5'"),
+    (["bench", "--batch-size", "0"], "'0'"),
+    (["bench", "--batch-sizes", "32,0"], "'32,0'"),
+    (["bench", "--repeats", "0"], "'0'"),
+    (["eval", "--checkpoint", "m.safetensors", "--keep-ratio", ","], "','"),
+    (["eval", "--checkpoint", "m.safetensors", "--num-workers", "-1"], "'-1'"),
+    (["eval", "--checkpoint", "m.safetensors", "--batch-size", "0"], "'0'"),
+    (["visualize", "--output", "o", "--std", "0"], "'0'"),
+    (["visualize", "--output", "o", "--std", "0.2,0,0.2"], "'0.2,0,0.2'"),
+    (["visualize", "--output", "o", "--img-size", "0"], "'0'"),
+    (["flops", "--img-size", "0"], "'0'"),
+    (["flops", "--prune-locs", ","], "','"),
+    (["demo", "--epochs", "0"], "'0'"),
+    (["demo", "--workers", "-2"], "'-2'"),
+])
+def test_invalid_values_are_usage_errors_naming_the_value(capsys, argv, value):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    line = one_error_line(err, argv[0])
+    assert line.startswith(f"dynamicvit {argv[0]}: error: argument") and value in line
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(keep_ratio=True), "keep_ratio must be a number in \\(0, 1\\], got True"),
+    (dict(prune_locs=(True, 3)), "prune_locs must be a sequence of block indices \\(integers\\), got \\(True, 3\\)"),
+    (dict(prune_locs=[np.int64(1), np.bool_(True)]), "prune_locs must be"),
+])
+def test_api_refuses_booleans_that_would_read_as_numbers(kwargs, match):
+    with pytest.raises(dynamicvit.ConfigError, match=match):
+        tiny_model(**kwargs)
+
+
+def test_info_with_a_valid_size_and_model_kwargs(capsys):
+    code, out, _ = run_cli(capsys, "info", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+                           "--model-kwargs", "patch_size=8,depth=8")
+    assert code == 0 and "grid 8x8 = 64 patch tokens" in out and "8 blocks" in out
+
+
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_output_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, command):
+    taken = tmp_path / "taken"
+    taken.write_text("user data")
+    code, _, err = run_cli(capsys, command, "--output", taken)
+    assert code == 2 and f"error: --output {taken} is a file" in one_error_line(err, command)
+    assert taken.read_text() == "user data"
+
+
+# -- item 10: one spelling for every command that builds a model ---------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "visualize", "flops", "bench", "info"])
+def test_every_model_command_takes_model_kwargs(command):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"dynamicvit.commands.{command}").add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert {"--model-kwargs", "--timm-kwargs"} <= flags
+
+
+def test_readme_names_the_files_train_writes():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "last.pt`" not in readme and "last.pt " not in readme
+    assert "`last.pth`" in readme
+
+
+# -- item 11: plain progress lines when stderr is not a terminal; python -m dynamicvit ----------
+
+
+def test_progress_is_plain_lines_in_a_log_file(monkeypatch, caplog):
+    import logging
+
+    from dynamicvit import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="dynamicvit.progress"):
+        bar = progress.progress_bar(total=4, desc="epoch 1/2", unit="step")
+        for _ in range(4):
+            bar.update(1)
+            bar.set_postfix({"loss": "0.5"})
+        bar.close()
+        assert list(progress.progress_bar(range(3), desc="eval")) == [0, 1, 2]
+    assert not isinstance(bar, __import__("tqdm").tqdm)  # pytest's stderr is not a terminal
+    lines = [r.getMessage() for r in caplog.records]
+    assert "epoch 1/2: 4/4 (100%)" in lines[3] and lines[3].endswith("loss=0.5")
+    assert not any("\r" in line for line in lines)
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224", "--img-size", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "argument --img-size" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "196 patch tokens" in done.stdout

@@ -54,6 +54,20 @@ def prepare_output_dir(path: PathLike, flag: str = "--output") -> Path:
     return path
 
 
+def check_output_dir(path: PathLike, flag: str = "--output") -> Path:
+    """Like `prepare_output_dir`, but creates nothing: for commands that check their inputs first.
+
+    Catches a file in the way and a missing write permission on the nearest existing folder.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder; choose a folder for the results")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path} cannot be written ({existing} is not a writable folder); choose a writable folder")
+    return path
+
+
 def check_free_space(folder: PathLike, needed: int, what: str, flag: str = "--output") -> None:
     """Raise `OutputError` unless `folder` has `needed` bytes free (`what` says what they are for)."""
     free = shutil.disk_usage(folder).free

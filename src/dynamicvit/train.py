@@ -138,7 +138,7 @@ class TrainConfig:
     bad_images: str = "skip"  # unreadable images: "skip" (each reported by path, counted) or "abort" (every
     # image is read before training and any unreadable one stops the run)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact repeats)
-    progress: bool = True  # tqdm progress bars (rank 0)
+    progress: bool = True  # progress bars on a terminal, a plain line per interval in a log file (rank 0)
     tensorboard: bool = True  # TensorBoard logs in <output>/tb (rank 0)
 
     # -- construction ------------------------------------------------------------------------

@@ -186,13 +186,13 @@ def average_keep_maps(
             the patch reached stage s (NaN where it never did).
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if kind not in ("kept", "prob"):
         raise ConfigError(f"kind must be 'kept' or 'prob', got {kind!r}")
     total = count = None
     seen = 0
-    for batch in tqdm(batches, desc="keep maps", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="keep maps", unit="batch", enabled=progress):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         tm = kept_token_masks(model, images)
         if kind == "kept":

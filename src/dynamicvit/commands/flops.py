@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
-from ._common import int_list, model_kwargs
+from ._common import int_list, json_text, model_kwargs, positive_int
 
 HELP = "Count multiply-accumulates (GMACs) and parameters, per stage and in total."
 
@@ -23,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights to load: a file saved by dynamicvit (its settings are used), a training checkpoint, "
         "or timm/DeiT/reference DynamicViT weights for --model",
     )
-    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--prune-locs", type=int_list, default=None, help="comma-separated block indices, e.g. 3,6,9 (default: three even stages)")
     parser.add_argument(
         "--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
@@ -34,7 +33,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
     kwargs = dict(args.model_kwargs)
-    if args.img_size:
+    if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     return kwargs
 
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     report = count_macs(model)
     name = base.model_name if isinstance(base, DynamicViT) else args.model
     if args.json:
-        print(json.dumps({"model": name, "dense": not isinstance(model, DynamicViT), **report.to_dict()}, indent=2))
+        print(json_text({"model": name, "dense": not isinstance(model, DynamicViT), **report.to_dict()}))
         return 0
     C, H, W = report.input_size
     if isinstance(model, DynamicViT):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..outputs import OutputNames, prepare_output_dir
-from ._common import float_list, model_kwargs
+from ._common import float_list, model_kwargs, non_negative_int, positive_float, positive_float_list, positive_int
 
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DeiT weights for --model; without it the prediction modules are random")
     add("--output", required=True, metavar="DIR", help="folder for the pictures")
     add("--keep-ratio", type=float, default=None, help="rho (default: the checkpoint's, else 0.7)")
-    add("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    add("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
     add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments, as a JSON object ('{\"in_chans\": 1}') or comma-separated "
         "key=value pairs (in_chans=1,num_classes=10,patch_size=4)")
@@ -38,20 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a plain folder is read as images")
     add("--split", default="val", choices=("train", "val", "test"), help="dataset split (test = val; default val)")
     add("--data-dir", default=None, help="Fashion-MNIST: the folder with the IDX files (default: the system package)")
-    add("--num-samples", type=int, default=16, help="dataset images, a fixed random subset (default 16; 0 = all)")
+    add("--num-samples", type=non_negative_int, default=16, help="dataset images, a fixed random subset (default 16; 0 = all)")
     add("--seed", type=int, default=0, help="which random subset of the dataset (default 0)")
     add("--average", action="store_true",
         help="instead of one picture per image: the keep frequency of each grid position over all inputs, per stage")
     add("--contact-sheet", action="store_true", help="also draw all images in one sheet (several if many)")
-    add("--sheet-rows", type=int, default=24, help="images per contact sheet (default 24)")
+    add("--sheet-rows", type=positive_int, default=24, help="images per contact sheet (default 24)")
     add("--html", action="store_true", help="also write DIR/index.html showing every picture")
     add("--embed", action="store_true", help="embed the pictures in the HTML page instead of linking them")
     add("--mean", type=float_list, default=None, metavar="M[,M,M]",
         help="normalization mean of image files, e.g. 0.485,0.456,0.406 (default: the model's)")
-    add("--std", type=float_list, default=None, metavar="S[,S,S]",
+    add("--std", type=positive_float_list, default=None, metavar="S[,S,S]",
         help="normalization std of image files (default: the model's)")
-    add("--crop-pct", type=float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
-    add("--batch-size", type=int, default=32, help="images per forward pass")
+    add("--crop-pct", type=positive_float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
+    add("--batch-size", type=positive_int, default=32, help="images per forward pass")
     add("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -154,7 +154,7 @@ def load_model(args: argparse.Namespace):
     from ..model import DynamicViT
 
     kwargs = dict(args.model_kwargs)
-    if args.img_size:
+    if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
     if args.checkpoint:
@@ -312,13 +312,12 @@ def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
 
 
 def _draw_images(model, batches, names: OutputNames, mean, std, class_names, args, entries: list) -> int:
-    from tqdm.auto import tqdm
-
     from .. import visualize as vis
+    from ..progress import progress_bar
 
     sheet_images, sheet_masks, sheet_titles = [], [], []
     drawn = 0
-    for batch_names, x, labels in tqdm(batches, desc="visualize", unit="batch", disable=None):
+    for batch_names, x, labels in progress_bar(batches, desc="visualize", unit="batch"):
         tm = vis.kept_token_masks(model, x)
         pics = vis.to_uint8(x, mean, std)
         titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(batch_names)]
