@@ -195,3 +195,23 @@ def test_timm_registry_with_a_dense_checkpoint_goes_through_our_loader(tmp_path,
     torch.save(broken, tmp_path / "nan.pth")
     with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight"):
         timm.create_model("dynamicvit_" + NAME, checkpoint_path=str(tmp_path / "nan.pth"), **tiny_kwargs())
+
+
+def test_the_training_data_named_in_a_checkpoint_is_never_read(tmp_path, monkeypatch, capsys):
+    """visualize normalizes image files like the checkpoint's training data, from its name alone."""
+    import numpy as np
+    from PIL import Image
+
+    import dynamicvit.data as data
+
+    secret = tmp_path / "secret"
+    (secret / "train" / "x").mkdir(parents=True)
+    path = dynamicvit.save_model(tiny_model(), tmp_path / "m.safetensors", extra={"train_config": {"dataset": str(secret)}})
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a path from the checkpoint was opened")
+
+    monkeypatch.setattr(data, "resolve_dataset", no_reading)
+    code = main(["visualize", "--checkpoint", str(path), "--output", str(tmp_path / "out"), str(tmp_path / "a.png")])
+    assert code == 0, capsys.readouterr().err

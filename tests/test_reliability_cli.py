@@ -139,11 +139,11 @@ def test_info_with_a_valid_size_and_model_kwargs(capsys):
     assert code == 0 and "grid 8x8 = 64 patch tokens" in out and "8 blocks" in out
 
 
-@pytest.mark.parametrize("command", ["bench", "demo"])
+@pytest.mark.parametrize("command", ["bench", "demo", "train"])
 def test_output_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, command):
     taken = tmp_path / "taken"
     taken.write_text("user data")
-    code, _, err = run_cli(capsys, command, "--output", taken)
+    code, _, err = run_cli(capsys, command, "--output", taken, *(["--model", "vit_tiny_patch16_224"] if command == "train" else []))
     assert code == 2 and f"error: --output {taken} is a file" in one_error_line(err, command)
     assert taken.read_text() == "user data"
 
@@ -198,3 +198,9 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "196 patch tokens" in done.stdout
+
+
+def test_train_output_under_proc_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "train", "--model", "vit_tiny_patch16_224", "--output", "/proc/dynamicvit-run")
+    assert code == 2
+    assert one_error_line(err, "train").startswith("dynamicvit train: error: --output /proc/dynamicvit-run cannot be written")

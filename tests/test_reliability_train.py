@@ -137,7 +137,7 @@ def folder_config(tmp_path, root, **changes):
                   timm_kwargs={**MICRO, "num_classes": 2}, epochs=1, batch_size=4, augment={"no_aug": True}, **changes)
 
 
-def test_unreadable_images_are_skipped_by_path_and_counted(tmp_path, image_folder, caplog):
+def test_unreadable_images_are_skipped_by_path_and_counted(tmp_path, image_folder, caplog, capsys):
     with caplog.at_level(logging.WARNING):
         result = train(folder_config(tmp_path, image_folder), train_set=None)
     row = result.history[-1]
@@ -146,9 +146,21 @@ def test_unreadable_images_are_skipped_by_path_and_counted(tmp_path, image_folde
     assert str(image_folder / "train" / "b" / "bad.png") in caplog.text
     assert str(image_folder / "val" / "a" / "bad.jpg") in caplog.text
     # eval skips it too, and says so.
-    code = main(["eval", "--checkpoint", str(result.checkpoint), "--dataset", str(image_folder), "--device", "cpu",
-                 "--num-workers", "0", "--json"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code = main(["eval", "--checkpoint", str(result.checkpoint), "--dataset", str(image_folder), "--device", "cpu",
+                     "--num-workers", "0", "--json"])
     assert code == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert rows[0]["unreadable"] == 1 and rows[0]["images"] == 8
+    assert str(image_folder / "val" / "a" / "bad.jpg") in caplog.text
+    # visualize draws the readable samples of the dataset and names the unreadable one.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code = main(["visualize", "--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,img_size=16,depth=4,embed_dim=24,num_heads=2",
+                     "--dataset", str(image_folder), "--num-samples", "0", "--output", str(tmp_path / "pictures"), "--device", "cpu"])
+    assert code == 0 and len(list((tmp_path / "pictures").glob("*.png"))) == 8
+    assert str(image_folder / "val" / "a" / "bad.jpg") in caplog.text
 
 
 def test_bad_images_abort_stops_before_training(tmp_path, image_folder):

@@ -103,6 +103,15 @@ def is_fashion_mnist(spec: PathLike) -> bool:
 # -- dataset description ------------------------------------------------------------------------
 
 
+def dataset_normalization(spec: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the data module normalizes `spec` with, from its name alone (no file is read)."""
+    if is_fashion_mnist(spec):
+        return FASHION_MNIST.mean, FASHION_MNIST.std
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+
+
 def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> DatasetInfo:
     """Describe a dataset without loading its images.
 
@@ -118,15 +127,14 @@ def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> Data
         return FASHION_MNIST
     root = _image_folder_root(spec, data_dir)
     classes = _image_folder_classes(root)
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+    mean, std = dataset_normalization(spec)
     return DatasetInfo(
         name=root.name,
         num_classes=len(classes),
         in_chans=3,
         img_size=224,
-        mean=tuple(IMAGENET_DEFAULT_MEAN),
-        std=tuple(IMAGENET_DEFAULT_STD),
+        mean=mean,
+        std=std,
         classes=tuple(classes),
     )
 
@@ -513,7 +521,7 @@ def drop_unreadable(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return images[~bad], labels[~bad], indices
 
 
-def _base_dataset(dataset: Dataset):
+def base_dataset(dataset: Dataset):
     """The dataset under any `Subset` wrappers."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
@@ -524,7 +532,7 @@ class UnreadableImages:
     """Unreadable images met so far: each reported once by path; `count` of all skipped rows."""
 
     def __init__(self, dataset: Dataset, what: str):
-        self.dataset = _base_dataset(dataset)
+        self.dataset = base_dataset(dataset)
         self.what = what
         self.count = 0
         self.reported: set[int] = set()
@@ -547,7 +555,7 @@ def check_images(dataset: Dataset, what: str, rank: int = 0, world_size: int = 1
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    base = _base_dataset(dataset)
+    base = base_dataset(dataset)
     samples = getattr(base, "samples", None)
     if samples is None:
         return []

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     mean = std = None
     use_dataset = bool(args.dataset) and _is_dataset(args.dataset)
     if use_dataset:
-        samples, mean, std, class_names = _dataset_samples(args, model)
+        samples, mean, std, class_names = _dataset_samples(args, model, skipped)
         sources.append(samples)
     inputs = list(args.inputs) + ([args.dataset] if args.dataset and not use_dataset else [])
     if inputs:
@@ -224,28 +224,27 @@ def _load_files(files, transform, in_chans: int, skipped: list) -> Iterator[tupl
 
 def _file_normalization(args, train_dataset: Optional[str]) -> dict:
     """Normalization of image files: the command line's, else that of the dataset drawn alongside or
-    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config."""
-    from ..data import is_fashion_mnist, resolve_dataset
-    from ..errors import DataError
+    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config.
+
+    The name of the training data comes from the checkpoint, so it is only compared with known names,
+    never opened: nothing in a checkpoint makes a command read another file.
+    """
+    from ..data import dataset_normalization, is_fashion_mnist
 
     norm = {"mean": args.mean, "std": args.std, "crop_pct": args.crop_pct}
     if train_dataset is not None and (args.mean is None or args.std is None):
-        try:
-            info = resolve_dataset(train_dataset, args.data_dir)
-        except DataError:  # an ImageFolder that is not here any more: fall back to the model's config
-            _logger.debug("cannot describe training dataset %s; using the model's normalization", train_dataset)
-            return norm
-        norm["mean"] = args.mean if args.mean is not None else info.mean
-        norm["std"] = args.std if args.std is not None else info.std
+        mean, std = dataset_normalization(train_dataset)
+        norm["mean"] = args.mean if args.mean is not None else mean
+        norm["std"] = args.std if args.std is not None else std
         if args.crop_pct is None and is_fashion_mnist(train_dataset):
             norm["crop_pct"] = 1.0  # as the data module's validation transform: whole objects, no crop
-        _logger.info("image files normalized as %s (the checkpoint's training data)", info.name)
+        _logger.info("image files normalized as for %s (the checkpoint's training data)", train_dataset)
     return norm
 
 
-def _dataset_samples(args, model):
+def _dataset_samples(args, model, skipped: list):
     """(samples, mean, std, class names) for --dataset, from dynamicvit.data; samples yield (name, image, label)."""
-    from ..data import build_dataset, resolve_dataset
+    from ..data import base_dataset, build_dataset, resolve_dataset
     from ..errors import ConfigError
 
     info = resolve_dataset(args.dataset, args.data_dir)
@@ -269,6 +268,11 @@ def _dataset_samples(args, model):
     def samples():
         for i, idx in enumerate(indices):
             x, y = dataset[i]
+            if y < 0:  # an unreadable image (dynamicvit.data.CheckedImageFolder)
+                path, why = base_dataset(dataset).describe(-y - 1)
+                _logger.warning("skipping %s: %s", path, why)
+                skipped.append((path, why))
+                continue
             label = classes[y] if classes and 0 <= y < len(classes) else str(y)
             yield f"{info.name}_{split}_{idx:05d}", x, label
 
