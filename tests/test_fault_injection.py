@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,23 @@ DRIVER = Path(__file__).parent / "fault_driver.py"
 KILLS = 4  # bounded: each kill costs a process start (a few seconds)
 
 
-def run(root: Path, output: Path, mode: str = "none", n: int = 0) -> int:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(DRIVER), str(root), str(output), mode, str(n)],
-                          env=env, capture_output=True, text=True, timeout=300)
+def driver(root: Path, output: Path, mode: str = "none", n: int = 0, workers: int = 0) -> list[str]:
+    return [sys.executable, str(DRIVER), str(root), str(output), mode, str(n), str(workers)]
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def run(root: Path, output: Path, mode: str = "none", n: int = 0, workers: int = 0) -> int:
+    done = subprocess.run(driver(root, output, mode, n, workers), env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, -signal.SIGKILL), done.stderr[-3000:]
     return done.returncode
+
+
+def train_lines(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum('"train"' in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 @pytest.mark.slow
@@ -54,3 +66,28 @@ def test_random_kills_then_resume_end_at_the_uninterrupted_weights(tmp_path):
     assert not list(out.glob(".*.tmp"))  # no litter from the killed writes
     steps = lambda p: [(r["kind"], r["step"]) for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     assert steps(out) == steps(tmp_path / "full")  # no repeated or missing log lines
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint_despite_loader_workers(tmp_path):
+    """A cluster sends SIGTERM to every process of the job, data loader workers included: the loop still
+    stops at a step boundary with a checkpoint (exit 143), and --resume finishes the run."""
+    make_teacher(tmp_path / "teacher.safetensors")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(driver(tmp_path, out, workers=2), env=environment(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while train_lines(out) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast)")
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received" in err and "Traceback" not in err
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["step"] >= 1
+    assert run(tmp_path, out, workers=2) == 0
+    assert (out / "model.safetensors").exists() and not list(out.glob(".*.tmp"))
+    steps = [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(set(steps), key=steps.index) and steps[-1] == ("epoch", 6)  # no repeats, finished

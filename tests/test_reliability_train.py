@@ -56,6 +56,20 @@ def test_a_second_run_without_resume_is_refused_and_changes_nothing(tmp_path, ca
         config(tmp_path, overwrite=True, resume=True).validate()
 
 
+def test_resuming_another_folders_checkpoint_into_a_run_folder_is_refused(tmp_path):
+    train(config(tmp_path, epochs=1, max_steps_per_epoch=1, output=str(tmp_path / "a")), train_set=synthetic(8), val_set=None)
+    train(config(tmp_path, epochs=1, max_steps_per_epoch=1, output=str(tmp_path / "b")), train_set=synthetic(8), val_set=None)
+    before = (tmp_path / "b" / "last.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"b holds an earlier run .*resuming .*a/last.pth there would replace it"):
+        train(config(tmp_path, epochs=2, max_steps_per_epoch=1, output=str(tmp_path / "b"), resume=str(tmp_path / "a" / "last.pth")),
+              train_set=synthetic(8), val_set=None)
+    assert (tmp_path / "b" / "last.pth").read_bytes() == before
+    # Resuming a folder's own checkpoint by its path is the same as --resume.
+    done = train(config(tmp_path, epochs=2, max_steps_per_epoch=1, output=str(tmp_path / "b"),
+                        resume=str(tmp_path / "b" / "last.pth")), train_set=synthetic(8), val_set=None)
+    assert len(done.history) == 2
+
+
 def _bytes_file(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "copy.safetensors"
     path.write_bytes(data)

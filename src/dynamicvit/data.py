@@ -514,6 +514,8 @@ def _transform_size(transform) -> int:
 
 def drop_unreadable(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Remove the rows `CheckedImageFolder` marked unreadable: (images, labels, dataset indices of the dropped)."""
+    if labels.ndim != 1 or labels.is_floating_point():  # soft or multi-label targets carry no marks
+        return images, labels, []
     bad = labels < 0
     if not bool(bad.any()):
         return images, labels, []

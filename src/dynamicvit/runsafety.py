@@ -36,8 +36,10 @@ RESULT_FILES = ("last.pth", "model.safetensors", "model_ema.safetensors")
 LOG_FILES = ("metrics.jsonl", "config.json")
 
 
-def claim_run_folder(out: Path, resuming: bool, overwrite: bool) -> bool:
+def claim_run_folder(out: Path, resume_from: Optional[Path], overwrite: bool) -> bool:
     """Refuse to start over an earlier run unless resuming it or told to overwrite it (rank 0 only).
+
+    Resuming from a checkpoint in another folder counts as a new run in `out`.
 
     Call with the folder's `RunLock` held: removes the temporary files interrupted writes left behind.
 
@@ -50,8 +52,14 @@ def claim_run_folder(out: Path, resuming: bool, overwrite: bool) -> bool:
     """
     remove_stale_temp_files(out, RESULT_FILES + LOG_FILES)
     existing = [name for name in RESULT_FILES if (out / name).exists()]
+    resuming = resume_from is not None and resume_from.resolve() == (out / "last.pth").resolve()
     if not existing or resuming:
         return False
+    if resume_from is not None:
+        raise ConfigError(
+            f"{out} holds an earlier run ({', '.join(existing)}); resuming {resume_from} there would replace it. "
+            "Choose another --output (or pass --resume alone to continue the run in it)"
+        )
     if not overwrite:
         raise ConfigError(
             f"{out} holds an earlier run ({', '.join(existing)}); pass --resume to continue it, --overwrite to "
@@ -112,6 +120,15 @@ def check_room(out: Path, model: nn.Module, ema: bool) -> None:
     needed = 2 * ckpt + weights * (2 if ema else 1)
     needed -= sum((out / name).stat().st_size for name in RESULT_FILES if (out / name).exists())  # replaced in place
     check_free_space(out, needed, f"two checkpoints of this model ({ckpt / 2**20:.1f} MB each) and the final model")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data loader workers ignore SIGINT and SIGTERM: a signal sent to the whole process group (Ctrl-C,
+    a cluster's SIGTERM) must reach the training loop, which stops them after its checkpoint; a worker
+    killed by it first would make the loader raise in the middle of that. Workers still exit with
+    their parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopRequest:

@@ -52,6 +52,7 @@ from .progress import progress_bar
 from .runsafety import (
     ResumableSampler,
     StopRequest,
+    ignore_stop_signals,
     check_resume_settings,
     check_room,
     claim_run_folder,
@@ -530,7 +531,7 @@ def evaluate(
     dtype = amp_dtype(amp, device)
     was_training = model.training
     model.eval()
-    unreadable = UnreadableImages(loader.dataset, "evaluation") if hasattr(loader, "dataset") else None
+    unreadable = UnreadableImages(getattr(loader, "dataset", None), "evaluation")
     # loss (finite rows), top-1 hits, top-5 hits, images, rows with a non-finite output, unreadable images
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     for images, labels in progress_bar(loader, desc="eval", enabled=progress):
@@ -706,7 +707,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
     resume_from = _resume_path(cfg, out)
     if env.is_main:  # an earlier run is continued or refused, never silently replaced
-        clear_earlier = claim_run_folder(out, resuming=resume_from is not None, overwrite=cfg.overwrite)
+        clear_earlier = claim_run_folder(out, resume_from, overwrite=cfg.overwrite)
     kwargs = dict(cfg.timm_kwargs)
     info = None
     if train_set is None:
@@ -932,12 +933,13 @@ def build_loaders(cfg: TrainConfig, env: DistEnv, device: torch.device, train_se
     pin = device.type == "cuda"
     train_loader = DataLoader(
         train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-        drop_last=True, persistent_workers=cfg.num_workers > 0,
+        drop_last=True, persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals,
     )
     val_loader = None
     if val_set is not None:
         shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
-        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
+        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin,
+                                worker_init_fn=ignore_stop_signals)
     return sampler, train_loader, val_loader
 
 
