@@ -124,14 +124,6 @@ class DynamicViT(nn.Module):
     def pretrained_cfg(self) -> dict:
         return self.backbone.pretrained_cfg
 
-    def keep_counts(self) -> tuple[int, ...]:
-        """Patch tokens kept after each stage, int(N * rho ** s)."""
-        return self.config.keep_counts(self.num_patches)
-
-    def set_keep_ratio(self, keep_ratio: float) -> None:
-        """Change how many tokens each stage keeps; no retraining needed."""
-        self.config = SparsityConfig.create(keep_ratio, self.prune_locs, len(self.backbone.blocks), self.num_patches)
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes timm/DeiT and reference DynamicViT weights, as `timm.create_model("dynamicvit_...",
         checkpoint_path=...)` passes them, through `dynamicvit.checkpoint` (clear errors, NaN checks)."""
@@ -140,6 +132,14 @@ class DynamicViT(nn.Module):
         if any(k.startswith(("backbone.", "predictors.")) for k in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         return load_foreign_state(self, state_dict, "the state dict")
+
+    def keep_counts(self) -> tuple[int, ...]:
+        """Patch tokens kept after each stage, int(N * rho ** s)."""
+        return self.config.keep_counts(self.num_patches)
+
+    def set_keep_ratio(self, keep_ratio: float) -> None:
+        """Change how many tokens each stage keeps; no retraining needed."""
+        self.config = SparsityConfig.create(keep_ratio, self.prune_locs, len(self.backbone.blocks), self.num_patches)
 
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
