@@ -200,7 +200,9 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert done.returncode == 0 and "196 patch tokens" in done.stdout
 
 
-def test_train_output_under_proc_is_one_line(capsys):
-    code, _, err = run_cli(capsys, "train", "--model", "vit_tiny_patch16_224", "--output", "/proc/dynamicvit-run")
+@pytest.mark.parametrize("command", ["train", "demo", "bench"])
+def test_output_under_proc_is_one_line(capsys, command):
+    code, _, err = run_cli(capsys, command, "--output", "/proc/dynamicvit-run/x",
+                           *(["--model", "vit_tiny_patch16_224"] if command == "train" else []))
     assert code == 2
-    assert one_error_line(err, "train").startswith("dynamicvit train: error: --output /proc/dynamicvit-run cannot be written")
+    assert one_error_line(err, command).startswith(f"dynamicvit {command}: error: --output /proc/dynamicvit-run/x cannot be written")

@@ -55,17 +55,20 @@ def prepare_output_dir(path: PathLike, flag: str = "--output") -> Path:
 
 
 def check_output_dir(path: PathLike, flag: str = "--output") -> Path:
-    """Like `prepare_output_dir`, but creates nothing: for commands that check their inputs first.
+    """Like `prepare_output_dir`, but leaves nothing behind: for commands that check their inputs first.
 
-    Catches a file in the way and a missing write permission on the nearest existing folder.
+    A folder that does not exist yet is created for the check and removed again.
     """
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file, not a folder; choose a folder for the results")
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path} cannot be written ({existing} is not a writable folder); choose a writable folder")
-    return path
+    created = [p for p in (path, *path.absolute().parents) if not p.exists()]
+    try:
+        return prepare_output_dir(path, flag)
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def check_free_space(folder: PathLike, needed: int, what: str, flag: str = "--output") -> None:
