@@ -54,6 +54,11 @@ def test_a_second_run_without_resume_is_refused_and_changes_nothing(tmp_path, ca
                            dynamicvit.checkpoint.read_checkpoint(_bytes_file(tmp_path, before["model.safetensors"]))[0]["predictors.0.out_conv.2.weight"])
     with pytest.raises(ConfigError, match="--overwrite.*--resume"):
         config(tmp_path, overwrite=True, resume=True).validate()
+    # --resume with the model file but no checkpoint to resume from: refused too, saying why.
+    (out / "last.pth").unlink()
+    with pytest.raises(ConfigError, match=r"earlier run \(model.safetensors\) but no last.pth to resume it from"):
+        train(config(tmp_path, epochs=1, max_steps_per_epoch=2, resume=True), train_set=synthetic(16), val_set=None)
+    assert (out / "model.safetensors").exists()
 
 
 def test_resuming_another_folders_checkpoint_into_a_run_folder_is_refused(tmp_path):

@@ -36,7 +36,7 @@ RESULT_FILES = ("last.pth", "model.safetensors", "model_ema.safetensors")
 LOG_FILES = ("metrics.jsonl", "config.json")
 
 
-def claim_run_folder(out: Path, resume_from: Optional[Path], overwrite: bool) -> bool:
+def claim_run_folder(out: Path, resume_from: Optional[Path], overwrite: bool, resume_asked: bool = False) -> bool:
     """Refuse to start over an earlier run unless resuming it or told to overwrite it (rank 0 only).
 
     Resuming from a checkpoint in another folder counts as a new run in `out`.
@@ -55,6 +55,11 @@ def claim_run_folder(out: Path, resume_from: Optional[Path], overwrite: bool) ->
     resuming = resume_from is not None and resume_from.resolve() == (out / "last.pth").resolve()
     if not existing or resuming:
         return False
+    if resume_asked and resume_from is None:
+        raise ConfigError(
+            f"{out} holds an earlier run ({', '.join(existing)}) but no last.pth to resume it from; pass --overwrite "
+            "instead of --resume to replace it, or choose another --output"
+        )
     if resume_from is not None:
         raise ConfigError(
             f"{out} holds an earlier run ({', '.join(existing)}); resuming {resume_from} there would replace it. "

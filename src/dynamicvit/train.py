@@ -706,8 +706,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
         if path:
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
     resume_from = _resume_path(cfg, out)
+    clear_earlier = False
     if env.is_main:  # an earlier run is continued or refused, never silently replaced
-        clear_earlier = claim_run_folder(out, resume_from, overwrite=cfg.overwrite)
+        clear_earlier = claim_run_folder(out, resume_from, cfg.overwrite, resume_asked=cfg.resume not in (False, None, ""))
     kwargs = dict(cfg.timm_kwargs)
     info = None
     if train_set is None:
