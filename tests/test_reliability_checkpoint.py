@@ -54,7 +54,7 @@ def test_create_model_uses_the_checkpoints_prune_locs(tmp_path, images, fmt):
     with pytest.raises(CheckpointError, match=r"holds a vit_tiny_patch16_224, not a deit_tiny_patch16_224"):
         dynamicvit.create_model("deit_tiny_patch16_224", checkpoint_path=path, **tiny_kwargs())
     # Loading into a model built elsewhere with other stages is refused too (train --init-checkpoint, visualize).
-    with pytest.raises(CheckpointError, match=r"prune before blocks \[2, 3, 4\], but the model prunes before \[1, 3, 4\]"):
+    with pytest.raises(CheckpointError, match=r"prune before blocks \[2, 3, 4\], but prune_locs=\[1, 3, 4\] was asked for"):
         dynamicvit.checkpoint.load_weights(tiny_model(), path)
     # The keep ratio is a run-time choice, not part of the weights: asking for another one is fine.
     assert dynamicvit.create_model(NAME, checkpoint_path=path, keep_ratio=0.5, **tiny_kwargs()).keep_ratio == 0.5
@@ -216,3 +216,26 @@ def test_the_training_data_named_in_a_checkpoint_is_never_read(tmp_path, monkeyp
     monkeypatch.setattr(data, "resolve_dataset", no_reading)
     code = main(["visualize", "--checkpoint", str(path), "--output", str(tmp_path / "out"), str(tmp_path / "a.png")])
     assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["visualize", "--model", "deit_tiny_patch16_224", "--output", "OUT", "IMG"],
+    ["flops", "--model", "deit_tiny_patch16_224"],
+    ["flops", "--prune-locs", "1,3,4"],
+    ["bench", "--prune-locs", "1,3,4", "--batch-size", "1", "--repeats", "1"],
+    ["eval", "--model", "deit_tiny_patch16_224"],
+])
+def test_commands_refuse_explicit_settings_that_contradict_the_checkpoint(tmp_path, capsys, argv):
+    path = dynamicvit.save_model(tiny_model(prune_locs=(2, 3, 4)), tmp_path / "m.safetensors")
+    argv = [str(tmp_path / "out") if a == "OUT" else str(tmp_path) if a == "IMG" else a for a in argv]
+    code = main([*argv, "--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("not a deit_tiny_patch16_224" in err) or ("[2, 3, 4], but prune_locs=[1, 3, 4]" in err)
+
+
+def test_load_model_overrides_may_resize_but_not_reshape(tmp_path):
+    path = dynamicvit.save_model(tiny_model(global_pool="token"), tmp_path / "m.safetensors")
+    assert dynamicvit.load_model(path, img_size=48).num_patches == 144  # the position embedding is resized
+    with pytest.raises(CheckpointError, match=r"saved with global_pool='token' but global_pool='avg' was asked for"):
+        dynamicvit.load_model(path, global_pool="avg")  # same shapes, silently another model: refused

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -433,15 +433,57 @@ def load_foreign_state(model: nn.Module, state: dict, source: str, reset_head: b
 
 def check_settings_match(model: nn.Module, settings: dict, path: PathLike) -> None:
     """Raise `CheckpointError` when a checkpoint's settings describe another model than `model`."""
-    name = getattr(model, "model_name", None)
+    settings_win(settings, path, getattr(model, "model_name", None), getattr(model, "prune_locs", None))
+
+
+# timm arguments that may differ from a checkpoint's: the weights adapt (img_size: the position
+# embedding is resized) or do not depend on them (regularization).
+ADJUSTABLE_KWARGS = frozenset({"img_size", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"})
+
+
+def settings_win(
+    settings: dict,
+    path: PathLike,
+    name: Optional[str] = None,
+    prune_locs: Optional[Sequence[int]] = None,
+    timm_kwargs: Optional[dict] = None,
+) -> tuple[Optional[tuple[int, ...]], dict]:
+    """The checkpoint's own settings, checked against what a caller asked for explicitly.
+
+    Args:
+        settings: the checkpoint's settings (`check_settings`).
+        name, prune_locs, timm_kwargs: the caller's explicit choices (None: not given).
+
+    Returns:
+        (prune_locs, timm_kwargs) to build the model with: the checkpoint's, with the explicit timm
+        arguments that may change (`ADJUSTABLE_KWARGS`) on top.
+
+    Raises:
+        CheckpointError: an explicit choice contradicts the checkpoint; the message names both values.
+    """
+    timm_kwargs = dict(timm_kwargs or {})
     if name is not None and settings["model_name"] != name:
-        raise CheckpointError(f"{path} holds a {settings['model_name']}, not a {name}; build a {settings['model_name']}")
-    locs = settings.get("prune_locs")
-    if settings.get("kind", "dynamicvit") == "dynamicvit" and tuple(locs) != tuple(getattr(model, "prune_locs", locs)):
         raise CheckpointError(
-            f"{path} was trained to prune before blocks {list(locs)}, but the model prunes before "
-            f"{list(model.prune_locs)}; build it with prune_locs={list(locs)} (or leave prune_locs out)"
+            f"{path} holds a {settings['model_name']}, not a {name}; ask for {settings['model_name']} "
+            "(or leave the name out: dynamicvit.load_model(path) reads it from the file)"
         )
+    stored = settings.get("timm_kwargs", {})
+    clashes = [k for k, v in timm_kwargs.items() if k in stored and v != stored[k] and k not in ADJUSTABLE_KWARGS]
+    if clashes:
+        raise CheckpointError(
+            f"{path} was saved with " + ", ".join(f"{k}={stored[k]!r}" for k in clashes) + " but "
+            + ", ".join(f"{k}={timm_kwargs[k]!r}" for k in clashes) + " was asked for; drop the argument(s) "
+            "(the checkpoint's settings are used)"
+        )
+    if settings.get("kind", "dynamicvit") == "dynamicvit":
+        stored_locs = tuple(settings["prune_locs"])
+        if prune_locs is not None and tuple(prune_locs) != stored_locs:
+            raise CheckpointError(
+                f"{path} was trained to prune before blocks {list(stored_locs)}, but prune_locs={list(prune_locs)} "
+                "was asked for; drop prune_locs (the checkpoint's are used)"
+            )
+        prune_locs = stored_locs
+    return prune_locs, {**stored, **timm_kwargs}
 
 
 def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
@@ -452,7 +494,8 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
 
     Args:
         keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
-        overrides: timm keyword arguments that replace the stored ones (the caller's own choice).
+        overrides: timm keyword arguments; only those that may change (image size, dropout rates)
+            may differ from the stored ones (see `settings_win`).
     """
     from .factory import create_backbone, create_model
 
@@ -462,7 +505,7 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
             f"{path} holds weights without dynamicvit settings; use "
             "dynamicvit.create_model(NAME, checkpoint_path=PATH) and name the architecture"
         )
-    kwargs = {**settings.get("timm_kwargs", {}), **overrides}
+    _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
     if settings.get("kind") == "dense":
         model = create_backbone(settings["model_name"], **kwargs)
         load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")

@@ -50,17 +50,18 @@ def create_model(
         prune_locs: blocks before which to prune (default: the checkpoint's, else three evenly spaced stages).
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
-    from .checkpoint import load_weights, read_checkpoint
+    from .checkpoint import load_weights, read_checkpoint, settings_win
 
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     checkpoint = None
     if checkpoint_path is not None:
         # Settings that cannot be used are ignored (with a warning): the caller named the architecture.
         checkpoint = read_checkpoint(checkpoint_path, bad_settings="ignore")
-        if checkpoint[1] is not None:
-            keep_ratio, prune_locs, timm_kwargs = _checkpoint_settings_win(
-                checkpoint[1], checkpoint_path, name, keep_ratio, prune_locs, timm_kwargs
-            )
+        settings = checkpoint[1]
+        if settings is not None:
+            prune_locs, timm_kwargs = settings_win(settings, checkpoint_path, name, prune_locs, timm_kwargs)
+            if settings.get("kind") == "dynamicvit" and keep_ratio is None:
+                keep_ratio = settings["keep_ratio"]
     backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
     model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
@@ -70,40 +71,6 @@ def create_model(
 
 
 DEFAULT_KEEP_RATIO = 0.7
-# timm arguments that may differ from a checkpoint's: the weights adapt (img_size: the position
-# embedding is resized) or do not depend on them (regularization).
-ADJUSTABLE_KWARGS = frozenset({"img_size", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"})
-
-
-def _checkpoint_settings_win(settings: dict, path, name: str, keep_ratio, prune_locs, timm_kwargs: dict):
-    """(keep_ratio, prune_locs, timm_kwargs) for a model built for the checkpoint `path` with `settings`.
-
-    Raises:
-        CheckpointError: an explicit argument contradicts the checkpoint (both values are named).
-    """
-    if settings["model_name"] != name:
-        raise CheckpointError(
-            f"{path} holds a {settings['model_name']}, not a {name}; ask for {settings['model_name']} "
-            "(or use dynamicvit.load_model(path), which reads the architecture from the file)"
-        )
-    stored = settings.get("timm_kwargs", {})
-    clashes = [k for k, v in timm_kwargs.items() if k in stored and v != stored[k] and k not in ADJUSTABLE_KWARGS]
-    if clashes:
-        raise CheckpointError(
-            f"{path} was saved with " + ", ".join(f"{k}={stored[k]!r}" for k in clashes) + " but "
-            + ", ".join(f"{k}={timm_kwargs[k]!r}" for k in clashes) + " was asked for; drop the argument(s) "
-            "(the checkpoint's settings are used)"
-        )
-    if settings.get("kind", "dynamicvit") == "dynamicvit":
-        stored_locs = tuple(settings["prune_locs"])
-        if prune_locs is not None and tuple(prune_locs) != stored_locs:
-            raise CheckpointError(
-                f"{path} was trained to prune before blocks {list(stored_locs)}, but prune_locs={list(prune_locs)} "
-                "was asked for; drop prune_locs (the checkpoint's are used)"
-            )
-        prune_locs = stored_locs
-        keep_ratio = settings["keep_ratio"] if keep_ratio is None else keep_ratio
-    return keep_ratio, prune_locs, {**stored, **timm_kwargs}
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:

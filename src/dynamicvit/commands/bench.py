@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .flops import add_model_arguments, build_base_model
+from .flops import add_model_arguments, build_base_model, model_name
 
 from ._common import float_list, non_negative_int, positive_int, positive_int_list
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         threads=args.threads,
         compile=args.compile,
-        model_name=getattr(base, "model_name", None) or args.model,
+        model_name=getattr(base, "model_name", None) or model_name(args),
         progress=True,
     )
     json_path, md_path, plot_path = args.json_path, args.markdown, args.plot

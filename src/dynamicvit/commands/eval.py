@@ -39,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_eval(path: str, model_name=None, timm_kwargs=None):
     """A DynamicViT or dense timm model from any checkpoint `dynamicvit` reads."""
-    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings
+    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings, settings_win
     from ..factory import create_model
     from ..train import load_dense
 
-    if read_settings(path) is not None:
+    settings = read_settings(path)
+    if settings is not None:  # its own settings win; an explicit --model that contradicts them is an error
+        settings_win(settings, path, name=model_name.removeprefix("dynamicvit_") if model_name else None)
         return load_model(path)
     if model_name is None:
         raise ConfigError(f"{path} holds plain weights without settings; name the architecture with --model")

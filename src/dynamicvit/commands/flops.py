@@ -16,7 +16,8 @@ _logger = logging.getLogger(__name__)
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --checkpoint, --img-size, --prune-locs, --model-kwargs."""
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help=f"timm ViT name (default: the checkpoint's, else {DEFAULT_MODEL})")
     parser.add_argument(
         "--checkpoint", default=None, metavar="PATH",
         help="weights to load: a file saved by dynamicvit (its settings are used), a training checkpoint, "
@@ -31,6 +32,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_MODEL = "deit_small_patch16_224"
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """--model, else the default architecture."""
+    return (args.model or DEFAULT_MODEL).removeprefix("dynamicvit_")
+
+
 def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
@@ -40,21 +49,24 @@ def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     """The model the command works on: a DynamicViT, or a dense timm model from a dense checkpoint."""
-    from ..checkpoint import load_model, read_settings
+    from ..checkpoint import load_model, read_settings, settings_win
     from ..factory import create_backbone, create_model
 
     kwargs = timm_kwargs_from_args(args)
     locs = args.prune_locs
+    name = model_name(args)
     if keep_ratio == 1.0 and not args.checkpoint:
-        return create_backbone(args.model, **kwargs)  # any timm model, ViT or not
+        return create_backbone(name, **kwargs)  # any timm model, ViT or not
     if args.checkpoint:
         settings = read_settings(args.checkpoint)
         if settings is not None:
+            # The checkpoint's settings win; an explicit --model / --prune-locs that contradicts them is an error.
+            settings_win(settings, args.checkpoint, args.model and name, locs)
             model = load_model(args.checkpoint, **kwargs)
             _logger.info("loaded %s (%s) from %s", settings.get("model_name"), settings.get("kind", "dynamicvit"), args.checkpoint)
             return model
-        return create_model(args.model, checkpoint_path=args.checkpoint, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
-    return create_model(args.model, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
+        return create_model(name, checkpoint_path=args.checkpoint, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
+    return create_model(name, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
 
 
 def at_keep_ratio(base, keep_ratio: float):
@@ -90,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     base = build_base_model(args, keep_ratio=keep_ratio)
     model = at_keep_ratio(base, keep_ratio)
     report = count_macs(model)
-    name = base.model_name if isinstance(base, DynamicViT) else args.model
+    name = base.model_name if isinstance(base, DynamicViT) else model_name(args)
     if args.json:
         print(json_text({"model": name, "dense": not isinstance(model, DynamicViT), **report.to_dict()}))
         return 0

@@ -148,7 +148,7 @@ def load_model(args: argparse.Namespace):
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
     from ..checkpoint import load_model as load_saved
-    from ..checkpoint import load_weights, read_settings
+    from ..checkpoint import load_weights, read_settings, settings_win
     from ..errors import ConfigError
     from ..factory import create_model, sparsify
     from ..model import DynamicViT
@@ -161,9 +161,8 @@ def load_model(args: argparse.Namespace):
         settings = read_settings(args.checkpoint)
         if settings is not None:
             train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
-            if args.model and args.model.removeprefix("dynamicvit_") != settings.get("model_name"):
-                _logger.warning("warning: --model %s ignored: %s holds a %s",
-                                args.model, args.checkpoint, settings.get("model_name"))
+            # The checkpoint's settings win; an explicit --model that contradicts them is an error naming both.
+            settings_win(settings, args.checkpoint, name=args.model.removeprefix("dynamicvit_") if args.model else None)
             model = load_saved(args.checkpoint, **kwargs)
             trained = isinstance(model, DynamicViT)
         elif args.model:
