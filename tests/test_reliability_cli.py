@@ -206,3 +206,11 @@ def test_output_under_proc_is_one_line(capsys, command):
                            *(["--model", "vit_tiny_patch16_224"] if command == "train" else []))
     assert code == 2
     assert one_error_line(err, command).startswith(f"dynamicvit {command}: error: --output /proc/dynamicvit-run/x cannot be written")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown", "--plot"])
+def test_bench_output_files_are_checked_before_timing(tmp_path, capsys, flag):
+    code, _, err = run_cli(capsys, "bench", flag, tmp_path)  # a folder where a file belongs
+    assert code == 2 and f"error: {flag} {tmp_path} is a folder" in one_error_line(err, "bench")
+    code, _, err = run_cli(capsys, "bench", flag, "/proc/nowhere/bench.out")
+    assert code == 2 and f"error: {flag} /proc/nowhere cannot be written" in one_error_line(err, "bench")

@@ -71,6 +71,16 @@ def check_output_dir(path: PathLike, flag: str = "--output") -> Path:
                 pass
 
 
+def check_output_file(path: PathLike, flag: str) -> Path:
+    """Check, before any work, that the file `path` can be written later (its folder is checked as in
+    `check_output_dir`; a folder in the place of the file is an error)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    check_output_dir(path.parent, flag)
+    return path
+
+
 def check_free_space(folder: PathLike, needed: int, what: str, flag: str = "--output") -> None:
     """Raise `OutputError` unless `folder` has `needed` bytes free (`what` says what they are for)."""
     free = shutil.disk_usage(folder).free

@@ -42,10 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
     from ..errors import ConfigError
     from ..model import DynamicViT
-    from ..outputs import prepare_output_dir
+    from ..outputs import check_output_file, prepare_output_dir
 
+    # Before minutes of timing, not after.
     if args.output:
-        prepare_output_dir(args.output)  # before minutes of timing, not after
+        prepare_output_dir(args.output)
+    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
     if any(not 0.0 < r <= 1.0 for r in args.keep_ratios):
         raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
     batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [32, 1])
