@@ -239,3 +239,12 @@ def test_load_model_overrides_may_resize_but_not_reshape(tmp_path):
     assert dynamicvit.load_model(path, img_size=48).num_patches == 144  # the position embedding is resized
     with pytest.raises(CheckpointError, match=r"saved with global_pool='token' but global_pool='avg' was asked for"):
         dynamicvit.load_model(path, global_pool="avg")  # same shapes, silently another model: refused
+
+
+def test_timm_registry_with_a_reference_dynamicvit_checkpoint(tmp_path, images):
+    trained = tiny_model().eval()
+    reference = {("score_predictor." + k[len("predictors."):]) if k.startswith("predictors.") else k[len("backbone."):]: v
+                 for k, v in trained.state_dict().items()}
+    torch.save({"model": reference}, tmp_path / "reference.pth")  # the authors' layout
+    model = timm.create_model("dynamicvit_" + NAME, checkpoint_path=str(tmp_path / "reference.pth"), **tiny_kwargs())
+    assert torch.equal(model.eval()(images), trained(images))
