@@ -190,14 +190,12 @@ def test_progress_is_plain_lines_in_a_log_file(monkeypatch, caplog):
     assert not any("\r" in line for line in lines)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and timm: ~10 s on a busy machine
 def test_python_dash_m_runs_the_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224", "--img-size", "0"],
+    done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224", "--img-size", "64"],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and "argument --img-size" in done.stderr and "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "dynamicvit", "info", "--model", "vit_tiny_patch16_224"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "196 patch tokens" in done.stdout
+    assert done.returncode == 0 and "grid 4x4 = 16 patch tokens" in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize("command", ["train", "demo", "bench"])
