@@ -212,3 +212,14 @@ def test_bench_output_files_are_checked_before_timing(tmp_path, capsys, flag):
     assert code == 2 and f"error: {flag} {tmp_path} is a folder" in one_error_line(err, "bench")
     code, _, err = run_cli(capsys, "bench", flag, "/proc/nowhere/bench.out")
     assert code == 2 and f"error: {flag} /proc/nowhere cannot be written" in one_error_line(err, "bench")
+
+
+def test_a_closed_output_pipe_is_not_a_traceback(monkeypatch, capsys):
+    from dynamicvit.commands import info
+
+    def reader_went_away(args):
+        raise BrokenPipeError(32, "Broken pipe")  # what `dynamicvit eval --json | head -1` raises
+
+    monkeypatch.setattr(info, "run", reader_went_away)
+    code, _, err = run_cli(capsys, "info")
+    assert code == 141 and err == ""
