@@ -109,8 +109,12 @@ def test_position_embedding_is_resized_for_another_image_size(tmp_path):
 
 def test_mismatched_checkpoint_lists_offending_keys(tmp_path):
     deeper = tiny_model(depth=8)
-    dynamicvit.save_model(deeper, tmp_path / "deep.safetensors")
+    torch.save({"model": deeper.state_dict()}, tmp_path / "deep.pth")  # weights only: the keys tell
     with pytest.raises(CheckpointError, match=r"unexpected keys \(\d+\): backbone.blocks.6"):
+        dynamicvit.create_model("vit_tiny_patch16_224", checkpoint_path=tmp_path / "deep.pth", **tiny_kwargs())
+    # With its settings stored, the clash is named before any key is compared.
+    dynamicvit.save_model(deeper, tmp_path / "deep.safetensors")
+    with pytest.raises(CheckpointError, match=r"saved with depth=8 but depth=6 was asked for"):
         dynamicvit.create_model("vit_tiny_patch16_224", checkpoint_path=tmp_path / "deep.safetensors", **tiny_kwargs())
     wider = tiny_model(embed_dim=96)
     torch.save({"model": wider.state_dict()}, tmp_path / "wide.pth")

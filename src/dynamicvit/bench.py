@@ -233,9 +233,9 @@ def _threads(threads: Optional[int]) -> Iterator[None]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="run")
+    return progress_bar(total=total, desc=desc, enabled=enabled, unit="run")
 
 
 # -- peak memory ---------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def model_settings(model: nn.Module) -> dict:
             "format_version": FORMAT_VERSION,
             "kind": "dynamicvit",
             "model_name": model.model_name,
-            "timm_kwargs": model.timm_kwargs,
+            "timm_kwargs": architecture_kwargs(model.timm_kwargs),
             "keep_ratio": model.keep_ratio,
             "prune_locs": list(model.prune_locs),
         }
@@ -62,27 +62,56 @@ def model_settings(model: nn.Module) -> dict:
         "format_version": FORMAT_VERSION,
         "kind": "dense",
         "model_name": name,
-        "timm_kwargs": dict(getattr(model, "dynamicvit_timm_kwargs", getattr(model, "_model_args", {}))),
+        "timm_kwargs": architecture_kwargs(getattr(model, "dynamicvit_timm_kwargs", getattr(model, "_model_args", {}))),
     }
+
+
+def architecture_kwargs(kwargs: dict) -> dict:
+    """The timm arguments worth storing: those that shape the architecture (see `ARCHITECTURE_KWARGS`)."""
+    dropped = sorted(k for k in kwargs if k not in ARCHITECTURE_KWARGS)
+    if dropped:
+        _logger.debug("not stored with the weights (not architecture settings): %s", dropped)
+    return {k: v for k, v in kwargs.items() if k in ARCHITECTURE_KWARGS}
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
 def atomic_write(path: PathLike, write_fn) -> None:
-    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`."""
+    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`.
+
+    Raises:
+        OutputError: the folder or the file cannot be written (a file in the way, no permission, disk
+            full); `path` is then as it was before the call.
+    """
+    from .outputs import describe_os_error, temp_name_prefix
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {describe_os_error(e)}; choose a writable folder") from None
     try:
         write_fn(tmp)
         # mkstemp creates the file 0600; give it the mode a plain open() would (or the old file's).
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(_write_failed(path, describe_os_error(e))) from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk as "file write failed"
+        if "write" not in str(e):
+            raise
+        raise OutputError(_write_failed(path, f"the writer failed ({str(e).splitlines()[-1].strip()}), is the disk full?")) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_failed(path: Path, why: str) -> str:
+    kept = "the previous file is intact" if path.exists() else "nothing was written"
+    return f"cannot write {path}: {why}; {kept}. Free some space or choose another folder"
 
 
 def _umask() -> int:
@@ -116,8 +145,14 @@ def save_model(model: nn.Module, path: PathLike, overwrite: bool = False, extra:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
-    """Read a checkpoint file of any supported format: (state_dict, our settings or None)."""
+def read_checkpoint(path: PathLike, bad_settings: str = "raise") -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """Read a checkpoint file of any supported format: (state_dict, our settings or None).
+
+    Args:
+        bad_settings: what to do when the stored settings are unreadable or not allowed (see
+            `check_settings`): "raise" a `CheckpointError`, or "ignore" them with a warning (for callers
+            that name the architecture themselves and need only the weights).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: check the path (a .safetensors, .pth or .pt file)")
@@ -126,7 +161,8 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[d
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):
-        return _read_safetensors(path)
+        state, raw = _read_safetensors(path)
+        return state, _settings_or_none(raw, path, bad_settings)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a readable checkpoint
@@ -134,11 +170,13 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[d
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
             "the file is truncated, corrupt or not a PyTorch/safetensors checkpoint"
         ) from None
-    return _unwrap(obj, path)
+    state, raw = _unwrap(obj, path)
+    return state, _settings_or_none(raw, path, bad_settings)
 
 
 def read_settings(path: PathLike) -> Optional[dict]:
-    """Our settings stored in a checkpoint, or None; reads only the header of a safetensors file."""
+    """Our settings stored in a checkpoint (checked, see `check_settings`), or None; reads only the
+    header of a safetensors file."""
     from safetensors import safe_open
 
     try:
@@ -146,7 +184,94 @@ def read_settings(path: PathLike) -> Optional[dict]:
             meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - not (readable) safetensors: read_checkpoint says why, or reads torch files
         return read_checkpoint(path)[1]
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    return check_settings(meta[METADATA_KEY], path) if METADATA_KEY in meta else None
+
+
+# timm.create_model arguments that describe an architecture: the only ones a checkpoint may set. Anything
+# else (pretrained, pretrained_cfg, pretrained_cfg_overlay, checkpoint_path, cache_dir, ...) could make
+# timm download weights or open another file, so a checkpoint that stores it is refused.
+ARCHITECTURE_KWARGS = frozenset({
+    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values",
+    "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm",
+    "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate",
+    "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "norm_layer", "act_layer",
+})
+KINDS = ("dynamicvit", "dense")
+
+
+def check_settings(raw: Any, path: PathLike) -> dict:
+    """Parse and check the settings stored in a checkpoint before anything is built from them.
+
+    The model name must be a timm architecture (no hub or local-folder source), `timm_kwargs` may hold
+    only `ARCHITECTURE_KWARGS` with plain values, and the sparsity settings must have their types.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with its settings.
+    """
+    import timm
+
+    where = f"the settings stored in {path}"
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(
+                f"{where} are not valid JSON ({e}); the file is damaged. To use its weights, name the architecture: "
+                "dynamicvit.create_model(NAME, checkpoint_path=PATH)"
+            ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where} are a {type(raw).__name__}, not a mapping; the file is damaged or not ours")
+    settings = dict(raw)
+    if settings.get("kind", "dynamicvit") not in KINDS:
+        raise CheckpointError(f"{where} name an unknown kind {settings.get('kind')!r} (expected one of {KINDS})")
+    version = settings.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{where} have format version {version!r}; this dynamicvit reads up to {FORMAT_VERSION}, "
+                              "upgrade it")
+    name = settings.get("model_name")
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise CheckpointError(
+            f"{where} name the model {name!r}, which is not a timm architecture here; to use the weights, name the "
+            "architecture: dynamicvit.create_model(NAME, checkpoint_path=PATH)"
+        )
+    kwargs = settings.get("timm_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where} hold timm_kwargs of type {type(kwargs).__name__}, not a mapping")
+    refused = sorted(k for k in kwargs if k not in ARCHITECTURE_KWARGS)
+    if refused:
+        raise CheckpointError(
+            f"{where} hold timm arguments that are not architecture settings: {refused}; refused, since they could "
+            "make timm download weights or open files. Pass what you need yourself, e.g. load_model(path, **kwargs)"
+        )
+    odd = sorted(k for k, v in kwargs.items() if not _plain(v))
+    if odd:
+        raise CheckpointError(f"{where} hold timm arguments with values that are not numbers, strings or lists: {odd}")
+    if settings.get("kind", "dynamicvit") == "dynamicvit":
+        ratio, locs = settings.get("keep_ratio"), settings.get("prune_locs")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise CheckpointError(f"{where} hold keep_ratio {ratio!r}; expected a number")
+        if not isinstance(locs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in locs):
+            raise CheckpointError(f"{where} hold prune_locs {locs!r}; expected a list of block indices")
+    return settings
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+
+
+def _settings_or_none(raw: Any, path: PathLike, bad_settings: str) -> Optional[dict]:
+    if raw is None:
+        return None
+    try:
+        return check_settings(raw, path)
+    except CheckpointError as e:
+        if bad_settings == "raise":
+            raise
+        _logger.warning("ignoring the settings stored in %s (%s); loading its weights only", path, str(e).split("; ")[0])
+        return None
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -165,14 +290,11 @@ def _read_safetensors(path: Path) -> tuple[dict, Optional[dict]]:
         raise CheckpointError(
             f"cannot read safetensors checkpoint {path}: {e}; the file is truncated or corrupt"
         ) from None
-    settings = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
-    return state, settings
+    return state, meta.get(METADATA_KEY)
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict, Optional[dict]]:
-    settings = None
-    if isinstance(obj, dict) and METADATA_KEY in obj and isinstance(obj[METADATA_KEY], dict):
-        settings = obj[METADATA_KEY]
+    settings = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -264,38 +386,132 @@ def load_state(
             lines.append(f"  shape mismatch {k}: checkpoint {got} vs model {want}")
         lines.append("check that the model name and its settings (img_size, num_classes, ...) match the checkpoint")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=False)
+    check_finite(state, source)
+    nn.Module.load_state_dict(model, state, strict=False)
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Raise `CheckpointError` naming the tensors of `state` that hold NaN or Inf values."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s): {_short(bad)}; the weights are "
+            "broken (e.g. a diverged run); use an earlier checkpoint"
+        )
 
 
 def _short(keys: list, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_weights(model: nn.Module, path: PathLike) -> Optional[dict]:
-    """Load any supported checkpoint into a DynamicViT; returns our settings if the file had them."""
-    state, settings = read_checkpoint(path)
+def load_weights(model: nn.Module, path: PathLike, checkpoint: Optional[tuple[dict, Optional[dict]]] = None) -> Optional[dict]:
+    """Load any supported checkpoint into a DynamicViT; returns our settings if the file had them.
+
+    Args:
+        checkpoint: `read_checkpoint(path)`'s result when the caller has read the file already.
+
+    Raises:
+        CheckpointError: the weights do not fit, hold NaN/Inf, or the file's settings say it is another
+            architecture or prunes before other blocks than `model` (its predictors would sit in the
+            wrong places: a silently wrong model).
+    """
+    state, settings = checkpoint if checkpoint is not None else read_checkpoint(path)
+    if settings is not None:
+        check_settings_match(model, settings, path)
+    load_foreign_state(model, state, f"checkpoint {path}", reset_head=settings is None)
+    return settings
+
+
+def load_foreign_state(model: nn.Module, state: dict, source: str, reset_head: bool = True):
+    """Load a state dict of any supported layout (ours, reference DynamicViT, timm/DeiT) into a DynamicViT.
+
+    Without predictor weights the prediction modules keep their initialization; `reset_head` lets dense
+    weights for another number of classes re-initialize the classifier head.
+
+    Returns:
+        torch's `_IncompatibleKeys` (always empty: anything missing or unexpected is an error).
+    """
+    from torch.nn.modules.module import _IncompatibleKeys
+
     state, has_predictors = to_own_keys(state, model.backbone)
     load_state(
         model,
         state,
-        source=f"checkpoint {path}",
+        source=source,
         # New parameters (predictors; fast paths of DynamicSpatial) start fresh from dense weights.
         allow_missing_prefix="" if has_predictors else getattr(model, "new_parameter_prefixes", "predictors."),
-        reset_head=not has_predictors and settings is None,
+        reset_head=not has_predictors and reset_head,
     )
     if not has_predictors:
-        _logger.info("loaded dense weights from %s; prediction modules are freshly initialized", path)
-    return settings
+        _logger.info("loaded dense weights from %s; prediction modules are freshly initialized", source)
+    return _IncompatibleKeys([], [])
+
+
+def check_settings_match(model: nn.Module, settings: dict, path: PathLike) -> None:
+    """Raise `CheckpointError` when a checkpoint's settings describe another model than `model`."""
+    settings_win(settings, path, getattr(model, "model_name", None), getattr(model, "prune_locs", None))
+
+
+# timm arguments that may differ from a checkpoint's: the weights adapt (img_size: the position
+# embedding is resized) or do not depend on them (regularization).
+ADJUSTABLE_KWARGS = frozenset({"img_size", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"})
+
+
+def settings_win(
+    settings: dict,
+    path: PathLike,
+    name: Optional[str] = None,
+    prune_locs: Optional[Sequence[int]] = None,
+    timm_kwargs: Optional[dict] = None,
+) -> tuple[Optional[tuple[int, ...]], dict]:
+    """The checkpoint's own settings, checked against what a caller asked for explicitly.
+
+    Args:
+        settings: the checkpoint's settings (`check_settings`).
+        name, prune_locs, timm_kwargs: the caller's explicit choices (None: not given).
+
+    Returns:
+        (prune_locs, timm_kwargs) to build the model with: the checkpoint's, with the explicit timm
+        arguments that may change (`ADJUSTABLE_KWARGS`) on top.
+
+    Raises:
+        CheckpointError: an explicit choice contradicts the checkpoint; the message names both values.
+    """
+    timm_kwargs = dict(timm_kwargs or {})
+    if name is not None and settings["model_name"] != name:
+        raise CheckpointError(
+            f"{path} holds a {settings['model_name']}, not a {name}; ask for {settings['model_name']} "
+            "(or leave the name out: dynamicvit.load_model(path) reads it from the file)"
+        )
+    stored = settings.get("timm_kwargs", {})
+    clashes = [k for k, v in timm_kwargs.items() if k in stored and v != stored[k] and k not in ADJUSTABLE_KWARGS]
+    if clashes:
+        raise CheckpointError(
+            f"{path} was saved with " + ", ".join(f"{k}={stored[k]!r}" for k in clashes) + " but "
+            + ", ".join(f"{k}={timm_kwargs[k]!r}" for k in clashes) + " was asked for; drop the argument(s) "
+            "(the checkpoint's settings are used)"
+        )
+    if settings.get("kind", "dynamicvit") == "dynamicvit":
+        stored_locs = tuple(settings["prune_locs"])
+        if prune_locs is not None and tuple(prune_locs) != stored_locs:
+            raise CheckpointError(
+                f"{path} was trained to prune before blocks {list(stored_locs)}, but prune_locs={list(prune_locs)} "
+                "was asked for; drop prune_locs (the checkpoint's are used)"
+            )
+        prune_locs = stored_locs
+    return prune_locs, {**stored, **timm_kwargs}
 
 
 def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
     """Rebuild a model saved by `save_model` (or a training checkpoint) and load its weights.
 
-    Returns a DynamicViT, or the dense timm model for a dense checkpoint.
+    Returns a DynamicViT, or the dense timm model for a dense checkpoint. The stored settings are
+    checked first (`check_settings`): nothing in a file can make timm download or open anything.
 
     Args:
         keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
-        overrides: timm keyword arguments that replace the stored ones.
+        overrides: timm keyword arguments; only those that may change (image size, dropout rates)
+            may differ from the stored ones (see `settings_win`).
     """
     from .factory import create_backbone, create_model
 
@@ -305,7 +521,7 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
             f"{path} holds weights without dynamicvit settings; use "
             "dynamicvit.create_model(NAME, checkpoint_path=PATH) and name the architecture"
         )
-    kwargs = {**settings.get("timm_kwargs", {}), **overrides}
+    _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
     if settings.get("kind") == "dense":
         model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
         load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .errors import DynamicViTError
+from .errors import DynamicViTError, TrainingStopped
 
 COMMANDS = {
     "demo": "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures.",
@@ -57,12 +57,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return int(module.run(args) or 0)
+    except TrainingStopped as e:  # SIGINT / SIGTERM: a checkpoint was written; 128 + signal, as a shell reports it
+        print(f"dynamicvit {top.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except DynamicViTError as e:
         print(f"dynamicvit {top.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dynamicvit {top.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to report
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured, replaced)
+        pass
 
 
 if __name__ == "__main__":

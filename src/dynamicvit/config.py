@@ -77,6 +77,8 @@ class SparsityConfig:
 
 
 def _as_ratio(keep_ratio) -> float:
+    if isinstance(keep_ratio, bool) or _is_numpy_bool(keep_ratio):  # True would read as 1.0
+        raise ConfigError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
     try:
         r = float(keep_ratio)
     except (TypeError, ValueError):
@@ -89,6 +91,8 @@ def _as_ratio(keep_ratio) -> float:
 
 
 def _as_locs(prune_locs) -> tuple[int, ...]:
+    if isinstance(prune_locs, (str, bytes)) or any(isinstance(i, bool) or _is_numpy_bool(i) for i in _items(prune_locs)):
+        raise ConfigError(f"prune_locs must be a sequence of block indices (integers), got {prune_locs!r}")
     try:
         locs = tuple(int(i) for i in prune_locs)
         if any(int(i) != i for i in prune_locs):
@@ -104,3 +108,15 @@ def _as_locs(prune_locs) -> tuple[int, ...]:
             f"prune_locs {list(locs)} is not sorted; stages prune in order, e.g. {sorted(locs)}"
         )
     return locs
+
+
+def _items(value) -> tuple:
+    try:
+        return tuple(value)
+    except TypeError:
+        return ()
+
+
+def _is_numpy_bool(value) -> bool:
+    # numpy.bool_ (named numpy.bool in numpy 2), told apart without importing numpy here
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")

@@ -103,6 +103,15 @@ def is_fashion_mnist(spec: PathLike) -> bool:
 # -- dataset description ------------------------------------------------------------------------
 
 
+def dataset_normalization(spec: PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the data module normalizes `spec` with, from its name alone (no file is read)."""
+    if is_fashion_mnist(spec):
+        return FASHION_MNIST.mean, FASHION_MNIST.std
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+
+
 def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> DatasetInfo:
     """Describe a dataset without loading its images.
 
@@ -118,15 +127,14 @@ def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> Data
         return FASHION_MNIST
     root = _image_folder_root(spec, data_dir)
     classes = _image_folder_classes(root)
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+    mean, std = dataset_normalization(spec)
     return DatasetInfo(
         name=root.name,
         num_classes=len(classes),
         in_chans=3,
         img_size=224,
-        mean=tuple(IMAGENET_DEFAULT_MEAN),
-        std=tuple(IMAGENET_DEFAULT_STD),
+        mean=mean,
+        std=std,
         classes=tuple(classes),
     )
 
@@ -436,11 +444,9 @@ def _image_folder_classes(root: Path) -> list[str]:
 
 
 def _image_folder(root: Path, split: Split, transform, info: DatasetInfo) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
     folder = _split_dir(root, split)
     try:
-        dataset = ImageFolder(str(folder), transform=transform)
+        dataset = CheckedImageFolder(str(folder), transform=transform)
     except FileNotFoundError as e:
         # torchvision's message names the class folder that holds no image.
         raise DataError(
@@ -455,3 +461,153 @@ def _image_folder(root: Path, split: Split, transform, info: DatasetInfo) -> Dat
     if tuple(dataset.classes) != info.classes:
         raise DataError(f"the class folders of {folder} differ from those of the other split: {dataset.classes}")
     return dataset
+
+
+# -- unreadable images ----------------------------------------------------------------------------
+#
+# An unreadable image must not end a run (it would end it again on every resume), and must not be
+# skipped silently. `CheckedImageFolder` returns it as a blank image with the label -(index + 1); the
+# training loop and `evaluate` drop such rows (`drop_unreadable`) and report each file once, by path,
+# with the count (`UnreadableImages`). The label travels with the batch, so this works with any
+# number of loader workers and processes. `check_images` reads every image up front instead, for
+# runs that should rather stop before training than train without some images.
+
+# What Pillow raises for a file it cannot decode (truncated, corrupt, not an image, too large).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+BAD_IMAGE_MODES = ("skip", "abort")
+
+
+class CheckedImageFolder(Dataset):
+    """torchvision's ImageFolder, with unreadable images marked instead of raised (see above).
+
+    Attributes:
+        folder: the wrapped `torchvision.datasets.ImageFolder` (classes, samples, transform).
+    """
+
+    def __init__(self, root: str, transform=None):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(root, transform=transform)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return self.folder.samples
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        path, target = self.folder.samples[index]
+        try:
+            image = self.folder.loader(path)
+        except IMAGE_ERRORS:
+            from PIL import Image
+
+            # A black image through the same transform: the shape of a real sample, dropped by the loop.
+            image, target = Image.new("RGB", (_transform_size(self.folder.transform),) * 2), -(index + 1)
+        if self.folder.transform is not None:
+            image = self.folder.transform(image)
+        return image, target
+
+    def describe(self, index: int) -> tuple[str, str]:
+        """(path, why it cannot be read) of sample `index`."""
+        path = self.folder.samples[index][0]
+        try:
+            self.folder.loader(path)
+        except IMAGE_ERRORS as e:
+            return path, _why(e)
+        return path, "unreadable when it was loaded"
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+
+
+def _transform_size(transform) -> int:
+    """The output size of a timm transform (its crop or resize), 224 if it cannot be told."""
+    for t in getattr(transform, "transforms", ()):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return int(size if isinstance(size, int) else max(size))
+    return 224
+
+
+def drop_unreadable(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Remove the rows `CheckedImageFolder` marked unreadable: (images, labels, dataset indices of the dropped)."""
+    if labels.ndim != 1 or labels.is_floating_point():  # soft or multi-label targets carry no marks
+        return images, labels, []
+    bad = labels < 0
+    if not bool(bad.any()):
+        return images, labels, []
+    indices = (-labels[bad] - 1).tolist()
+    return images[~bad], labels[~bad], indices
+
+
+def base_dataset(dataset: Dataset):
+    """The dataset under any `Subset` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class UnreadableImages:
+    """Unreadable images met so far: each reported once by path; `count` of all skipped rows."""
+
+    def __init__(self, dataset: Dataset, what: str):
+        self.dataset = base_dataset(dataset)
+        self.what = what
+        self.count = 0
+        self.reported: set[int] = set()
+
+    def note(self, indices: list[int]) -> None:
+        self.count += len(indices)
+        for index in indices:
+            if index in self.reported:
+                continue
+            self.reported.add(index)
+            describe = getattr(self.dataset, "describe", None)
+            path, why = describe(index) if describe else (f"image {index}", "unreadable")
+            _logger.warning("skipping unreadable %s image %s (%s)", self.what, path, why)
+
+
+def check_images(dataset: Dataset, what: str, rank: int = 0, world_size: int = 1, workers: int = 8) -> list[tuple[str, str]]:
+    """Decode every image of an ImageFolder dataset (this process's share of it); (path, why) per failure.
+
+    Datasets that are not image folders (Fashion-MNIST, tensors) have nothing to check.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = base_dataset(dataset)
+    samples = getattr(base, "samples", None)
+    if samples is None:
+        return []
+    indices = getattr(dataset, "indices", range(len(samples)))
+    mine = [samples[i][0] for i in list(indices)[rank::world_size]]
+
+    def read(path: str):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode it all: a truncated JPEG opens fine and fails only here
+        except IMAGE_ERRORS as e:
+            return path, _why(e)
+        return None
+
+    _logger.info("checking %d %s images", len(mine), what)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow decodes without holding the GIL
+        return [bad for bad in pool.map(read, mine) if bad is not None]
+
+
+def bad_images_error(bad: list[tuple[str, str]], total: int) -> DataError:
+    """The error that stops a run before training when images are unreadable (`--bad-images abort`)."""
+    shown = "; ".join(f"{path} ({why})" for path, why in bad[:5])
+    more = f" and {total - len(bad[:5])} more" if total > len(bad[:5]) else ""
+    return DataError(
+        f"{total} unreadable image(s): {shown}{more}; replace or remove them, or pass --bad-images skip to leave "
+        "them out (each is reported by path)"
+    )

@@ -23,3 +23,21 @@ class CheckpointError(DynamicViTError):
 
 class DataError(DynamicViTError):
     """A dataset or an input image is missing or unreadable."""
+
+
+class OutputError(DynamicViTError, OSError):
+    """An output file or folder cannot be written (not a folder, no permission, disk full)."""
+
+
+class TrainingStopped(DynamicViTError):
+    """Training stopped on SIGINT or SIGTERM after writing a resumable checkpoint.
+
+    Attributes:
+        signum: the signal that asked for the stop.
+        checkpoint: the checkpoint written before stopping (`--resume` continues from it).
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint=None):
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint

@@ -45,7 +45,7 @@ def create_model(
     name: str,
     pretrained: bool = False,
     checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-    keep_ratio: float = 0.7,
+    keep_ratio: Optional[float] = None,
     prune_locs: Optional[Sequence[int]] = None,
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,
@@ -53,28 +53,47 @@ def create_model(
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Build the timm model `name` and add DynamicViT prediction modules.
 
+    A checkpoint saved by dynamicvit carries its settings, and they win: its prune locations and timm
+    arguments are used, and an argument given here that contradicts them is an error naming both
+    values (only the keep ratio, image size and dropout rates may differ: they change nothing the
+    weights depend on).
+
     Args:
         name: a timm ViT, LV-ViT, ConvNeXt or Swin name, e.g. `deit_small_patch16_224`, `lvvit_s`,
             `convnext_tiny`, `swin_tiny_patch4_window7_224` (a `dynamicvit_` prefix is accepted).
         pretrained: load timm's pretrained weights (downloads from the hub).
         checkpoint_path: a local file: timm/original weights, a reference DynamicViT / DynamicCNN /
             DynamicSwin checkpoint, or ours.
-        keep_ratio: rho. ViTs: stage s keeps int(N * rho ** s) patch tokens. ConvNeXt/Swin: predictor s
-            sends int(N * r_s) positions of the stage-3 map through the full FFN, r = (rho, rho - 0.2, ...).
-        prune_locs: ViTs: blocks before which to prune (default three evenly spaced stages).
-            ConvNeXt/Swin: block indices inside stage 3 (default: the spec's table for the published models).
+        keep_ratio: rho (default: the checkpoint's, else 0.7). ViTs: stage s keeps int(N * rho ** s) patch
+            tokens. ConvNeXt/Swin: predictor s sends int(N * r_s) positions of the stage-3 map through the
+            full FFN, r = (rho, rho - 0.2, ...).
+        prune_locs: ViTs: blocks before which to prune (default: the checkpoint's, else three evenly spaced
+            stages). ConvNeXt/Swin: block indices inside stage 3 (default: the spec's table).
         stage_ratios: ConvNeXt/Swin only: explicit r_s per predictor instead of rho - 0.2 s.
         restart_streams: ConvNeXt/Swin only: see `SpatialConfig.restart_streams`.
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
-    from .checkpoint import load_weights
+    from .checkpoint import load_weights, read_checkpoint, settings_win
 
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
-    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs)
+    checkpoint = None
     if checkpoint_path is not None:
-        load_weights(model, checkpoint_path)
+        # Settings that cannot be used are ignored (with a warning): the caller named the architecture.
+        checkpoint = read_checkpoint(checkpoint_path, bad_settings="ignore")
+        settings = checkpoint[1]
+        if settings is not None:
+            prune_locs, timm_kwargs = settings_win(settings, checkpoint_path, name, prune_locs, timm_kwargs)
+            if settings.get("kind") == "dynamicvit" and keep_ratio is None:
+                keep_ratio = settings["keep_ratio"]
+    backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
+    keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
+    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint_path, checkpoint)
     return model
+
+
+DEFAULT_KEEP_RATIO = 0.7
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:
@@ -102,24 +121,9 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     return model
 
 
-def _timm_args(name: str, timm_kwargs: dict) -> dict:
-    """timm's ConvNeXt has no `img_size` argument (it takes any size): the size it is meant for goes
-    into its pretrained config instead, which data transforms, keep counts and FLOPs read."""
-    from timm.models import model_entrypoint
-
-    if "img_size" not in timm_kwargs or not model_entrypoint(name).__module__.endswith(".convnext"):
-        return timm_kwargs
-    args = dict(timm_kwargs)
-    size = args.pop("img_size")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
-    overlay["input_size"] = (args.get("in_chans", 3), h, w)
-    return {**args, "pretrained_cfg_overlay": overlay}
-
-
 def sparsify(
     model: nn.Module,
-    keep_ratio: float = 0.7,
+    keep_ratio: float = DEFAULT_KEEP_RATIO,
     prune_locs: Optional[Sequence[int]] = None,
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,

@@ -129,6 +129,15 @@ class DynamicViT(nn.Module):
     def pretrained_cfg(self) -> dict:
         return self.backbone.pretrained_cfg
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes timm/DeiT and reference DynamicViT weights, as `timm.create_model("dynamicvit_...",
+        checkpoint_path=...)` passes them, through `dynamicvit.checkpoint` (clear errors, NaN checks)."""
+        from .checkpoint import load_foreign_state
+
+        if any(k.startswith(("backbone.", "predictors.")) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_foreign_state(self, state_dict, "the state dict")
+
     def keep_counts(self) -> tuple[int, ...]:
         """Patch tokens kept after each stage, int(N * rho ** s)."""
         return self.config.keep_counts(self.num_patches)

@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import (
     atomic_write,
+    check_finite,
     filter_dense_state,
     load_state,
     load_weights,
@@ -43,9 +44,22 @@ from .checkpoint import (
     read_checkpoint,
     save_model,
 )
-from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
+from .data import BAD_IMAGE_MODES, UnreadableImages, bad_images_error, check_images, drop_unreadable
+from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, TrainingStopped
 from .hosts import Host, any_host, host_for
 from .losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
+from .outputs import RunLock, prepare_output_dir
+from .progress import progress_bar
+from .runsafety import (
+    ResumableSampler,
+    StopRequest,
+    ignore_stop_signals,
+    check_resume_settings,
+    check_room,
+    claim_run_folder,
+    clear_run,
+    trim_metrics,
+)
 from .spatial import DynamicSpatial, dense_targets
 
 _logger = logging.getLogger(__name__)
@@ -224,8 +238,11 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every this many epochs (and after the last)
     log_every: int = 20  # steps between metric lines and progress-bar updates
     resume: Union[bool, str] = False  # True: continue from <output>/last.pth if present; a path: from that file
+    overwrite: bool = False  # replace an earlier run in `output` (without it, an earlier run is an error)
+    bad_images: str = "skip"  # unreadable images: "skip" (each reported by path, counted) or "abort" (every
+    # image is read before training and any unreadable one stops the run)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact repeats)
-    progress: bool = True  # tqdm progress bars (rank 0)
+    progress: bool = True  # progress bars on a terminal, a plain line per interval in a log file (rank 0)
     tensorboard: bool = True  # TensorBoard logs in <output>/tb (rank 0)
 
     # -- construction ------------------------------------------------------------------------
@@ -290,6 +307,9 @@ class TrainConfig:
         need(self.predictor_keep_prior is None or 0 < self.predictor_keep_prior < 1,
              f"predictor_keep_prior must be in (0, 1) (or None for rho), got {self.predictor_keep_prior}")
         need(self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        need(self.bad_images in BAD_IMAGE_MODES, f"bad_images must be one of {BAD_IMAGE_MODES}, got {self.bad_images!r}")
+        need(not (self.overwrite and self.resume not in (False, None, "")),
+             "--overwrite replaces the earlier run and --resume continues it; pass one of them")
         if self.mixing and self.batch_size % 2:
             raise ConfigError(
                 f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
@@ -616,38 +636,60 @@ def evaluate(
         loader: batches of (images, integer labels).
         amp: autocast mode, as in `TrainConfig.amp`.
         distributed: sum the counts over all processes (each evaluated its own shard).
-        progress: show a tqdm bar.
+        progress: show a progress bar (plain lines when stderr is not a terminal).
+
+    Unreadable images (see `dynamicvit.data.CheckedImageFolder`) are left out and counted; rows with a
+    non-finite output count as misses and are left out of the loss.
 
     Returns:
-        {"top1", "top5", "loss", "images"}.
+        {"top1", "top5", "loss", "images", "non_finite", "unreadable"}.
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     dtype = amp_dtype(amp, device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
-    for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    unreadable = UnreadableImages(getattr(loader, "dataset", None), "evaluation")
+    # loss (finite rows), top-1 hits, top-5 hits, images, rows with a non-finite output, unreadable images
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for images, labels in progress_bar(loader, desc="eval", enabled=progress):
+        images, labels, bad = drop_unreadable(images, labels)
+        if bad:
+            unreadable.note(bad)
+            sums[5] += len(bad)
+            if not len(labels):
+                continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(images)
         logits = logits.float()
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,): a NaN/Inf output counts as a miss, not as a guess
         k = min(5, logits.shape[-1])
-        hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
-        sums += torch.stack([
-            F.cross_entropy(logits, labels, reduction="sum").double(),
+        hits = (logits.topk(k, dim=-1).indices == labels[:, None]) & finite[:, None]  # (B, k)
+        losses = F.cross_entropy(logits[finite], labels[finite], reduction="sum") if finite.any() else logits.new_zeros(())
+        sums[:5] += torch.stack([
+            losses.double(),
             hits[:, 0].sum().double(),
             hits.any(dim=-1).sum().double(),
             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            (~finite).sum().double(),
         ])
     if distributed:
         dist.all_reduce(sums)
     model.train(was_training)
-    loss, top1, top5, n = sums.tolist()
+    loss, top1, top5, n, non_finite, skipped = sums.tolist()
     if n == 0:
-        raise DataError("the evaluation set is empty; check the dataset path and --val-subset")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
+        raise DataError(
+            "the evaluation set is empty" + (f" (all {int(skipped)} images unreadable)" if skipped else "")
+            + "; check the dataset path and --val-subset"
+        )
+    return {
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "loss": loss / (n - non_finite) if n > non_finite else float("nan"),
+        "images": int(n),
+        "non_finite": int(non_finite),
+        "unreadable": int(skipped),
+    }
 
 
 # -- checkpoints and RNG ------------------------------------------------------------------------
@@ -711,7 +753,8 @@ def load_checkpoint(path: Path) -> dict:
 class MetricsLog:
     """Metrics as JSON lines (<output>/metrics.jsonl) and TensorBoard scalars; a no-op off rank 0."""
 
-    def __init__(self, output: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, output: Path, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
+        """`purge_step`: TensorBoard drops events from this step on (a resume trains them again)."""
         self.enabled = enabled
         self.file = None
         self.writer = None
@@ -722,7 +765,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output / "tb"))
+            self.writer = SummaryWriter(str(output / "tb"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -761,7 +804,9 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
     try:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return _fit(cfg, env, device, train_set, val_set)
+        # Rank 0 writes the files; the lock keeps a second run out of the folder while this one lives.
+        with RunLock(prepare_output_dir(cfg.output)) if env.is_main else nullcontext():
+            return _fit(cfg, env, device, train_set, val_set)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         if env.initialized_here:
@@ -778,6 +823,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
         if path:
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
     resume_from = _resume_path(cfg, out)
+    clear_earlier = False
+    if env.is_main:  # an earlier run is continued or refused, never silently replaced
+        clear_earlier = claim_run_folder(out, resume_from, cfg.overwrite, resume_asked=cfg.resume not in (False, None, ""))
     kwargs = dict(cfg.timm_kwargs)
     info = None
     if train_set is None:
@@ -799,6 +847,8 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     # 3. Data: each process reads its own share (DistributedSampler; a fixed shuffle per epoch).
     if train_set is None:
         train_set, val_set = build_datasets(cfg, info, img_size, model.pretrained_cfg)
+    if cfg.bad_images == "abort":
+        _check_all_images(env, device, train=train_set, val=val_set)
     sampler, train_loader, val_loader = build_loaders(cfg, env, device, train_set, val_set)
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     if steps_per_epoch == 0:
@@ -823,12 +873,16 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
 
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=_num_classes(model))
 
-    # 5. Resume.
+    # 5. Resume (at an epoch's end, or inside an epoch after a SIGTERM / SIGINT stop).
     start_epoch, history = 0, []
-    resumed = None
+    resumed, step_in_epoch, partial = None, 0, None
     if resume_from is not None:
         resumed = load_checkpoint(resume_from)
         _warn_config_changes(resumed["config"], cfg)
+        check_finite(resumed["model"], f"training checkpoint {resume_from}")
+        step_in_epoch, partial = int(resumed.get("step_in_epoch", 0)), resumed.get("partial")
+        if step_in_epoch:
+            check_resume_settings(resumed["config"], cfg.to_dict())
         try:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
@@ -837,7 +891,8 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
         if resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, history = int(resumed["epoch"]), list(resumed.get("history", []))
-        log("resuming from %s after epoch %d", resume_from, start_epoch)
+        log("resuming from %s after epoch %d%s", resume_from, start_epoch,
+            f", step {step_in_epoch} of epoch {start_epoch + 1}" if step_in_epoch else "")
 
     ema = None
     if cfg.ema:
@@ -851,9 +906,14 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # Per-rank random streams (Gumbel noise, mixup, augmentation); exact on resume for rank 0.
+    # Per-rank random streams (Gumbel noise, mixup, augmentation); exact on resume for rank 0. Inside an
+    # epoch the state is restored once the epoch's batches are set up (that set-up draws a loader seed).
+    restore_rng = None
     if resumed is not None and env.is_main and "rng" in resumed:
-        set_rng_state(resumed["rng"])
+        if step_in_epoch:
+            restore_rng = resumed["rng"]
+        else:
+            set_rng_state(resumed["rng"])
     else:
         seed_everything(cfg.seed + env.rank + 1000 * start_epoch)
 
@@ -873,49 +933,79 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     if env.is_main and not cfg.dense and cfg.freeze_backbone_epochs >= cfg.epochs:
         _logger.warning("freeze_backbone_epochs %d >= epochs %d: only the prediction modules will train",
                         cfg.freeze_backbone_epochs, cfg.epochs)
+    resume_step = 0 if resumed is None else int(resumed.get("step", start_epoch * steps_per_epoch))
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and (out / "last.pth").exists():
-            _logger.warning("%s holds a previous run; its last.pth will be replaced (pass --resume to continue it)", out)
+        check_room(out, model, cfg.ema)
+        if clear_earlier:
+            clear_run(out)
+        dropped = trim_metrics(out / "metrics.jsonl", resume_step)  # steps after the checkpoint are trained again
+        if dropped:
+            log("metrics.jsonl: dropped %d line(s) logged after the checkpoint (those steps run again)", dropped)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
-    metrics = MetricsLog(out, env.is_main, cfg.tensorboard)
+    metrics = MetricsLog(out, env.is_main, cfg.tensorboard, purge_step=resume_step + 1)
     last = out / "last.pth"
 
-    # 6. The loop.
+    def checkpoint(epochs_done: int, **position) -> None:
+        """Write last.pth (rank 0): weights, optimizer, EMA, RNG, history; `position` for a mid-epoch stop."""
+        if not env.is_main:
+            return
+        save_checkpoint(last, {
+            "model": model.state_dict(),
+            "dynamicvit": model_settings(model),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "epoch": epochs_done,
+            "step": epochs_done * steps_per_epoch + position.get("step_in_epoch", 0),
+            "config": cfg.to_dict(),
+            "history": history,
+            "rng": rng_state(),
+            **position,
+        })
+
+    # 6. The loop. SIGINT / SIGTERM stop it at the next step with a checkpoint (`--resume` continues).
+    stop = StopRequest()
+    amp = cfg.amp if dtype else "none"
+    if step_in_epoch:
+        sampler.skip = step_in_epoch * cfg.batch_size  # the batches the checkpoint already trained
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            net.train()
-            freeze_backbone = not cfg.dense and epoch < cfg.freeze_backbone_epochs
-            row = _train_epoch(
-                cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, train_loader,
-                device, dtype, epoch, steps_per_epoch, freeze_backbone, metrics,
-                schedule=dict(base_lr=base_lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_steps=warmup_steps, total_steps=total_steps),
-            )
-            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                val = evaluate(model, val_loader, device, cfg.amp if dtype else "none", distributed=env.distributed)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                if ema is not None:
-                    val_ema = evaluate(ema.module, val_loader, device, cfg.amp if dtype else "none", distributed=env.distributed)
-                    row.update({f"val_ema_{k}": v for k, v in val_ema.items()})
-            history.append(row)
-            metrics.log("epoch", (epoch + 1) * steps_per_epoch, row)
-            log("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(row))
-            if env.is_main:
-                save_checkpoint(last, {
-                    "model": model.state_dict(),
-                    "dynamicvit": model_settings(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.module.state_dict() if ema is not None else None,
-                    "epoch": epoch + 1,
-                    "step": (epoch + 1) * steps_per_epoch,
-                    "config": cfg.to_dict(),
-                    "history": history,
-                    "rng": rng_state(),
-                })
-            if env.distributed:
-                dist.barrier()
+        with stop.installed():
+            for epoch in range(start_epoch, cfg.epochs):
+                sampler.set_epoch(epoch)
+                net.train()
+                freeze_backbone = not cfg.dense and epoch < cfg.freeze_backbone_epochs
+                row, position = _train_epoch(
+                    cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, train_loader,
+                    device, dtype, epoch, steps_per_epoch, freeze_backbone, metrics,
+                    schedule=dict(base_lr=base_lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_steps=warmup_steps, total_steps=total_steps),
+                    start=step_in_epoch, partial=partial, restore_rng=restore_rng, stop=stop,
+                )
+                step_in_epoch, partial, restore_rng = 0, None, None
+                if row is None:  # stopped inside the epoch
+                    checkpoint(epoch, **position)
+                    _stopped(stop, env, last, f"epoch {epoch + 1}, step {position['step_in_epoch']}")
+                stopping = stop.requested(env.distributed, device)
+                if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                    if stopping:
+                        log("evaluation of epoch %d skipped: stopping", epoch + 1)
+                    else:
+                        try:
+                            row.update(_validate(model, ema, val_loader, device, amp, env.distributed))
+                        except Exception:
+                            # The epoch's training is worth keeping whatever broke the evaluation.
+                            history.append(row)
+                            checkpoint(epoch + 1)
+                            _logger.error("evaluation after epoch %d failed; the epoch's training is saved in %s "
+                                          "(--resume continues after it)", epoch + 1, last)
+                            raise
+                history.append(row)
+                metrics.log("epoch", (epoch + 1) * steps_per_epoch, row)
+                log("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(row))
+                checkpoint(epoch + 1)
+                if env.distributed:
+                    dist.barrier()
+                if stopping and epoch + 1 < cfg.epochs:
+                    _stopped(stop, env, last, f"the end of epoch {epoch + 1}")
     finally:
         metrics.close()
     if env.is_main and not cfg.dense and history:
@@ -955,38 +1045,55 @@ def build_datasets(cfg: TrainConfig, info, img_size: int, pretrained_cfg: Option
 
 def build_loaders(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Dataset, val_set: Optional[Dataset]):
     """(train sampler, train loader, validation loader or None); validation is sharded over the ranks."""
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     pin = device.type == "cuda"
     train_loader = DataLoader(
         train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-        drop_last=True, persistent_workers=cfg.num_workers > 0,
+        drop_last=True, persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals,
     )
     val_loader = None
     if val_set is not None:
         shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
-        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
+        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin,
+                                worker_init_fn=ignore_stop_signals)
     return sampler, train_loader, val_loader
 
 
 def _train_epoch(
     cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, loader, device, dtype,
-    epoch, steps_per_epoch, freeze_backbone, metrics, schedule,
-) -> dict:
-    """One epoch of optimization; returns the epoch's mean losses and realized keep ratios."""
-    from tqdm.auto import tqdm
+    epoch, steps_per_epoch, freeze_backbone, metrics, schedule, *, start=0, partial=None, restore_rng=None,
+    stop: Optional[StopRequest] = None,
+) -> tuple[Optional[dict], Optional[dict]]:
+    """One epoch of optimization.
 
+    Args:
+        start, partial: continue a stopped epoch from step `start` with its running sums `partial`.
+        restore_rng: RNG state to restore once the batches are set up (a mid-epoch resume).
+        stop: ends the epoch early when a signal asked for it.
+
+    Returns:
+        (the epoch's mean losses and realized keep ratios, None), or (None, the position to store in a
+        checkpoint) when `stop` ended the epoch early.
+    """
     keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
     # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
     teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
     stages = 0 if cfg.dense else len(model.prune_locs)
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
+    if partial:
+        sums, window = (torch.tensor(partial[k], device=device, dtype=sums.dtype) for k in ("sums", "window"))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (env.is_main and cfg.progress), leave=False)
+    unreadable = UnreadableImages(loader.dataset, "training")
+    batches = iter(loader)
+    if restore_rng is not None:
+        set_rng_state(restore_rng)
+    bar = progress_bar(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=env.is_main and cfg.progress)
     t0, lr = time.time(), 0.0
-    for it, (x, y) in enumerate(loader):
+    for it, (x, y) in enumerate(batches, start=start):
         if it >= steps_per_epoch:
             break
         step = epoch * steps_per_epoch + it
@@ -994,6 +1101,7 @@ def _train_epoch(
         for g in optimizer.param_groups:
             g["lr"] = 0.0 if freeze_backbone and g["part"] == "backbone" else lr * g["lr_scale"]
 
+        x, y = _readable(x, y, unreadable, mixup_fn is not None)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
@@ -1039,6 +1147,10 @@ def _train_epoch(
             if stages:
                 postfix["keep"] = "/".join(f"{r:.2f}" for r in mean[len(keys):])
             bar.set_postfix(postfix)
+        # The last step of an epoch goes on to the end-of-epoch checkpoint instead.
+        if stop is not None and it + 1 < steps_per_epoch and stop.requested(env.distributed, device):
+            bar.close()
+            return None, {"step_in_epoch": it + 1, "partial": {"sums": sums.tolist(), "window": window.tolist()}}
     bar.close()
     steps = min(steps_per_epoch, len(loader))
     if env.distributed:
@@ -1048,6 +1160,35 @@ def _train_epoch(
     row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in zip(keys, mean[: len(keys)])}}
     row.update({f"keep_ratio_stage{s + 1}": r for s, r in enumerate(mean[len(keys):])})
     row.update({"lr": lr, "epoch_time_s": time.time() - t0})
+    if unreadable.count:
+        row["unreadable_images"] = unreadable.count
+    return row, None
+
+
+def _readable(x: torch.Tensor, y: torch.Tensor, unreadable: UnreadableImages, even: bool):
+    """The batch without its unreadable images (reported by path); mixup/cutmix pair images, so `even`."""
+    x, y, bad = drop_unreadable(x, y)
+    if not bad:
+        return x, y
+    unreadable.note(bad)
+    if even and len(y) % 2:
+        x, y = x[:-1], y[:-1]
+    if not len(y):
+        raise DataError(
+            f"every image of a training batch was unreadable ({len(bad)} images); check the dataset, or pass "
+            "--bad-images abort to list them all before training"
+        )
+    return x, y
+
+
+def _validate(model, ema, loader, device, amp: str, distributed: bool) -> dict:
+    """Validation metrics of the model (and its EMA) as `val_*` / `val_ema_*` entries of an epoch's row."""
+    row = {}
+    for prefix, net in (("val_", model), ("val_ema_", ema.module if ema is not None else None)):
+        if net is not None:
+            val = evaluate(net, loader, device, amp, distributed=distributed)
+            # The counts of unreadable images and non-finite outputs only when there are some.
+            row.update({f"{prefix}{k}": v for k, v in val.items() if v or k not in ("non_finite", "unreadable")})
     return row
 
 
@@ -1064,6 +1205,35 @@ def teacher_targets(teacher: nn.Module, host: Optional[Host], x: torch.Tensor) -
     feats = host.model.forward_features(x)  # (B, P + N, C), normed
     logits = host.class_logits(feats)
     return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)
+
+
+def _stopped(stop: StopRequest, env: DistEnv, last: Path, where: str):
+    """Raise `TrainingStopped` (after the checkpoint at `where`), on every rank together."""
+    import signal
+
+    if env.distributed:
+        dist.barrier()
+    signum = stop.signum or signal.SIGTERM
+    raise TrainingStopped(
+        f"stopped by {signal.Signals(signum).name} at {where}; checkpoint {last} (--resume continues from it)",
+        signum=signum,
+        checkpoint=last,
+    )
+
+
+def _check_all_images(env: DistEnv, device: torch.device, **datasets) -> None:
+    """`--bad-images abort`: read every image before training; any unreadable one stops the run."""
+    bad = []
+    for what, dataset in datasets.items():
+        if dataset is not None:
+            bad += check_images(dataset, what, env.rank, env.world_size)
+    total = len(bad)
+    if env.distributed:  # each rank read its share
+        count = torch.tensor([total], device=device)
+        dist.all_reduce(count)
+        total = int(count.item())
+    if total:
+        raise bad_images_error(bad, total)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -1125,7 +1295,7 @@ def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
 
 
 def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
-    ignore = {"resume", "progress", "tensorboard", "num_workers", "log_every", "device", "eval_every"}
+    ignore = {"resume", "overwrite", "progress", "tensorboard", "num_workers", "log_every", "device", "eval_every"}
     changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
     if changed:
         _logger.warning("resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))

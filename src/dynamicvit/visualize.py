@@ -186,13 +186,13 @@ def average_keep_maps(
             the patch reached stage s (NaN where it never did).
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if kind not in ("kept", "prob"):
         raise ConfigError(f"kind must be 'kept' or 'prob', got {kind!r}")
     total = count = None
     seen = 0
-    for batch in tqdm(batches, desc="keep maps", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="keep maps", unit="batch", enabled=progress):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         tm = kept_token_masks(model, images)
         if kind == "kept":
@@ -369,9 +369,45 @@ class PanelGrid:
         """Write a PNG atomically (a crash never leaves a half-written file)."""
         from .checkpoint import atomic_write
 
+        from PIL.PngImagePlugin import PngInfo
+
+        from .outputs import GENERATOR
+
+        info = PngInfo()
+        info.add_text("Software", GENERATOR)  # how `is_our_file` recognizes it later
         path = Path(path)
-        atomic_write(path, lambda tmp: self.image.save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: self.image.save(tmp, format="PNG", pnginfo=info))
         return path
+
+
+def is_our_file(path: PathLike) -> bool:
+    """Whether `path` is a picture, page or array this module wrote (so a later run may replace it).
+
+    PNGs and HTML pages carry a generator mark; an `.npy` counts as ours when the PNG of the same
+    name does (they are written in pairs).
+    """
+    from .outputs import GENERATOR
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".png":
+            with Image.open(path) as im:
+                return im.info.get("Software") == GENERATOR
+        if suffix == ".html":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return _html_mark() in f.read(4096)
+        if suffix == ".npy":
+            return is_our_file(path.with_suffix(".png"))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return False
+
+
+def _html_mark() -> str:
+    from .outputs import GENERATOR
+
+    return f'<meta name="generator" content="{GENERATOR}">'
 
 
 @lru_cache(maxsize=8)
@@ -633,6 +669,7 @@ def write_html(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        _html_mark(),
         f"<title>{html.escape(heading)}</title>",
         "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
         "figure{margin:0 0 1.5em 0}figcaption{font-size:0.9em;color:#333;margin-bottom:0.3em}"

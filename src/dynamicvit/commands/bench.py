@@ -8,9 +8,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from .flops import add_model_arguments, build_base_model
+from .flops import add_model_arguments, build_base_model, model_name
 
-from ._common import float_list, int_list
+from ._common import float_list, non_negative_int, positive_int, positive_int_list
 
 HELP = "Throughput and latency of dense vs DynamicViT, side by side."
 
@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated keep ratios; 1.0 is the unmodified dense timm model, the baseline (default: 1.0,0.9,0.8,0.7,0.5)",
     )
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--batch-size", type=int, default=None, help="one batch size")
-    sizes.add_argument("--batch-sizes", type=int_list, default=None, help="comma-separated batch sizes (default: 32,1)")
+    sizes.add_argument("--batch-size", type=positive_int, default=None, help="one batch size")
+    sizes.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated batch sizes (default: 32,1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default: none = fp32)")
     parser.add_argument(
         "--runtime", type=_runtimes, default=None, metavar="RUNTIME[,RUNTIME]",
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the compile runtime; reduce-overhead = CUDA graphs on a GPU (default: %(default)s)")
     parser.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed repetitions per model (default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed forwards per model first (default: %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as a JSON list")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of speed-up and GMACs against keep ratio")
@@ -66,11 +66,18 @@ def _runtime_list(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
     from ..errors import ConfigError
+    from ..outputs import check_output_file, prepare_output_dir
     from ..spatial import SPARSE_MODELS
 
+    # Before minutes of timing, not after.
+    if args.output:
+        prepare_output_dir(args.output)
+    for flag, path in (("--json", args.json_path), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
     if any(not 0.0 < r <= 1.0 for r in args.keep_ratios):
         raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
-    batch_sizes = [args.batch_size] if args.batch_size else (args.batch_sizes or [32, 1])
+    batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [32, 1])
     base = build_base_model(args, keep_ratio=min(r for r in args.keep_ratios))
     if not isinstance(base, SPARSE_MODELS):
         _logger.warning("the checkpoint holds a dense model: the DynamicViTs get untrained prediction modules")
@@ -88,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
         runtimes=_runtime_list(args),
         onnx_dir=args.onnx_dir,
         compile_mode=args.compile_mode,
-        model_name=getattr(base, "model_name", None) or args.model,
+        model_name=getattr(base, "model_name", None) or model_name(args),
         progress=True,
     )
     json_path, md_path, plot_path = args.json_path, args.markdown, args.plot
     if args.output:
-        out = Path(args.output)
+        out = prepare_output_dir(args.output)
         json_path = json_path or out / "bench.json"
         md_path = md_path or out / "bench.md"
         plot_path = plot_path or out / "bench.png"

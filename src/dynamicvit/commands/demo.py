@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import int_list, non_negative_int, positive_int
+
 HELP = "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures."
 
 
@@ -20,20 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dense teacher checkpoint (default: the small ViT shipped with dynamicvit)")
     parser.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
                         help=f"rho: stage s keeps int(49 * rho^s) patch tokens (default: {d.keep_ratio})")
-    parser.add_argument("--prune-locs", default=None, metavar="I,J,K",
+    parser.add_argument("--prune-locs", type=int_list, default=None, metavar="I,J,K",
                         help="blocks before which to prune (default: 2,3,4 for the shipped teacher, evenly spaced for another)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"fine-tuning epochs (default: {d.epochs})")
-    parser.add_argument("--train-images", type=int, default=None, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, default=None, help=f"fine-tuning epochs (default: {d.epochs})")
+    parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                         help="fine-tune on a fixed random subset of N training images (default: all 60,000)")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"fine-tuning batch size (default: {d.batch_size})")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=f"fine-tuning batch size (default: {d.batch_size})")
     parser.add_argument("--lr", type=float, default=None, help=f"predictor learning rate (default: {d.lr})")
     parser.add_argument("--backbone-lr-scale", type=float, default=None,
                         help=f"backbone lr = lr * this (default: {d.backbone_lr_scale:.3g})")
     parser.add_argument("--ratio-weight", type=float, default=None,
                         help=f"weight of the keep-ratio loss (default: {d.ratio_weight})")
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
-    parser.add_argument("--workers", dest="num_workers", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--workers", dest="num_workers", type=non_negative_int, default=None,
                         help=f"data loader processes (default: {d.num_workers})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--quick", action="store_true",
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, format_table, run_demo
+    from ..outputs import check_output_dir
+
+    check_output_dir(args.output)  # a file or an unwritable folder: one line now, not after minutes of training
 
     settings = dict(
         output=args.output, data_dir=args.data_dir, download=args.download, teacher=args.teacher,
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     tuning = dict(epochs=args.epochs, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
                   backbone_lr_scale=args.backbone_lr_scale, num_workers=args.num_workers,
                   ratio_weight=args.ratio_weight,
-                  prune_locs=tuple(int(i) for i in args.prune_locs.split(",")) if args.prune_locs else None)
+                  prune_locs=tuple(args.prune_locs) if args.prune_locs else None)
     tuning = {k: v for k, v in tuning.items() if v is not None}
     cfg = DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)
 

@@ -6,10 +6,12 @@ the accuracy was measured at. The keep ratio can be changed without retraining.
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 
 from ..errors import ConfigError
-from ._common import float_list, model_kwargs
+from ._common import float_list, json_text, model_kwargs, non_negative_int, positive_int
+
+_logger = logging.getLogger(__name__)
 
 HELP = "Top-1/top-5 of a model on a dataset at a chosen keep ratio, plus its MACs."
 
@@ -28,22 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-pct", type=float, default=None,
                         help="ImageFolder: resize to size / crop-pct and center crop (default: the model's pretrained "
                         "config; the paper's recipes evaluate at 0.875); 384 px and up: the image is warped whole")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this many images")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of this many images")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="data loader processes (0: in this process)")
+    parser.add_argument("--bad-images", choices=("skip", "abort"), default="skip",
+                        help="unreadable images: skip (each reported by path, counted) or abort (all read first)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (dynamicvit.compile)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def load_for_eval(path: str, model_name=None, timm_kwargs=None):
     """A DynamicViT or dense timm model from any checkpoint `dynamicvit` reads."""
-    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings
+    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings, settings_win
     from ..factory import create_model
     from ..train import load_dense
 
-    if read_settings(path) is not None:
+    settings = read_settings(path)
+    if settings is not None:  # its own settings win; an explicit --model that contradicts them is an error
+        settings_win(settings, path, name=model_name.removeprefix("dynamicvit_") if model_name else None)
         return load_model(path)
     if model_name is None:
         raise ConfigError(f"{path} holds plain weights without settings; name the architecture with --model")
@@ -56,13 +62,11 @@ def load_for_eval(path: str, model_name=None, timm_kwargs=None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import build_dataset, eval_resize, resolve_dataset
+    from ..data import bad_images_error, build_dataset, check_images, eval_resize, resolve_dataset
     from ..hosts import any_host
     from ..spatial import SPARSE_MODELS
     from ..train import _check_model_fits, _img_size, evaluate, resolve_device
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     info = resolve_dataset(args.dataset, args.data_dir)
     model = load_for_eval(
         args.checkpoint, args.model,
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     resize = eval_resize(getattr(model, "pretrained_cfg", None) or {}, img_size, args.crop_pct)
     dataset = build_dataset(args.dataset, "val", img_size=img_size, data_dir=args.data_dir,
                             download=args.download, subset=args.subset, eval_resize=resize)
+    if args.bad_images == "abort" and (bad := check_images(dataset, "evaluation")):
+        raise bad_images_error(bad, len(bad))
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
     device = resolve_device(args.device)
     in_chans = any_host(model).in_chans
@@ -105,8 +111,14 @@ def run(args: argparse.Namespace) -> int:
             "params_m": macs.params / 1e6 if macs is not None else None,
         })
 
+    for r in rows:
+        if r["unreadable"]:
+            _logger.warning("keep ratio %g: %d unreadable image(s) skipped (named above)", r["keep_ratio"], r["unreadable"])
+        if r["non_finite"]:
+            _logger.warning("keep ratio %g: %d of %d images gave non-finite outputs (NaN or Inf), counted as wrong",
+                            r["keep_ratio"], r["non_finite"], r["images"])
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": info.name, "results": rows}, indent=2))
+        print(json_text({"checkpoint": str(args.checkpoint), "dataset": info.name, "results": rows}))
         return 0
     kind = f"DynamicViT ({getattr(model, 'model_name', '')})" if is_dynamic else "dense model"
     print(f"{kind} on {info.name} val, {rows[0]['images']} images")

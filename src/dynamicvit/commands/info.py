@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import int_list
+from ._common import int_list, model_kwargs, positive_int
 
 HELP = "Build a DynamicViT and print its stages and token counts."
 
@@ -12,14 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
     parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: stage s keeps int(N * rho^s) tokens")
     parser.add_argument("--prune-locs", type=int_list, default=None, help="comma-separated block indices, e.g. 3,6,9")
-    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
+                        help="extra timm.create_model arguments, a JSON object or key=value pairs (patch_size=8,depth=6)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..factory import create_model
     from ..spatial import DynamicSpatial
 
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    kwargs = {**args.model_kwargs, **({"img_size": args.img_size} if args.img_size is not None else {})}
     model = create_model(args.model, keep_ratio=args.keep_ratio, prune_locs=args.prune_locs, **kwargs)
     if isinstance(model, DynamicSpatial):
         return _spatial_info(args.model, model)

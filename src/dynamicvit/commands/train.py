@@ -31,7 +31,7 @@ FLAG_HELP = {
     "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens (ConvNeXt/Swin: int(N * (rho - 0.2 s)) positions on the FFN)",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "
     "ConvNeXt/Swin: block indices inside stage 3, default the authors' table)",
-    "timm_kwargs": "JSON of timm.create_model arguments, e.g. '{\"drop_path_rate\": 0.1}'",
+    "timm_kwargs": "timm.create_model arguments: a JSON object ('{\"drop_path_rate\": 0.1}') or key=value pairs",
     "recipe": "start from a paper recipe (deit-s, deit-b, deit-256, lvvit-s, lvvit-m, convnext-t/s/b, swin-t/s/b); flags given win",
     "predictor_keep_prior": "keep probability fresh prediction modules start at; None: rho (0.5: the reference's)",
     "eval_crop_pct": "evaluation crop of ImageFolder images; None: the model's pretrained config's",
@@ -65,6 +65,8 @@ FLAG_HELP = {
     "eval_every": "evaluate every this many epochs",
     "log_every": "steps between metric lines",
     "resume": "continue from <output>/last.pth, or from the given file",
+    "overwrite": "replace an earlier run in --output (without it, an earlier run is an error)",
+    "bad_images": "unreadable images: skip (each reported by path, counted) or abort (all read before training)",
     "deterministic": "use deterministic algorithms (slower, repeatable)",
     "progress": "show progress bars",
     "tensorboard": "write TensorBoard logs",
@@ -72,6 +74,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data import BAD_IMAGE_MODES
     from ..train import AMP_MODES, RECIPES, TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags win over it)")
@@ -90,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=AMP_MODES, **common)
         elif f.name == "recipe":
             parser.add_argument(flag, choices=list(RECIPES), **common)
+        elif f.name == "bad_images":
+            parser.add_argument(flag, choices=BAD_IMAGE_MODES, **common)
+        elif f.name == "timm_kwargs":  # one spelling for every command: --model-kwargs (--timm-kwargs still works)
+            parser.add_argument("--model-kwargs", flag, type=model_kwargs, metavar="KWARGS", **common)
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif "list[int]" in kind:

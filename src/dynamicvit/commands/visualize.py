@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ._common import float_list, model_kwargs
+from ..outputs import OutputNames, prepare_output_dir
+from ._common import float_list, model_kwargs, non_negative_int, positive_float, positive_float_list, positive_int
 
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DeiT weights for --model; without it the prediction modules are random")
     add("--output", required=True, metavar="DIR", help="folder for the pictures")
     add("--keep-ratio", type=float, default=None, help="rho (default: the checkpoint's, else 0.7)")
-    add("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    add("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
     add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments, as a JSON object ('{\"in_chans\": 1}') or comma-separated "
         "key=value pairs (in_chans=1,num_classes=10,patch_size=4)")
@@ -37,20 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a plain folder is read as images")
     add("--split", default="val", choices=("train", "val", "test"), help="dataset split (test = val; default val)")
     add("--data-dir", default=None, help="Fashion-MNIST: the folder with the IDX files (default: the system package)")
-    add("--num-samples", type=int, default=16, help="dataset images, a fixed random subset (default 16; 0 = all)")
+    add("--num-samples", type=non_negative_int, default=16, help="dataset images, a fixed random subset (default 16; 0 = all)")
     add("--seed", type=int, default=0, help="which random subset of the dataset (default 0)")
     add("--average", action="store_true",
         help="instead of one picture per image: the keep frequency of each grid position over all inputs, per stage")
     add("--contact-sheet", action="store_true", help="also draw all images in one sheet (several if many)")
-    add("--sheet-rows", type=int, default=24, help="images per contact sheet (default 24)")
+    add("--sheet-rows", type=positive_int, default=24, help="images per contact sheet (default 24)")
     add("--html", action="store_true", help="also write DIR/index.html showing every picture")
     add("--embed", action="store_true", help="embed the pictures in the HTML page instead of linking them")
     add("--mean", type=float_list, default=None, metavar="M[,M,M]",
         help="normalization mean of image files, e.g. 0.485,0.456,0.406 (default: the model's)")
-    add("--std", type=float_list, default=None, metavar="S[,S,S]",
+    add("--std", type=positive_float_list, default=None, metavar="S[,S,S]",
         help="normalization std of image files (default: the model's)")
-    add("--crop-pct", type=float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
-    add("--batch-size", type=int, default=32, help="images per forward pass")
+    add("--crop-pct", type=positive_float, default=None, help="center-crop fraction for image files (1.0 = no crop)")
+    add("--batch-size", type=positive_int, default=32, help="images per forward pass")
     add("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -73,20 +74,21 @@ def run(args: argparse.Namespace) -> int:
             "the kept tokens are arbitrary and the picture is meaningless"
         )
     model.to(device).eval()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(args.output)
 
     skipped: list[tuple[str, str]] = []
     sources = []  # iterators of (name, image tensor, label or None)
+    input_files: list[Path] = []
     class_names = _class_names(model)
     mean = std = None
     use_dataset = bool(args.dataset) and _is_dataset(args.dataset)
     if use_dataset:
-        samples, mean, std, class_names = _dataset_samples(args, model)
+        samples, mean, std, class_names = _dataset_samples(args, model, skipped)
         sources.append(samples)
     inputs = list(args.inputs) + ([args.dataset] if args.dataset and not use_dataset else [])
     if inputs:
         files, missing = vis.find_images(inputs)
+        input_files = list(files)
         if args.dataset and not args.inputs and args.num_samples:
             files = files[: args.num_samples]
         norm = _file_normalization(args, args.dataset if use_dataset else train_dataset)
@@ -103,17 +105,19 @@ def run(args: argparse.Namespace) -> int:
 
     batches = _batched((item for source in sources for item in source), args.batch_size)
     entries: list[tuple[str, Path]] = []
+    # Output names never replace an input or any file we did not write (e.g. --output is the input folder).
+    names = OutputNames(out, inputs=input_files, is_ours=vis.is_our_file)
     if args.average:
-        drawn = _draw_average(model, batches, out, entries)
+        drawn = _draw_average(model, batches, names, entries)
     else:
-        drawn = _draw_images(model, batches, out, mean, std, class_names, args, entries)
+        drawn = _draw_images(model, batches, names, mean, std, class_names, args, entries)
 
     if args.html and entries:
         notes = [f"{getattr(model, 'model_name', '')}, keep ratio {model.keep_ratio}, "
                  f"tokens kept per stage {list(model.keep_counts())} of {model.num_patches}"]
         if not trained:
             notes.append("Warning: random prediction modules; the kept tokens are arbitrary.")
-        page = vis.write_html(out / "index.html", entries, notes=notes, embed=args.embed)
+        page = vis.write_html(names.claim_file("index", ".html"), entries, notes=notes, embed=args.embed)
         print(f"wrote {page}")
     if drawn == 0:
         reasons = "; ".join(why for _, why in skipped[:5]) or "no inputs"
@@ -144,22 +148,21 @@ def load_model(args: argparse.Namespace):
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
     from ..checkpoint import load_model as load_saved
-    from ..checkpoint import load_weights, read_settings
+    from ..checkpoint import load_weights, read_settings, settings_win
     from ..errors import ConfigError
     from ..factory import create_model, sparsify
     from ..spatial import SPARSE_MODELS
 
     kwargs = dict(args.model_kwargs)
-    if args.img_size:
+    if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
     if args.checkpoint:
         settings = read_settings(args.checkpoint)
         if settings is not None:
             train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
-            if args.model and args.model.removeprefix("dynamicvit_") != settings.get("model_name"):
-                _logger.warning("warning: --model %s ignored: %s holds a %s",
-                                args.model, args.checkpoint, settings.get("model_name"))
+            # The checkpoint's settings win; an explicit --model that contradicts them is an error naming both.
+            settings_win(settings, args.checkpoint, name=args.model.removeprefix("dynamicvit_") if args.model else None)
             model = load_saved(args.checkpoint, **kwargs)
             trained = isinstance(model, SPARSE_MODELS)
         elif args.model:
@@ -220,28 +223,27 @@ def _load_files(files, transform, in_chans: int, skipped: list) -> Iterator[tupl
 
 def _file_normalization(args, train_dataset: Optional[str]) -> dict:
     """Normalization of image files: the command line's, else that of the dataset drawn alongside or
-    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config."""
-    from ..data import is_fashion_mnist, resolve_dataset
-    from ..errors import DataError
+    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config.
+
+    The name of the training data comes from the checkpoint, so it is only compared with known names,
+    never opened: nothing in a checkpoint makes a command read another file.
+    """
+    from ..data import dataset_normalization, is_fashion_mnist
 
     norm = {"mean": args.mean, "std": args.std, "crop_pct": args.crop_pct}
     if train_dataset is not None and (args.mean is None or args.std is None):
-        try:
-            info = resolve_dataset(train_dataset, args.data_dir)
-        except DataError:  # an ImageFolder that is not here any more: fall back to the model's config
-            _logger.debug("cannot describe training dataset %s; using the model's normalization", train_dataset)
-            return norm
-        norm["mean"] = args.mean if args.mean is not None else info.mean
-        norm["std"] = args.std if args.std is not None else info.std
+        mean, std = dataset_normalization(train_dataset)
+        norm["mean"] = args.mean if args.mean is not None else mean
+        norm["std"] = args.std if args.std is not None else std
         if args.crop_pct is None and is_fashion_mnist(train_dataset):
             norm["crop_pct"] = 1.0  # as the data module's validation transform: whole objects, no crop
-        _logger.info("image files normalized as %s (the checkpoint's training data)", info.name)
+        _logger.info("image files normalized as for %s (the checkpoint's training data)", train_dataset)
     return norm
 
 
-def _dataset_samples(args, model):
+def _dataset_samples(args, model, skipped: list):
     """(samples, mean, std, class names) for --dataset, from dynamicvit.data; samples yield (name, image, label)."""
-    from ..data import build_dataset, resolve_dataset
+    from ..data import base_dataset, build_dataset, resolve_dataset
     from ..errors import ConfigError
 
     info = resolve_dataset(args.dataset, args.data_dir)
@@ -266,6 +268,11 @@ def _dataset_samples(args, model):
     def samples():
         for i, idx in enumerate(indices):
             x, y = dataset[i]
+            if y < 0:  # an unreadable image (dynamicvit.data.CheckedImageFolder)
+                path, why = base_dataset(dataset).describe(-y - 1)
+                _logger.warning("skipping %s: %s", path, why)
+                skipped.append((path, why))
+                continue
             label = classes[y] if classes and 0 <= y < len(classes) else str(y)
             yield f"{info.name}_{split}_{idx:05d}", x, label
 
@@ -291,14 +298,10 @@ def _batched(samples, batch_size: int):
 # -- drawing ------------------------------------------------------------------------------------
 
 
-def _unique_png(out: Path, name: str, used: set) -> Path:
+def _png_path(names: OutputNames, name: str) -> Path:
+    """A free `<stem>.png` for an input called `name` (see `OutputNames`)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
-    candidate, n = stem, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{stem}_{n}"
-    used.add(candidate)
-    return out / f"{candidate}.png"
+    return names.claim_file(stem, ".png")
 
 
 def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
@@ -312,20 +315,18 @@ def _title(name: str, logits, class_names, label: Optional[str] = None) -> str:
     return f"{name}: {truth}predicted {predicted} ({p[k]:.0%})"
 
 
-def _draw_images(model, batches, out: Path, mean, std, class_names, args, entries: list) -> int:
-    from tqdm.auto import tqdm
-
+def _draw_images(model, batches, names: OutputNames, mean, std, class_names, args, entries: list) -> int:
     from .. import visualize as vis
+    from ..progress import progress_bar
 
-    used: set = set()
     sheet_images, sheet_masks, sheet_titles = [], [], []
     drawn = 0
-    for names, x, labels in tqdm(batches, desc="visualize", unit="batch", disable=None):
+    for batch_names, x, labels in progress_bar(batches, desc="visualize", unit="batch"):
         tm = vis.kept_token_masks(model, x)
         pics = vis.to_uint8(x, mean, std)
-        titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(names)]
-        for i, (name, title) in enumerate(zip(names, titles)):
-            path = vis.render_tokens(pics[i], tm, i, title=title).save(_unique_png(out, name, used))
+        titles = [_title(n, tm.logits[i], class_names, labels[i]) for i, n in enumerate(batch_names)]
+        for i, (name, title) in enumerate(zip(batch_names, titles)):
+            path = vis.render_tokens(pics[i], tm, i, title=title).save(_png_path(names, name))
             entries.append((title, path))
             drawn += 1
         if args.contact_sheet:
@@ -339,18 +340,19 @@ def _draw_images(model, batches, out: Path, mean, std, class_names, args, entrie
         pages = range(0, len(images), args.sheet_rows)
         for page, start in enumerate(pages, 1):
             stop = start + args.sheet_rows
-            name = "contact_sheet.png" if len(pages) == 1 else f"contact_sheet_{page:02d}.png"
+            name = "contact_sheet" if len(pages) == 1 else f"contact_sheet_{page:02d}"
             grid = vis.render_contact_sheet(images[start:stop], tm[start:stop], sheet_titles[start:stop])
-            path = grid.save(out / name)
+            path = grid.save(names.claim_file(name, ".png"))
             entries.insert(page - 1, (f"contact sheet {page}/{len(pages)}", path))
             print(f"wrote {path}")
     return drawn
 
 
-def _draw_average(model, batches, out: Path, entries: list) -> int:
+def _draw_average(model, batches, names: OutputNames, entries: list) -> int:
     import numpy as np
 
     from .. import visualize as vis
+    from ..checkpoint import atomic_write
     from ..errors import DataError
 
     count = 0
@@ -366,8 +368,15 @@ def _draw_average(model, batches, out: Path, entries: list) -> int:
     except DataError:  # no image could be read
         return 0
     title = f"keep frequency per position over {count} image(s)"
-    path = vis.save_average(maps, out / "average_keep.png", model.keep_counts(), title=title)
-    np.save(out / "average_keep.npy", maps)
+    stem = names.claim("average_keep", (".png", ".npy"))
+    path = vis.save_average(maps, stem.parent / f"{stem.name}.png", model.keep_counts(), title=title)
+    array = stem.parent / f"{stem.name}.npy"
+
+    def write_array(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a temp name
+            np.save(f, maps)
+
+    atomic_write(array, write_array)
     entries.append((title, path))
-    print(f"wrote {path} and {out / 'average_keep.npy'} (shape {maps.shape}: stage, row, column)")
+    print(f"wrote {path} and {array} (shape {maps.shape}: stage, row, column)")
     return count
