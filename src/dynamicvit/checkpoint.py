@@ -196,6 +196,11 @@ ARCHITECTURE_KWARGS = frozenset({
     "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm",
     "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate",
     "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "norm_layer", "act_layer",
+    # LV-ViT
+    "skip_lam",
+    # ConvNeXt and Swin
+    "depths", "dims", "kernel_sizes", "ls_init_value", "stem_type", "conv_mlp", "conv_bias", "use_grn",
+    "head_norm_first", "head_hidden_size", "window_size", "strict_img_size", "head_dim", "always_partition",
 })
 KINDS = ("dynamicvit", "dense")
 

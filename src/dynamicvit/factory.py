@@ -121,6 +121,21 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     return model
 
 
+def _timm_args(name: str, timm_kwargs: dict) -> dict:
+    """timm's ConvNeXt has no `img_size` argument (it takes any size): the size it is meant for goes
+    into its pretrained config instead, which data transforms, keep counts and FLOPs read."""
+    from timm.models import model_entrypoint
+
+    if "img_size" not in timm_kwargs or not model_entrypoint(name).__module__.endswith(".convnext"):
+        return timm_kwargs
+    args = dict(timm_kwargs)
+    size = args.pop("img_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
+    overlay["input_size"] = (args.get("in_chans", 3), h, w)
+    return {**args, "pretrained_cfg_overlay": overlay}
+
+
 def sparsify(
     model: nn.Module,
     keep_ratio: float = DEFAULT_KEEP_RATIO,
