@@ -5,6 +5,7 @@ from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, Un
 from .factory import create_model, sparsify, _register
 from .model import DynamicViT, DynamicViTOutput, PrunedOutput
 from .ops import PredictionModule
+from .speedups import fast_patch_embed, fused_masked_attention
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "SparsityConfig",
     "UnsupportedModelError",
     "create_model",
+    "fast_patch_embed",
+    "fused_masked_attention",
     "load_model",
     "save_model",
     "sparsify",
