@@ -188,6 +188,19 @@ def test_fast_patch_embed_on_a_dynamicvit_loads_checkpoints_and_exports(tmp_path
         torch.testing.assert_close(program.module()(x), fast(x))
 
 
+@pytest.mark.slow
+def test_fast_patch_embed_exports_to_onnx():
+    ort = pytest.importorskip("onnxruntime")
+    model = fast_patch_embed(tiny_model(keep_ratio=0.7)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    proto = torch.onnx.export(model, (x,), dynamo=True).model_proto
+    assert "Conv" not in {node.op_type for node in proto.graph.node}
+    session = ort.InferenceSession(proto.SerializeToString())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fast_patch_embed_refuses_what_it_cannot_compute():
     dense = timm.create_model("vit_tiny_patch16_224", **tiny_kwargs(depth=1))
     overlapping = copy.deepcopy(dense)

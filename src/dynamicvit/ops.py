@@ -121,6 +121,9 @@ class PredictionModule(nn.Module):
         features with one view, and the two-way last layer becomes one dot product with
         (w_keep - w_drop, b_keep - b_drop): the softmax is monotone in that margin. Weights derived
         that way are cached between calls (see `_inference_weights`). Twelve operators in all.
+        Trade-off: for B > 1 the patch tokens are a strided view of the sequence, which layer_norm
+        copies once (B, n, C); running the per-token layers on all P + n rows instead (the reference
+        layout of `logits`) avoids that copy for two more view operators per stage.
 
         Args:
             patches: the patch tokens, (B, n, C), without prefix tokens.
