@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -171,7 +171,6 @@ class Row:
     ours_ms: Optional[float] = None
     free_ms: Optional[float] = None
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def inference_rows(arch: str, batch: int, precision: str, args, device: torch.device,
@@ -182,14 +181,13 @@ def inference_rows(arch: str, batch: int, precision: str, args, device: torch.de
     weights = bf16 if precision == "bf16 weights" else None
     autocast = bf16 if precision == "bf16 autocast" else None
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=weights or torch.float32)
-    fns, built = {}, {}
+    fns = {}
     for embed in embeds:
         for kind, model in build(arch, args, device, weights, fast_embed=embed == "fast").items():
             if kind not in kinds:
                 continue
             if compile_mode:
                 model = compiled(model, compile_mode, device)
-            built[(embed, kind)] = model
             fns[f"{embed}/{kind}"] = forward_fn(model, x, autocast)
     ms = interleaved_medians(fns, Clock(device), args)
     rows = []

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import dynamicvit
 from conftest import scramble, tiny_kwargs, tiny_model
