@@ -6,6 +6,7 @@ Rows (random weights: with fixed token counts per stage, speed does not depend o
 - DeiT-S batch 1: bf16 autocast, and CUDA graphs (torch.compile mode "reduce-overhead");
 - DeiT-B batch 256 and batch 1, bf16 autocast;
 - the fast patch embedding alone (dense DeiT-S, bf16 weights);
+- one pruning stage (fast scoring + top-k + gather, and the reference-exact scoring) against one block;
 - the training step (DeiT-S, `--train-batch` 128, bf16 autocast): masked path + dense teacher + the
   full DynamicViT objective + AdamW, with the exact and the fused masked attention, against a dense
   CE step;
@@ -171,6 +172,7 @@ class Row:
     ours_ms: Optional[float] = None
     free_ms: Optional[float] = None
     note: str = ""
+    cells: Optional[list] = None  # written as they are instead (the per-stage breakdown)
 
 
 def inference_rows(arch: str, batch: int, precision: str, args, device: torch.device,
@@ -199,6 +201,38 @@ def inference_rows(arch: str, batch: int, precision: str, args, device: torch.de
         rows.append(Row(f"fast patch embedding alone: dense {arch} batch {batch}, {label or precision}",
                         ms["timm/dense"], ms["fast/dense"], note="ours = the same dense model with the fast embedding"))
     return rows
+
+
+def stage_rows(args, device: torch.device) -> list[Row]:
+    """Where the pruned model's extra time goes: one pruning stage (the inference path's fast scoring +
+    top-k + gather, and the reference-exact scoring it replaces) against one block, DeiT-S, batch
+    `--batch`, bf16 weights, on the full sequence of the first stage."""
+    from dynamicvit.ops import prune_tokens, select_tokens
+
+    ours = build("DeiT-S", args, device, torch.bfloat16, fast_embed=False)["ours"]
+    P, N, k = ours.num_prefix_tokens, ours.num_patches, ours.keep_counts()[0]
+    x = torch.randn(args.batch, P + N, ours.embed_dim, device=device, dtype=torch.bfloat16)
+    block, predictor = ours.backbone.blocks[0], ours.predictors[0]
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                return fn()
+        return run
+
+    ms = interleaved_medians({
+        "block": inference(lambda: block(x)),
+        "fast": inference(lambda: prune_tokens(x, predictor, k, P)),
+        "reference": inference(lambda: select_tokens(x, predictor(x, num_prefix_tokens=P)[..., 0], k, P)),
+    }, Clock(device), args)
+    where = f"DeiT-S batch {args.batch}, bf16 weights, {P + N} tokens"
+    return [
+        Row(f"{where}: one block", cells=[f"{ms['block']:.3f} ms", "", ""]),
+        Row(f"{where}: one pruning stage (keep_margin + top-k + gather)",
+            cells=["", f"{ms['fast']:.3f} ms ({ms['fast'] / ms['block']:.0%} of a block)", ""]),
+        Row(f"{where}: one pruning stage with the reference-exact scoring (log-softmax + select_tokens)",
+            cells=["", f"{ms['reference']:.3f} ms ({ms['reference'] / ms['block']:.0%} of a block)", ""]),
+    ]
 
 
 def training_rows(args, device: torch.device) -> list[Row]:
@@ -255,6 +289,7 @@ def groups(args, device: torch.device) -> list[tuple[str, Callable[[], list[Row]
     todo = [
         ("DeiT-S batch large, autocast", lambda: inference_rows("DeiT-S", B, "bf16 autocast", args, device)),
         ("DeiT-S batch large, bf16 weights", lambda: inference_rows("DeiT-S", B, "bf16 weights", args, device)),
+        ("one pruning stage vs one block", lambda: stage_rows(args, device)),
         ("DeiT-S batch 1, autocast", lambda: inference_rows("DeiT-S", 1, "bf16 autocast", args, device)),
         ("DeiT-B batch large, autocast", lambda: inference_rows("DeiT-B", B, "bf16 autocast", args, device)),
         ("DeiT-B batch 1, autocast", lambda: inference_rows("DeiT-B", 1, "bf16 autocast", args, device)),
@@ -278,7 +313,9 @@ def groups(args, device: torch.device) -> list[tuple[str, Callable[[], list[Row]
 def table(rows: list[Row], header: str) -> str:
     lines = [header, "", "| | dense timm | dynamicvit | free-predictor bound |", "|---|---|---|---|"]
     for r in rows:
-        if r.dense_ms is None:
+        if r.cells is not None:
+            lines.append(f"| {r.label} | " + " | ".join(r.cells) + " |")
+        elif r.dense_ms is None:
             lines.append(f"| {r.label} | {r.note} | | |")
         elif r.note == "time":  # training: ours takes this many times the dense step
             lines.append(f"| {r.label} | {r.dense_ms:.2f} ms | {r.ours_ms / r.dense_ms:.2f}x the time | |")

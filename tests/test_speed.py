@@ -313,7 +313,7 @@ def _dry_run(tmp_path, *extra) -> str:
     assert table in out.stdout
     assert "failed" not in table and "skipped" not in table and "nan" not in table.lower(), table
     for row in ("DeiT-S batch 2, bf16 autocast, timm's embedding in both", "DeiT-S batch 2, bf16 weights, fast embedding",
-                "DeiT-S batch 1, bf16 autocast", "DeiT-B batch 2", "DeiT-B batch 1", "fast patch embedding alone",
+                "DeiT-S batch 1, bf16 autocast", "DeiT-B batch 2", "one pruning stage (keep_margin + top-k + gather)", "DeiT-B batch 1", "fast patch embedding alone",
                 "training step DeiT-S batch 2, bf16 autocast, exact masked attention",
                 "training step DeiT-S batch 2, bf16 autocast, fused masked attention"):
         assert row in table, row
