@@ -42,12 +42,11 @@ def closed_form_predictors(C, scored, P):
     """Prediction modules scoring `scored[s]` patch tokens at stage s, in the two layouts.
 
     Reference layout: Linear(C, C) + Linear(C, C/2) on concat(local, global) + Linear(C/2, C/4) + Linear(C/4, 2)
-    per patch token. Ours: out_conv[0]'s global half is applied once per image ((C/2)^2), and the per-token
-    layers also run on the P prefix tokens (their rows are dropped at the end; cheaper than copying the input).
+    per patch token. Ours (the inference path's `keep_margin`): out_conv[0]'s global half is applied once per
+    image ((C/2)^2), and the two-way last layer is one dot product (w_keep - w_drop) per token.
     """
-    tail = C // 2 * (C // 4) + C // 4 * 2
-    reference = sum(n * (C * C + C * (C // 2) + tail) for n in scored)
-    ours = sum((P + n) * (C * C + (C // 2) * (C // 2) + tail) + (C // 2) * (C // 2) for n in scored)
+    reference = sum(n * (C * C + C * (C // 2) + C // 2 * (C // 4) + C // 4 * 2) for n in scored)
+    ours = sum(n * (C * C + (C // 2) * (C // 2) + C // 2 * (C // 4) + C // 4) + (C // 2) * (C // 2) for n in scored)
     return reference, ours
 
 

@@ -342,13 +342,18 @@ def _keep_score_vs_content(model, images) -> float:
 
 @pytest.mark.slow
 @pytest.mark.fashion_mnist
-def test_dynamicvit_fine_tuning_learns_to_keep_the_object(fmnist_dense_49_tokens, tmp_path):
+@pytest.mark.parametrize("fused_attention", [False, True], ids=["exact", "fused"])
+def test_dynamicvit_fine_tuning_learns_to_keep_the_object(fmnist_dense_49_tokens, tmp_path, fused_attention, monkeypatch):
     """With the backbone frozen, one epoch of the DynamicViT objective must teach the predictors to keep the
     garment rather than the blank background: pruned accuracy at least that of untrained predictors.
+    Likewise with the fused masked attention (`dynamicvit.fused_masked_attention`) on the training path.
 
     (With 16 tokens of 7 px and average pooling instead, a backbone this weak can rely on the
     background and the predictors rightly learn to keep it: the demo's layout is the meaningful one.)"""
     from dynamicvit.data import build_dataset
+    from dynamicvit.hosts.vit import ViTHost
+
+    monkeypatch.setattr(ViTHost, "fused_masked_attn", fused_attention)  # every model train() builds
 
     dense, _ = fmnist_dense_49_tokens
     cfg = TrainConfig(teacher=str(dense.checkpoint), keep_ratio=0.7, epochs=1, freeze_backbone_epochs=1, lr=3e-3,

@@ -8,6 +8,7 @@ from .factory import create_model, sparsify, _register
 from .model import DynamicViT, DynamicViTOutput, PrunedOutput
 from .ops import PredictionModule
 from .spatial import DynamicSpatial, SpatialConfig
+from .speedups import fast_patch_embed, fused_masked_attention
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     "compile",
     "create_model",
     "export_onnx",
+    "fast_patch_embed",
+    "fused_masked_attention",
     "load_model",
     "save_model",
     "sparsify",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Callable, Optional, Sequence
@@ -139,7 +140,9 @@ _MATRIX_WORDS = ("mm", "matmul", "conv", "attention", "linear", "einsum", "dot")
 
 
 class _MacCounter(TorchDispatchMode):
-    """Adds the MACs of every matrix product it sees to `macs[label(args)]` and `by_kind[kind]`."""
+    """Adds the MACs of every matrix product it sees to `macs[label(args)]` and `by_kind[kind]`,
+    and counts the operators called (`operators`, by name; those inside a decomposition it runs
+    itself are not counted again)."""
 
     def __init__(self, label: Callable[[tuple], Any]):
         super().__init__()
@@ -148,17 +151,25 @@ class _MacCounter(TorchDispatchMode):
         self.norm_ops: dict[Any, int] = {}
         self.by_kind: dict[str, int] = {kind: 0 for kind in _MATRIX_RULES}
         self.uncounted: set[str] = set()
+        self.operators: Counter[str] = Counter()
+        self._decomposing = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self._decomposing:
+            self.operators[str(func)] += 1
         packet = func.overloadpacket
         rule = _RULES.get(packet)
         norm = _NORM_RULES.get(packet)
         if rule is None and norm is None:
             # A composite operator we have no formula for (einsum, tensordot, ...) may break down into
             # ones we have; run its decomposition with the mode on so they are seen.
-            with self:
-                out = func.decompose(*args, **kwargs)
+            self._decomposing += 1
+            try:
+                with self:
+                    out = func.decompose(*args, **kwargs)
+            finally:
+                self._decomposing -= 1
             if out is not NotImplemented:
                 return out
             if any(word in packet.__name__ for word in _MATRIX_WORDS):
@@ -337,6 +348,39 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
     return report
 
 
+def count_operators(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Counter[str]:
+    """The aten operators one forward of one image calls, by name (a CPU-side proxy for GPU kernel
+    launches, which is what batch-1 latency pays for).
+
+    The model runs for real, in eval mode under `torch.inference_mode`, on a random image on its
+    device: once untimed (so caches such as the prediction modules' derived weights are built, as in
+    any served model), then once under the counter. The counts are structural: they depend on the
+    architecture, the keep ratio and the image size, not on the weights or the width. The training
+    flag is restored.
+
+    Args:
+        model: a DynamicViT, a timm VisionTransformer, or any module taking (B, C, H, W) images.
+        input_size: (C, H, W); default: the size the model was built for.
+    """
+    model = _unwrap(model)
+    size = tuple(int(v) for v in (input_size or default_input_size(model)))
+    _check_image_size(model, size)
+    param = next(iter(model.parameters()), None)
+    x = torch.randn(1, *size, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    counter = _MacCounter(lambda args: None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+            with counter:
+                model(x)
+    finally:
+        model.train(was_training)
+    return counter.operators
+
+
 def _check_image_size(model: nn.Module, size: tuple) -> None:
     backbone = _backbone(model)
     embed = getattr(backbone, "patch_embed", None)
@@ -499,8 +543,8 @@ class _StageTracker:
     An operator that uses a parameter (or a view of one, e.g. half of a weight matrix) belongs to
     the stage that owns the parameter, wherever it is called from. Others (attention) get the
     label of the running module, from forward hooks: "embed" until the first block, ("block", i)
-    inside block i (and between blocks, after it), ("predictor", s) inside prediction module s,
-    "head" after the last block.
+    inside block i (and between blocks, after it), ("predictor", s) inside prediction module s and
+    after it until the next block, "head" after the last block.
     """
 
     def __init__(self, layout: _Layout, owners: dict[int, Any]):
@@ -529,7 +573,9 @@ class _StageTracker:
                 self._hook(mod, ("block", i), after=("head" if i == last else ("block", i)), block=i)
         for s, pred in enumerate(self.layout.predictors):
             for mod in pred.modules():
-                self._hook(mod, ("predictor", s))
+                # `after`: the inference path's fast scoring (`keep_margin`) calls the module's norm and
+                # then works with derived weights outside any module call; it lasts until the next block.
+                self._hook(mod, ("predictor", s), after=("predictor", s))
         embed = getattr(self.layout.backbone, "patch_embed", None)
         if isinstance(embed, nn.Module):
             self._handles.append(embed.register_forward_hook(self._record_embed))

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import SparsityConfig
 from .hosts import Host, host_for
-from .ops import PredictionModule, sample_keep, select_tokens
+from .ops import PredictionModule, prune_tokens, sample_keep, select_tokens
 
 _logger = logging.getLogger(__name__)
 
@@ -217,9 +217,9 @@ class DynamicViT(nn.Module):
                     full = log_p.new_full((B, N), float("nan"))
                     src = index if index is not None else torch.arange(N, device=x.device).expand(B, N)
                     scores.append(full.scatter(1, src, log_p))
+                    x, keep = select_tokens(x, score, counts[stage], P)
                 else:
-                    score = predictor.keep_score(x, P)
-                x, keep = select_tokens(x, score, counts[stage], P)
+                    x, keep = prune_tokens(x, predictor, counts[stage], P)
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)
             x = host.block(i, x)

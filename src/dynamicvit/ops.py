@@ -4,14 +4,17 @@
 - `sample_keep`: straight-through Gumbel-softmax decisions for training.
 - `masked_softmax`: attention weights where dropped tokens cannot influence any other token,
   differentiable in the decision (the training path; each host applies it inside its attention).
-- `select_tokens`: top-k selection and gather for the inference path (tokens physically removed).
+  `policy_bias`: the same as an additive bias for fused attention kernels.
+- `select_tokens` / `prune_tokens`: top-k selection and gather for the inference path (tokens
+  physically removed); `prune_tokens` scores with `PredictionModule.keep_margin`, the few-operator
+  fast path of the prediction module.
 
 Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -107,8 +110,80 @@ class PredictionModule(nn.Module):
 
         log p_keep = l0 - logsumexp(l0, l1) is monotone in l0 - l1, so the ranking needs no softmax.
         """
-        z = self.logits(x, num_prefix_tokens=num_prefix_tokens)
-        return z[..., 0] - z[..., 1]
+        return self.keep_margin(x[:, num_prefix_tokens:]).squeeze(-1)
+
+    def keep_margin(self, patches: torch.Tensor) -> torch.Tensor:
+        """l_keep - l_drop of every patch token, (B, n, 1): the inference path's ranking score.
+
+        The same function as `logits` without a policy (equal to ~1e-6), in as few operators as
+        possible, since on a GPU each one is a kernel launch and the whole module is ~3% of the MACs:
+        it runs on the patch tokens only (no prefix rows to slice off at the end), splits the hidden
+        features with one view, and the two-way last layer becomes one dot product with
+        (w_keep - w_drop, b_keep - b_drop): the softmax is monotone in that margin. Weights derived
+        that way are cached between calls (see `_inference_weights`). Twelve operators in all.
+        Trade-off: for B > 1 the patch tokens are a strided view of the sequence, which layer_norm
+        copies once (B, n, C); running the per-token layers on all P + n rows instead (the reference
+        layout of `logits`) avoids that copy for two more view operators per stage.
+
+        Args:
+            patches: the patch tokens, (B, n, C), without prefix tokens.
+        """
+        w = self._inference_weights()
+        norm, fc_in, fc1 = self.in_conv[0], self.in_conv[1], self.out_conv[2]
+        h = _gelu(F.linear(norm(patches), fc_in.weight, fc_in.bias))  # (B, n, C)
+        local, glob = h.split(h.shape[-1] // 2, dim=-1)  # (B, n, C/2) each
+        z = F.linear(local, w.local).add_(F.linear(glob.mean(dim=1, keepdim=True), w.glob, w.bias))
+        z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))  # (B, n, C/4)
+        return F.linear(z, w.margin, w.margin_bias)
+
+    def _inference_weights(self) -> "_InferenceWeights":
+        """`out_conv[0]`'s weight split into its local and global halves, and the last layer's
+        margin row (w_keep - w_drop, b_keep - b_drop).
+
+        Cached while the source parameters stay the same tensors at the same version (every in-place
+        update, `load_state_dict`, an optimizer step or `.to()` changes one of them; writing through
+        `param.data` does not, so call `clear_inference_cache()` after doing that). Derived afresh,
+        differentiably, when a gradient is wanted and while torch.compile / torch.export / tracing
+        follow the code: then they are part of the traced graph, not constants.
+        """
+        fc0, fc2 = self.out_conv[0], self.out_conv[4]
+        sources = (fc0.weight, fc0.bias, fc2.weight, fc2.bias)
+        if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in sources)):
+            return _InferenceWeights.of(fc0, fc2)
+        try:
+            key = tuple((id(p), p.data_ptr(), p._version) for p in sources)
+        except RuntimeError:  # inference tensors have no version counter, fake tensors no data
+            return _InferenceWeights.of(fc0, fc2)
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            # Outside inference mode, so that the cached tensors can meet autograd later.
+            with torch.inference_mode(False), torch.no_grad():
+                derived = _InferenceWeights(*(t.contiguous() for t in _InferenceWeights.of(fc0, fc2)))
+            self.__dict__["_inference_cache"] = cached = (key, derived)
+        return cached[1]
+
+    def clear_inference_cache(self) -> None:
+        """Forget the derived inference weights (needed only after writing through `param.data`)."""
+        self.__dict__.pop("_inference_cache", None)
+
+
+class _InferenceWeights(NamedTuple):
+    local: torch.Tensor  # (C/2, C/2), out_conv[0] on the local half
+    glob: torch.Tensor  # (C/2, C/2), out_conv[0] on the global half
+    bias: torch.Tensor  # (C/2,)
+    margin: torch.Tensor  # (1, C/4), w_keep - w_drop
+    margin_bias: torch.Tensor  # (1,), b_keep - b_drop
+
+    @classmethod
+    def of(cls, fc0: nn.Linear, fc2: nn.Linear) -> "_InferenceWeights":
+        local, glob = fc0.weight.split(fc0.in_features // 2, dim=1)
+        margin = fc2.weight[0:1] - fc2.weight[1:2]
+        return cls(local, glob, fc0.bias, margin, fc2.bias[0:1] - fc2.bias[1:2])
+
+
+def _tracing() -> bool:
+    """True while torch.compile, torch.export or the TorchScript tracer follows the Python code."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _gelu(t: torch.Tensor) -> torch.Tensor:
@@ -150,13 +225,43 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         attn: attention logits, (B, H, M, M).
         policy: (B, M, 1) or (B, M); 1 for prefix and kept tokens, 0 for dropped ones.
     """
-    B, H, M, _ = attn.shape
-    g = policy.reshape(B, 1, 1, M).to(torch.float32)
-    eye = torch.eye(M, dtype=torch.float32, device=attn.device).view(1, 1, M, M)
-    G = g + (1.0 - g) * eye  # (B, 1, M, M): g_j off the diagonal, 1 on it
+    M = attn.shape[-1]
     a = attn.to(torch.float32)
-    e = torch.exp(a - a.amax(dim=-1, keepdim=True).detach()) * G
+    e = torch.exp(a - a.amax(dim=-1, keepdim=True).detach()) * _key_gate(policy, M)
     return ((e + _EPS / M) / (e.sum(dim=-1, keepdim=True) + _EPS)).to(attn.dtype)
+
+
+def policy_bias(policy: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`masked_softmax` as an additive attention bias, for fused attention kernels (training path).
+
+    softmax(A + log(G + eps)) = E (G + eps) / sum_k E_k (G_k + eps), E = exp(A - rowmax A): the
+    reference formula with the stabilizer eps * E_ij in place of its constant eps / M (which needs
+    the row max, i.e. the explicit (B, H, M, M) logits a fused kernel never writes out). Where a
+    kept key is within ~14 nats (log 1/eps) of the row max, both equal the exact masked softmax to
+    ~1e-6 and have the same gradient in g, which eps bounds: through the log, d/dg_j =
+    1 / (g_j + eps) <= 1/eps multiplies the weight eps E_ij / sum(...) of a dropped key, giving
+    ~E_ij / sum_kept E <= 1/eps as in the reference (the exact derivative grows like exp(D) for a
+    dropped key D nats above the kept ones). Beyond ~14 nats the two distort the row differently:
+    the reference flattens it (weight eps/M / eps = 1/M on every key) and keeps a gradient of
+    ~1/eps for the dominant dropped key; here that key takes the row's weight and its gradient
+    vanishes (saturated softmax). Such rows are rare enough that the predictors learn alike
+    (tests/test_speed.py), but this is why the fused kernel is opt-in.
+
+    Args:
+        policy: (B, M, 1) or (B, M); 1 for prefix and kept tokens, 0 for dropped ones.
+        dtype: the queries' dtype (fused kernels want the bias in it); computed in fp32.
+
+    Returns:
+        (B, 1, M, M), broadcast over heads.
+    """
+    return torch.log(_key_gate(policy, policy.shape[1]) + _EPS).to(dtype)
+
+
+def _key_gate(policy: torch.Tensor, M: int) -> torch.Tensor:
+    """G, (B, 1, M, M) fp32: G_ij = g_j off the diagonal, 1 on it (a dropped token still sees itself)."""
+    g = policy.reshape(-1, 1, 1, M).to(torch.float32)
+    eye = torch.eye(M, dtype=torch.float32, device=policy.device).view(1, 1, M, M)
+    return g + (1.0 - g) * eye
 
 
 def select_tokens(
@@ -166,20 +271,48 @@ def select_tokens(
 
     Args:
         x: tokens, (B, P + N, C).
-        score: keep score of the patch tokens, (B, N).
+        score: keep score of the patch tokens, (B, N) or (B, N, 1).
         num_keep: k, patch tokens to keep.
         num_prefix_tokens: P.
 
     Returns:
         (tokens (B, P + k, C), positions of the kept patch tokens in the current sequence (B, k)).
-        Kept tokens come out in score order; the position embedding was added at the input.
+        Kept tokens follow the prefix in the order top-k returns them; the position embedding was
+        added at the input.
     """
-    B, _, C = x.shape
-    P = num_prefix_tokens
-    keep = score.topk(num_keep, dim=1, sorted=False).indices  # (B, k)
-    if P:
-        prefix = torch.arange(P, device=x.device).expand(B, P)
-        index = torch.cat([prefix, keep + P], dim=1)  # (B, P + k)
-    else:
-        index = keep
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, C)), keep
+    prefix, patches = _split_prefix(x, num_prefix_tokens)
+    tokens, keep = _keep_top(prefix, patches, score.reshape(score.shape[0], -1, 1), num_keep)
+    return tokens, keep.squeeze(-1)
+
+
+def prune_tokens(
+    x: torch.Tensor, predictor: PredictionModule, num_keep: int, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pruning stage of the inference path: `select_tokens` on `predictor.keep_margin`.
+
+    The prefix / patch split is shared by the predictor and the gather, and no index is built for
+    the prefix tokens (they are concatenated back), so a stage costs the predictor's 12 operators
+    plus 6.
+
+    Returns:
+        As `select_tokens`.
+    """
+    prefix, patches = _split_prefix(x, num_prefix_tokens)
+    tokens, keep = _keep_top(prefix, patches, predictor.keep_margin(patches), num_keep)
+    return tokens, keep.squeeze(-1)
+
+
+def _split_prefix(x: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix (B, P, C), patches (B, N, C)) as views, in one operator."""
+    return x.split([num_prefix_tokens, x.shape[1] - num_prefix_tokens], dim=1)
+
+
+def _keep_top(
+    prefix: torch.Tensor, patches: torch.Tensor, score: torch.Tensor, num_keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix + the top-k patches (B, P + k, C), their positions (B, k, 1)); score (B, N, 1)."""
+    keep = score.topk(num_keep, dim=1, sorted=False).indices  # (B, k, 1)
+    kept = patches.gather(1, keep.expand(-1, -1, patches.shape[-1]))  # (B, k, C)
+    if prefix.shape[1] == 0:
+        return kept, keep
+    return torch.cat([prefix, kept], dim=1), keep

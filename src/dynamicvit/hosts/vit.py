@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
-from ..ops import masked_softmax
+from ..ops import masked_softmax, policy_bias
 from .base import Host
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -21,6 +22,11 @@ SUPPORTED_POOLS = ("token", "avg")
 
 class ViTHost(Host):
     family = "vit"
+    # Masked attention on the training path: False computes `masked_softmax` with explicit fp32
+    # products (the reference formula); True runs F.scaled_dot_product_attention with the policy as
+    # an additive bias (`ops.policy_bias`: same forward to ~1e-6 where a kept key leads the row,
+    # gradient bounded alike). Set per model with `dynamicvit.speedups.fused_masked_attention`.
+    fused_masked_attn: bool = False
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -79,7 +85,7 @@ class ViTHost(Host):
         blk = self.blocks[i]
         if policy is None:
             return blk(x)
-        x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy)))
+        x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy, self.fused_masked_attn)))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,7 +120,7 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int])
         )
 
 
-def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """A timm `Attention` module's forward with `masked_softmax` in place of the softmax.
 
     Uses the module's own weights (qkv, q/k norm, output norm, proj) and dropouts.
@@ -123,14 +129,20 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> 
         attn: a `timm.layers.Attention`.
         x: tokens, (B, M, C).
         policy: (B, M, 1).
+        fused: F.scaled_dot_product_attention with `policy_bias` instead of explicit products.
     """
     B, M, C = x.shape
     H, D = attn.num_heads, attn.head_dim
     qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
-    a = attn.attn_drop(masked_softmax(a, policy))
-    x = (a @ v).transpose(1, 2).reshape(B, M, H * D)
+    if fused:
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=policy_bias(policy, q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )  # (B, H, M, D)
+    else:
+        a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
+        x = attn.attn_drop(masked_softmax(a, policy)) @ v
+    x = x.transpose(1, 2).reshape(B, M, H * D)
     x = attn.norm(x)
     return attn.proj_drop(attn.proj(x))
