@@ -33,6 +33,7 @@ def create_model(
     checkpoint_path: Optional[Union[str, os.PathLike]] = None,
     keep_ratio: float = 0.7,
     prune_locs: Optional[Sequence[int]] = None,
+    fuse_dropped: bool = False,
     **timm_kwargs,
 ) -> DynamicViT:
     """Build the timm model `name` and add DynamicViT prediction modules.
@@ -43,13 +44,14 @@ def create_model(
         checkpoint_path: a local file: timm/DeiT weights, a reference DynamicViT checkpoint, or ours.
         keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens.
         prune_locs: blocks before which to prune; default three evenly spaced stages.
+        fuse_dropped: fold each stage's dropped tokens into one extra token instead of discarding them.
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
     from .checkpoint import load_weights
 
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
-    model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
+    model = DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs, fuse_dropped=fuse_dropped)
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
     return model
@@ -79,12 +81,14 @@ def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Mo
     return model
 
 
-def sparsify(model: nn.Module, keep_ratio: float = 0.7, prune_locs: Optional[Sequence[int]] = None) -> DynamicViT:
+def sparsify(
+    model: nn.Module, keep_ratio: float = 0.7, prune_locs: Optional[Sequence[int]] = None, fuse_dropped: bool = False
+) -> DynamicViT:
     """Wrap a timm ViT the user already has (weights shared, not copied) as a DynamicViT."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}
-    return DynamicViT(model, keep_ratio, prune_locs, timm_kwargs=kwargs)
+    return DynamicViT(model, keep_ratio, prune_locs, timm_kwargs=kwargs, fuse_dropped=fuse_dropped)
 
 
 def _register() -> None:

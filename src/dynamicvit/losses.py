@@ -119,6 +119,7 @@ class DynamicViTLoss(nn.Module):
         target: torch.Tensor,
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_tokens: Optional[torch.Tensor] = None,
+        keep_ratio: Optional[float] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its terms.
 
@@ -127,12 +128,14 @@ class DynamicViTLoss(nn.Module):
             target: class indices (B,) or soft targets (B, K).
             teacher_logits: (B, K), or None.
             teacher_tokens: the teacher's final normed patch tokens, (B, N, C), or None.
+            keep_ratio: the ratio this step's ratio loss targets (elastic training draws one per
+                step); None: the one given at construction.
 
         Returns:
             (total, {"ce", "ratio", "kl", "token"}) with the terms unweighted and detached.
         """
         ce = classification_loss(output.logits, target, self.smoothing)
-        ratio = ratio_loss(output.decisions, self.keep_ratio)
+        ratio = ratio_loss(output.decisions, self.keep_ratio if keep_ratio is None else keep_ratio)
         total = ce + self.ratio_weight * ratio
         terms = {"ce": ce.detach(), "ratio": ratio.detach()}
         if teacher_logits is not None:

@@ -43,6 +43,7 @@ from .checkpoint import (
     read_checkpoint,
     save_model,
 )
+from .config import KeepRatioSampler
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError
 from .losses import DynamicViTLoss, classification_loss
 
@@ -77,6 +78,10 @@ class TrainConfig:
     pretrained: bool = False  # no --teacher: use timm's pretrained dense model (downloads)
     init_checkpoint: Optional[str] = None  # weights to start from instead of the teacher's (or timm's when dense)
     keep_ratio: float = 0.7  # rho: stage s keeps int(N * rho^s) patch tokens
+    keep_ratios: Optional[str] = None  # elastic training: "LO:HI" (e.g. "0.4:1.0") or "A,B,C", a keep ratio
+    # drawn per step and targeted by the ratio loss, so one model serves every ratio in the range; None:
+    # keep_ratio alone (the paper's recipe). The model's keep ratio at inference stays keep_ratio.
+    fuse_dropped: bool = False  # fold each stage's dropped tokens into one extra token instead of discarding them
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
     timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
     # dataset fills in num_classes, in_chans and img_size unless given here
@@ -182,6 +187,8 @@ class TrainConfig:
                 f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
                 "use an even batch size or pass --mixup 0 --cutmix 0"
             )
+        if self.keep_ratios is not None:
+            KeepRatioSampler.parse(self.keep_ratios)
         if self.dense and self.teacher:
             raise ConfigError("--dense trains with plain CE and takes no teacher; drop --teacher (or --dense)")
 
@@ -400,8 +407,10 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
             "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
         )
     teacher.eval().requires_grad_(False)
-    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs)
+    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, cfg.fuse_dropped)
     student.backbone.requires_grad_(True)
+    if cfg.keep_ratios is not None:
+        student.set_keep_ratio_range(KeepRatioSampler.parse(cfg.keep_ratios).range)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint)
     return student, teacher
@@ -804,7 +813,11 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     finally:
         metrics.close()
     if env.is_main and not cfg.dense and history:
-        for warning in keep_ratio_drift(history[-1], model.keep_ratio):
+        targets = None
+        if cfg.keep_ratios is not None:  # elastic: the kept fractions average over the ratios drawn
+            sampler = KeepRatioSampler.parse(cfg.keep_ratios)
+            targets = [sampler.expected_fraction(s) for s in range(1, len(model.prune_locs) + 1)]
+        for warning in keep_ratio_drift(history[-1], model.keep_ratio, targets=targets):
             _logger.warning(warning)
 
     # 7. The final model file(s), with the settings that made them.
@@ -861,6 +874,7 @@ def _train_epoch(
     from tqdm.auto import tqdm
 
     keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
+    sampler = None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
     stages = 0 if cfg.dense else len(model.prune_locs)
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
@@ -887,8 +901,10 @@ def _train_epoch(
                 with torch.no_grad():
                     feats = teacher.forward_features(x)  # (B, P + N, C), normed
                     t_logits, t_tokens = teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
-                out = net(x)  # DynamicViTOutput: training path, tokens masked
-                loss, terms = criterion(out, y, t_logits, t_tokens)
+                # Elastic training: this step's keep ratio (python's RNG: per rank, restored on resume).
+                rho = sampler.sample(random) if sampler is not None else None
+                out = net(x, keep_ratio=rho)  # DynamicViTOutput: training path, tokens masked
+                loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
                 keep = [d.detach().float().mean() for d in out.decisions]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -936,8 +952,12 @@ def _train_epoch(
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> list[str]:
+def keep_ratio_drift(
+    row: dict, keep_ratio: float, tolerance: float = 0.05, targets: Optional[list[float]] = None
+) -> list[str]:
     """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`.
+
+    `targets` replaces rho^s per stage (elastic training: the mean of rho^s over the ratios drawn).
 
     Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
     training meets token sets it was not trained on. The usual cause is a prediction module that
@@ -947,13 +967,15 @@ def keep_ratio_drift(row: dict, keep_ratio: float, tolerance: float = 0.05) -> l
     out = []
     stage = 1
     while f"keep_ratio_stage{stage}" in row:
-        realized, target = row[f"keep_ratio_stage{stage}"], keep_ratio**stage
+        realized = row[f"keep_ratio_stage{stage}"]
+        target = targets[stage - 1] if targets is not None else keep_ratio**stage
+        of = f"keep ratio {keep_ratio}^{stage}" if targets is None else "the mean of rho^s over the ratios drawn"
         if abs(realized - target) > tolerance:
             previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
             stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
             out.append(
                 f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"(keep ratio {keep_ratio}^{stage}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
+                f"({of}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
                 "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
                 "its prediction module saturated: lower --lr"
             )
