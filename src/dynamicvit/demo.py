@@ -5,10 +5,13 @@
 1. reads the Fashion-MNIST test set (10,000 images) and evaluates the dense teacher (a small ViT
    shipped in `dynamicvit/assets`, made by `scripts/train_teacher.sh` with `dynamicvit train --dense`);
 2. fine-tunes a DynamicViT from it with `dynamicvit.train.train` (three pruning stages, the full
-   objective: CE + keep-ratio + KL + token distillation);
+   objective: CE + keep-ratio + KL + token distillation), elastic by default: a keep ratio drawn
+   from 0.4..1.0 per step, so one model serves every budget (`--single-ratio`: the paper's recipe);
 3. measures both: top-1 on the test set, MACs per image (`flops.count_macs`) and images/s
    (`bench.compare_throughput`, interleaved timing);
-4. evaluates the fine-tuned model at several keep ratios (changed at inference, no retraining);
+4. evaluates the fine-tuned model at several keep ratios (changed at inference, no retraining), next
+   to the single-ratio model's curve (`SINGLE_RATIO_SWEEP`, measured on the shipped teacher, or
+   fine-tuned and measured in this run with `compare_single_ratio`);
 5. writes `report.json`, a contact sheet of the tokens kept on test images and a keep-ratio plot.
 
 The demo writes only its own files into the output folder (see `DEMO_FILES`) and refuses to replace
@@ -16,6 +19,7 @@ files of those names that it did not write.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -35,11 +39,15 @@ _logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_ASSET = ASSETS / "fmnist_vit_teacher.safetensors"
+# The single-ratio model's keep-ratio sweep on the shipped teacher, measured on the full test set
+# (what the plot compares the elastic model with unless `compare_single_ratio` fine-tunes one).
+SINGLE_RATIO_SWEEP = ASSETS / "fmnist_single_ratio_sweep.json"
 DATASET = "fashion-mnist"
 
 # What the demo writes into its output folder; nothing else there is touched.
 REPORT, SHEET, SWEEP_PLOT, FINETUNE_DIR = "report.json", "kept_tokens.png", "keep_ratio_sweep.png", "finetune"
-DEMO_FILES = (REPORT, SHEET, SWEEP_PLOT, FINETUNE_DIR)
+SINGLE_DIR = "finetune-single-ratio"
+DEMO_FILES = (REPORT, SHEET, SWEEP_PLOT, FINETUNE_DIR, SINGLE_DIR)
 MARKER = ".dynamicvit-demo"
 
 # Where the shipped 6-block teacher is pruned: the evenly spaced default (1, 3, 4) prunes after a
@@ -75,6 +83,11 @@ class DemoConfig:
     download: bool = False  # download Fashion-MNIST when missing
     teacher: Optional[str] = None  # dense teacher checkpoint (default: the one shipped with dynamicvit)
     keep_ratio: float = 0.7  # rho: stage s keeps int(49 * rho^s) of the 49 patch tokens
+    keep_ratios: Optional[str] = "0.4:1.0"  # elastic training: a keep ratio drawn per step from this range
+    # (`train --keep-ratios`); None (`--single-ratio`): the paper's recipe, trained at keep_ratio alone
+    fuse_dropped: bool = False  # fold the dropped tokens into one extra token (`--fuse-dropped`)
+    compare_single_ratio: bool = False  # also fine-tune the single-ratio model and sweep it (twice the
+    # fine-tuning time); otherwise the plot shows its sweep measured on the shipped teacher
     prune_locs: Optional[tuple[int, ...]] = None  # blocks before which to prune; None: SHIPPED_PRUNE_LOCS
     # for the shipped teacher, three evenly spaced stages for another one
     epochs: int = 4  # fine-tuning epochs over `train_images` (about 2.3 minutes each on 2 cores)
@@ -114,6 +127,10 @@ class DemoConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.keep_ratios is not None:
+            from .config import KeepRatioSampler
+
+            KeepRatioSampler.parse(self.keep_ratios)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("train_images", "test_images"):
@@ -230,7 +247,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _logger.info("dense teacher: top-1 %.2f%% on %d test images", dense_eval["top1"], dense_eval["images"])
 
     # 2. Fine-tune DynamicViT from the teacher with the project's training loop.
-    step(2, f"fine-tuning DynamicViT at keep ratio {cfg.keep_ratio} ({cfg.epochs} epoch(s))")
+    how = f"over keep ratios {cfg.keep_ratios}" if cfg.keep_ratios else f"at keep ratio {cfg.keep_ratio}"
+    step(2, f"fine-tuning DynamicViT {how}{' with fused tokens' if cfg.fuse_dropped else ''} ({cfg.epochs} epoch(s))")
     train_cfg = TrainConfig(
         dataset=DATASET,
         data_dir=cfg.data_dir,
@@ -238,6 +256,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         output=str(out / FINETUNE_DIR),
         teacher=str(t_path),
         keep_ratio=cfg.keep_ratio,
+        keep_ratios=cfg.keep_ratios,
+        fuse_dropped=cfg.fuse_dropped,
         prune_locs=list(prune_locs) if prune_locs else None,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -263,6 +283,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = train(train_cfg)
     timings["fine_tune"] = time.perf_counter() - t0
     student = result.model.eval()
+    single = None
+    if cfg.compare_single_ratio and (cfg.keep_ratios or cfg.fuse_dropped):
+        _logger.info("fine-tuning the single-ratio model to compare (the paper's recipe at %s)", cfg.keep_ratio)
+        t0 = time.perf_counter()
+        single_cfg = dataclasses.replace(train_cfg, keep_ratios=None, fuse_dropped=False, output=str(out / SINGLE_DIR))
+        single = train(single_cfg).model.eval()
+        timings["fine_tune_single_ratio"] = time.perf_counter() - t0
 
     # 3. Accuracy of the student on the same test images.
     step(3, f"evaluating DynamicViT on {dense_eval['images']} test images")
@@ -286,6 +313,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     sweep = keep_ratio_sweep(student, loader, device, cfg.sweep, evaluate, count_macs, progress=cfg.progress)
     student.set_keep_ratio(cfg.keep_ratio)
+    if single is not None:
+        single_sweep = {"source": "fine-tuned in this run (--compare-single-ratio)",
+                        "rows": keep_ratio_sweep(single, loader, device, cfg.sweep, evaluate, count_macs, progress=cfg.progress)}
+    else:
+        single_sweep = shipped_single_ratio_sweep(cfg, t_path, sweep)
     timings["sweep"] = time.perf_counter() - t0
 
     # 6. Pictures and the report.
@@ -297,7 +329,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "images_per_s": bench["dense"].images_per_s, "latency_ms": bench["dense"].latency_ms,
     }
     dyn_row = {
-        "keep_ratio": cfg.keep_ratio, "prune_locs": list(student.prune_locs), "keep_counts": list(student.keep_counts()),
+        "keep_ratio": cfg.keep_ratio, "keep_ratios": cfg.keep_ratios, "fuse_dropped": cfg.fuse_dropped,
+        "prune_locs": list(student.prune_locs), "keep_counts": list(student.keep_counts()),
         "num_patches": student.num_patches,
         "top1": dyn_eval["top1"], "top5": dyn_eval["top5"], "loss": dyn_eval["loss"],
         "gmacs": dyn_macs.gmacs, "macs": dyn_macs.total, "predictor_macs": dyn_macs.predictor_macs,
@@ -307,7 +340,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     top1_drop = dense_row["top1"] - dyn_row["top1"]
     macs_reduction = 1.0 - dyn_row["gmacs"] / dense_row["gmacs"]
-    plot = save_sweep_plot(sweep, dense_row, cfg.keep_ratio, out / SWEEP_PLOT)
+    label = f"elastic {cfg.keep_ratios}" if cfg.keep_ratios else f"single ratio {cfg.keep_ratio:g}"
+    label += ", fused" if cfg.fuse_dropped else ""
+    plot = save_sweep_plot(sweep, dense_row, cfg.keep_ratio, out / SWEEP_PLOT, label=label, single_ratio=single_sweep)
     report = {
         "demo": "dynamicvit demo: dense ViT teacher vs DynamicViT on Fashion-MNIST",
         "quick": cfg.quick,
@@ -331,6 +366,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             },
         },
         "sweep": sweep,
+        "sweep_single_ratio": single_sweep,
         "training": {
             "config": train_cfg.to_dict(),
             "history": result.history,
@@ -360,6 +396,21 @@ def _train_len(train_cfg) -> int:
 
 def _jsonable(values: dict) -> dict:
     return json.loads(json.dumps(values, default=str))
+
+
+def shipped_single_ratio_sweep(cfg: DemoConfig, teacher: Path, sweep: list[dict]) -> Optional[dict]:
+    """The shipped single-ratio sweep, when it was measured on this teacher and data (else None).
+
+    Rows at the ratios of `sweep`; the report says where they come from.
+    """
+    if cfg.teacher is not None or cfg.test_images is not None or not SINGLE_RATIO_SWEEP.is_file():
+        return None
+    meta = json.loads(SINGLE_RATIO_SWEEP.read_text())
+    if not (cfg.keep_ratios or cfg.fuse_dropped):
+        return None  # this run trains the single-ratio model itself
+    ratios = {r["keep_ratio"] for r in sweep}
+    rows = [r for r in meta["sweep"] if r["keep_ratio"] in ratios]
+    return {"source": f"shipped measurement ({SINGLE_RATIO_SWEEP.name}): {meta['description']}", "rows": rows} if rows else None
 
 
 def keep_ratio_sweep(model, loader, device, ratios: Sequence[float], evaluate, count_macs, progress: bool = False) -> list[dict]:
@@ -413,8 +464,16 @@ def draw_kept_tokens(model, dataset, path: Path, info, count: int, device) -> Pa
     return Path(save_contact_sheet(model, images.to(device), path, mean=info.mean, std=info.std, titles=titles))
 
 
-def save_sweep_plot(sweep: list[dict], dense: dict, keep_ratio: float, path: Path) -> Path:
-    """Top-1 vs keep ratio and vs MACs, with the dense teacher and the 0.5-point band."""
+def save_sweep_plot(
+    sweep: list[dict], dense: dict, keep_ratio: float, path: Path, label: str = "DynamicViT",
+    single_ratio: Optional[dict] = None,
+) -> Path:
+    """Top-1 vs keep ratio and vs MACs, with the dense teacher and the 0.5-point band.
+
+    Args:
+        label: what the trained model is (e.g. "elastic 0.4:1.0").
+        single_ratio: {"source", "rows"}: the single-ratio model's sweep, drawn next to it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,21 +489,27 @@ def save_sweep_plot(sweep: list[dict], dense: dict, keep_ratio: float, path: Pat
                    label=f"within {TARGET_MAX_TOP1_DROP} pt")
         ax.set_ylabel("top-1 on the test set (%)")
         ax.grid(alpha=0.3)
-    a.plot(ratios, top1, "o-", color="tab:blue", label="DynamicViT (one model)")
+    a.plot(ratios, top1, "o-", color="tab:blue", label=f"DynamicViT, {label} (one model)")
+    if single_ratio:
+        rows = single_ratio["rows"]
+        shipped = " (shipped measurement)" if single_ratio["source"].startswith("shipped") else ""
+        for ax, xs in ((a, [r["keep_ratio"] for r in rows]), (b, [r["macs"] / 1e6 for r in rows])):
+            ax.plot(xs, [r["top1"] for r in rows], "s--", color="tab:gray", ms=4,
+                    label=f"DynamicViT, single ratio {keep_ratio:g}{shipped}")
     chosen = [(r["keep_ratio"], r["macs"] / 1e6, r["top1"]) for r in sweep if r["keep_ratio"] == keep_ratio]
     for r, x, y in chosen:
         a.plot([r], [y], "o", ms=11, mfc="none", color="tab:orange", label=f"trained at {keep_ratio:g}")
         b.plot([x], [y], "o", ms=11, mfc="none", color="tab:orange")
     a.set_xlabel("keep ratio (changed at inference)")
     a.invert_xaxis()
-    b.plot(mmacs, top1, "o-", color="tab:blue", label="DynamicViT")
+    b.plot(mmacs, top1, "o-", color="tab:blue", label=f"DynamicViT, {label}")
     b.plot([dense["macs"] / 1e6], [dense["top1"]], "*", ms=14, color="tab:red", label="dense teacher")
     for r, x, y in zip(ratios, mmacs, top1):
         b.annotate(f"{r:g}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
     b.set_xlabel("MMACs per image")
     for ax in (a, b):
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"Fashion-MNIST: DynamicViT fine-tuned at keep ratio {keep_ratio}, evaluated at other ratios")
+    fig.suptitle(f"Fashion-MNIST: DynamicViT ({label}) at every keep ratio, same weights")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -483,6 +548,9 @@ def format_table(report: dict) -> str:
     if report.get("sweep"):
         out.append("keep-ratio sweep (same weights): " + ", ".join(
             f"{r['keep_ratio']:g}: {r['top1']:.2f}% @ {r['macs'] / 1e6:.2f}M" for r in report["sweep"]))
+    if report.get("sweep_single_ratio"):
+        out.append("single-ratio model, same ratios: " + ", ".join(
+            f"{r['keep_ratio']:g}: {r['top1']:.2f}%" for r in report["sweep_single_ratio"]["rows"]))
     if report.get("quick"):
         out.append("QUICK MODE: a few training steps on a subset; the numbers are a smoke test, not results")
     return "\n".join(out)
