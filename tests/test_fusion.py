@@ -112,6 +112,12 @@ def test_macs_count_the_fused_token():
         extra += (end - loc) * per_block
         n = k
     assert b.total - a.total == extra
+    # `flops` and `bench` count other keep ratios on a twin of the loaded model: it fuses too.
+    from dynamicvit.bench import with_keep_ratio
+
+    assert with_keep_ratio(fused, 0.8).fuse_dropped
+    assert count_macs(with_keep_ratio(plain, 0.5)).total == a.total
+    assert count_macs(with_keep_ratio(fused, 0.5)).total == b.total
     # At keep ratio 1.0 nothing is dropped and nothing is added.
     plain.set_keep_ratio(1.0)
     fused.set_keep_ratio(1.0)
@@ -159,12 +165,14 @@ def test_a_checkpoint_written_before_fusion_loads_without_it_and_gives_the_same_
 
 
 def test_visualize_draws_a_fused_model(tmp_path):
-    from dynamicvit.visualize import kept_token_masks, save_contact_sheet
+    from dynamicvit.visualize import kept_token_masks, save_contact_sheet, stage_titles
 
     model = tiny_model(keep_ratio=0.5, fuse_dropped=True).eval()
     x = _x(model, batch=2)
     masks = kept_token_masks(model, x)
     assert masks.masks.shape == (2, 3, 8, 8)
-    assert [int(m.sum()) for m in masks.masks[0]] == list(model.keep_counts())
+    assert [int(m.sum()) for m in masks.masks[0]] == list(model.keep_counts()) and masks.fused
+    assert stage_titles(masks.keep_counts, 64, masks.fused)[1] == "stage 1: 32/64 + fused"
+    assert not kept_token_masks(tiny_model(keep_ratio=0.5), x).fused
     path = save_contact_sheet(model, x, tmp_path / "sheet.png", mean=(0.5,), std=(0.5,))
     assert Path(path).stat().st_size > 0
