@@ -84,18 +84,19 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     model = dynamicvit.load_model(report["dynamic"]["checkpoint"])
     assert isinstance(model, dynamicvit.DynamicViT) and model.keep_ratio == 0.7
 
-    # Elastic by default: the range is recorded with the model; no single-ratio curve for a user's teacher.
+    # Elastic and fused by default: both recorded with the model; no single-ratio curve for a user's teacher.
     assert report["dynamic"]["keep_ratios"] == "0.4:1.0" and model.keep_ratio_range == (0.4, 1.0)
+    assert report["dynamic"]["fuse_dropped"] is True and model.fuse_dropped
     assert report["sweep_single_ratio"] is None
 
-    # A second run into the same folder replaces the demo's own files; this one fuses the dropped
+    # A second run into the same folder replaces the demo's own files; this one discards the dropped
     # tokens and fine-tunes the single-ratio model too, for the plot.
     before = (out / REPORT).stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1", "--fuse-dropped", "--compare-single-ratio"]) == 0
+                     "--no-progress", "--threads", "1", "--no-fuse-dropped", "--compare-single-ratio"]) == 0
     assert (out / REPORT).stat().st_mtime_ns != before
     report = json.loads((out / REPORT).read_text())
-    assert report["dynamic"]["fuse_dropped"] is True and dynamicvit.load_model(report["dynamic"]["checkpoint"]).fuse_dropped
+    assert report["dynamic"]["fuse_dropped"] is False and not dynamicvit.load_model(report["dynamic"]["checkpoint"]).fuse_dropped
     single = report["sweep_single_ratio"]
     assert single["source"].startswith("fine-tuned in this run")
     assert [r["keep_ratio"] for r in single["rows"]] == [r["keep_ratio"] for r in report["sweep"]]

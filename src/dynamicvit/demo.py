@@ -85,7 +85,7 @@ class DemoConfig:
     keep_ratio: float = 0.7  # rho: stage s keeps int(49 * rho^s) of the 49 patch tokens
     keep_ratios: Optional[str] = "0.4:1.0"  # elastic training: a keep ratio drawn per step from this range
     # (`train --keep-ratios`); None (`--single-ratio`): the paper's recipe, trained at keep_ratio alone
-    fuse_dropped: bool = False  # fold the dropped tokens into one extra token (`--fuse-dropped`)
+    fuse_dropped: bool = True  # fold the dropped tokens into one extra token (`--no-fuse-dropped`: discard them)
     compare_single_ratio: bool = False  # also fine-tune the single-ratio model and sweep it (twice the
     # fine-tuning time); otherwise the plot shows its sweep measured on the shipped teacher
     prune_locs: Optional[tuple[int, ...]] = None  # blocks before which to prune; None: SHIPPED_PRUNE_LOCS
