@@ -126,7 +126,7 @@ def test_the_sweep_plot_shows_the_shipped_single_ratio_curve(tmp_path):
     # Not for another teacher, a subset of the test set, or a run that trains the single-ratio model itself.
     assert shipped_single_ratio_sweep(DemoConfig(teacher="mine.pth"), TEACHER_ASSET, sweep) is None
     assert shipped_single_ratio_sweep(DemoConfig(test_images=500), TEACHER_ASSET, sweep) is None
-    assert shipped_single_ratio_sweep(DemoConfig(keep_ratios=None), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(DemoConfig(keep_ratios=None, fuse_dropped=False), TEACHER_ASSET, sweep) is None
     dense = {"top1": 88.97, "macs": 16.7e6}
     path = save_sweep_plot(sweep, dense, 0.7, tmp_path / "plot.png", label="elastic 0.4:1.0", single_ratio=single)
     with Image.open(path) as im:
