@@ -240,8 +240,9 @@ class DynamicViT(nn.Module):
                     fused = x[:, P + N :] if fused_weight is not None else None
                     token, fused_weight = fold_dropped(tokens[:, P:], weight, fused, fused_weight)
                     x = torch.cat([tokens, token], dim=1)  # (B, P + N + 1, C)
-                    # The fused token takes part once some token was dropped (as on the inference path).
-                    present = ((1.0 - decision).sum(dim=1, keepdim=True) > 0).to(x.dtype)  # (B, 1, 1)
+                    # The fused token takes part once some token was dropped (as on the inference path);
+                    # < 0.5, not == 0: straight-through decisions are 0 or 1 only up to rounding.
+                    present = (decision < 0.5).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, 1)
                     policy = torch.cat([policy, present], dim=1)
             x = host.block(i, x, policy)
         x = host.norm(x[:, : P + N])
