@@ -498,7 +498,7 @@ def save_sweep_plot(
                     label=f"DynamicViT, single ratio {keep_ratio:g}{shipped}")
     chosen = [(r["keep_ratio"], r["macs"] / 1e6, r["top1"]) for r in sweep if r["keep_ratio"] == keep_ratio]
     for r, x, y in chosen:
-        a.plot([r], [y], "o", ms=11, mfc="none", color="tab:orange", label=f"trained at {keep_ratio:g}")
+        a.plot([r], [y], "o", ms=11, mfc="none", color="tab:orange", label=f"keep ratio {keep_ratio:g} (the table)")
         b.plot([x], [y], "o", ms=11, mfc="none", color="tab:orange")
     a.set_xlabel("keep ratio (changed at inference)")
     a.invert_xaxis()
