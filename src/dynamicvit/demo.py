@@ -85,6 +85,8 @@ class DemoConfig:
     weight 25: 87.88 / 86.77 / 80.32 / 78.19, 50: 87.72 / 86.86 / 81.60 / 75.40 (noise of about a point,
     no clear winner: 10 kept). The default (elastic, shifted, fused, ratio weight 10, 4 epochs):
     88.66 / 88.12 / 86.93 / 84.71, against the single-ratio model's 89.07 / 88.75 / 86.77 / 78.64.
+    One and two more epochs from those weights (lr 1e-3, then 5e-4): - / 88.51 / 87.31 / 84.86 and
+    - / 88.75 / 87.54 / 84.94.
     """
 
     output: str = "demo-output"  # folder for report.json, pictures and the fine-tuned model
