@@ -33,6 +33,19 @@ def scramble(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return module
 
 
+def pruned_with_block_inputs(model, images: torch.Tensor):
+    """The inference path's output and the token sequence entering every block, (B, M_i, C) each."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in model.backbone.blocks]
+    try:
+        with torch.no_grad():
+            out = model.forward_pruned(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread; on a busy 2-core machine more threads slow them many times."""

@@ -13,7 +13,9 @@ from PIL import Image
 import dynamicvit
 from dynamicvit import cli
 from dynamicvit.data import FASHION_MNIST_SYSTEM_DIR
-from dynamicvit.demo import MARKER, REPORT, TEACHER_ASSET, DemoConfig, prepare_output, run_demo
+from dynamicvit.demo import (
+    MARKER, REPORT, TEACHER_ASSET, DemoConfig, prepare_output, run_demo, save_sweep_plot, shipped_single_ratio_sweep,
+)
 from dynamicvit.errors import ConfigError, DataError
 
 from test_data import fake_fmnist
@@ -82,11 +84,24 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     model = dynamicvit.load_model(report["dynamic"]["checkpoint"])
     assert isinstance(model, dynamicvit.DynamicViT) and model.keep_ratio == 0.7
 
-    # A second run into the same folder replaces the demo's own files.
+    # Elastic and fused by default: both recorded with the model; no single-ratio curve for a user's teacher.
+    assert report["dynamic"]["keep_ratios"] == "0.4:1.0" and model.keep_ratio_range == (0.4, 1.0)
+    assert report["dynamic"]["fuse_dropped"] is True and model.fuse_dropped
+    assert report["sweep_single_ratio"] is None
+
+    # A second run into the same folder replaces the demo's own files; this one discards the dropped
+    # tokens and fine-tunes the single-ratio model too, for the plot.
     before = (out / REPORT).stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1"]) == 0
+                     "--no-progress", "--threads", "1", "--no-fuse-dropped", "--compare-single-ratio"]) == 0
     assert (out / REPORT).stat().st_mtime_ns != before
+    report = json.loads((out / REPORT).read_text())
+    assert report["dynamic"]["fuse_dropped"] is False and not dynamicvit.load_model(report["dynamic"]["checkpoint"]).fuse_dropped
+    single = report["sweep_single_ratio"]
+    assert single["source"].startswith("fine-tuned in this run")
+    assert [r["keep_ratio"] for r in single["rows"]] == [r["keep_ratio"] for r in report["sweep"]]
+    single_model = dynamicvit.load_model(out / "finetune-single-ratio" / "model.safetensors")
+    assert single_model.keep_ratio_range is None and not single_model.fuse_dropped
 
 
 @pytest.mark.slow
@@ -99,6 +114,36 @@ def test_quick_demo_with_shipped_teacher(tmp_path):
     assert report["dynamic"]["prune_locs"] == [2, 3, 4]  # the stages tuned for the shipped teacher
     # The shipped teacher is trained: far above chance on real test images.
     assert report["dense"]["top1"] > 80.0
+
+
+def test_the_sweep_plot_shows_the_shipped_single_ratio_curve(tmp_path):
+    cfg = DemoConfig()
+    sweep = [{"keep_ratio": r, "top1": 88.0 - (1 - r) * 5, "macs": r * 17e6} for r in cfg.sweep]
+    single = shipped_single_ratio_sweep(cfg, TEACHER_ASSET, sweep)
+    assert single["source"].startswith("shipped measurement")
+    assert [r["keep_ratio"] for r in single["rows"]] == list(cfg.sweep)
+    assert single["rows"][-1]["top1"] == 78.64  # the cliff at 0.4 that elastic training is for
+    # Not for another teacher, a subset of the test set, or a run that trains the single-ratio model itself.
+    assert shipped_single_ratio_sweep(DemoConfig(teacher="mine.pth"), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(DemoConfig(test_images=500), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(DemoConfig(keep_ratios=None, fuse_dropped=False), TEACHER_ASSET, sweep) is None
+    dense = {"top1": 88.97, "macs": 16.7e6}
+    path = save_sweep_plot(sweep, dense, 0.7, tmp_path / "plot.png", label="elastic 0.4:1.0", single_ratio=single)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+
+
+def test_demo_flags_select_the_recipe():
+    from dynamicvit.commands import demo as demo_cmd
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo_cmd.add_arguments(parser)
+    assert parser.parse_args([]).keep_ratios == "0.4:1.0"
+    assert parser.parse_args(["--single-ratio"]).keep_ratios is None
+    assert parser.parse_args(["--keep-ratios", "0.5,0.7"]).keep_ratios == "0.5,0.7"
+    with pytest.raises(ConfigError, match="interval is empty"):
+        DemoConfig(keep_ratios="0.9:0.5").validate()
 
 
 def test_missing_dataset_says_what_to_install(tmp_path, tiny_teacher, capsys):

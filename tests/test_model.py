@@ -7,7 +7,7 @@ import dynamicvit
 from dynamicvit import DynamicViT, DynamicViTOutput
 from dynamicvit.errors import ConfigError, UnsupportedModelError
 
-from conftest import tiny_kwargs, tiny_model
+from conftest import pruned_with_block_inputs, tiny_kwargs, tiny_model
 
 # Variants covering prefix tokens, LayerScale, qk-norm, pooling, position embedding styles, grids.
 VARIANTS = {
@@ -32,10 +32,15 @@ def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, model.host.in_chans, h, w)
 
 
-@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+# Every invariant holds with the dropped tokens fused into one extra token too.
+VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS]
+
+
+@pytest.fixture(params=VARIANT_IDS, ids=VARIANT_IDS)
 def variant(request) -> DynamicViT:
-    name, kw = VARIANTS[request.param]
-    return tiny_model(name, **kw).eval()
+    key, fused, _ = request.param.partition("+fused")
+    name, kw = VARIANTS[key]
+    return tiny_model(name, fuse_dropped=bool(fused), **kw).eval()
 
 
 def test_keep_ratio_one_reproduces_timm(variant):
@@ -71,13 +76,8 @@ def test_inference_and_training_paths_agree_on_kept_tokens(variant, keep_ratio):
 
 
 def test_token_counts_per_stage_and_prefix_tokens_kept(variant):
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in variant.backbone.blocks]
     x = _images(variant)
-    with torch.no_grad():
-        out = variant.forward_pruned(x)
-    for h in hooks:
-        h.remove()
+    out, seen = pruned_with_block_inputs(variant, x)
     N, P = variant.num_patches, variant.num_prefix_tokens
     counts = [int(N * variant.keep_ratio ** s) for s in range(1, len(variant.prune_locs) + 1)]
     assert list(variant.keep_counts()) == counts
@@ -85,7 +85,8 @@ def test_token_counts_per_stage_and_prefix_tokens_kept(variant):
     for i in range(len(variant.backbone.blocks)):
         if stage < len(variant.prune_locs) and i == variant.prune_locs[stage]:
             stage += 1
-        expected.append(P + (counts[stage - 1] if stage else N))
+        # With fusion, one fused token follows the kept ones once a token has been dropped.
+        expected.append(P + (counts[stage - 1] + variant.fuse_dropped if stage else N))
     assert [t.shape[1] for t in seen] == expected
     # The prefix tokens entering each pruning block are the very tokens that left the block before.
     outputs = [None]

@@ -105,7 +105,8 @@ def with_keep_ratio(model: DynamicViT, keep_ratio: float) -> DynamicViT:
         from .factory import sparsify
 
         return sparsify(model, keep_ratio)
-    twin = DynamicViT(model.backbone, keep_ratio, model.prune_locs, model.model_name, model.timm_kwargs)
+    twin = DynamicViT(model.backbone, keep_ratio, model.prune_locs, model.model_name, model.timm_kwargs,
+                      fuse_dropped=model.fuse_dropped, keep_ratio_range=model.keep_ratio_range)
     twin.predictors = model.predictors
     return twin
 

@@ -54,6 +54,9 @@ def model_settings(model: nn.Module) -> dict:
             "timm_kwargs": architecture_kwargs(model.timm_kwargs),
             "keep_ratio": model.keep_ratio,
             "prune_locs": list(model.prune_locs),
+            # Written only when set, so the settings of a model without them read as before.
+            **({"fuse_dropped": True} if model.fuse_dropped else {}),
+            **({"keep_ratio_range": list(model.keep_ratio_range)} if model.keep_ratio_range else {}),
         }
     name = getattr(model, "pretrained_cfg", {}).get("architecture")
     if name is None:
@@ -536,8 +539,11 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         keep_ratio=settings["keep_ratio"],
         prune_locs=settings["prune_locs"],
         **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
+        fuse_dropped=bool(settings.get("fuse_dropped", False)),
         **kwargs,
     )
+    if settings.get("keep_ratio_range"):
+        model.set_keep_ratio_range(settings["keep_ratio_range"])
     state, _ = to_own_keys(state, model.backbone)
     load_state(model, state, source=f"checkpoint {path}")
     if keep_ratio is not None:

@@ -1,8 +1,10 @@
-"""Sparsification settings: where to prune and how many tokens each stage keeps."""
+"""Sparsification settings: where to prune, how many tokens each stage keeps, what happens to the
+dropped ones, and the range of keep ratios an elastic model is trained for."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,18 +33,29 @@ class SparsityConfig:
     Attributes:
         keep_ratio: rho; stage s keeps int(N * rho ** s) of the N original patch tokens. 1.0 keeps all.
         prune_locs: 0-indexed blocks before which a prediction module prunes, strictly increasing.
+        fuse_dropped: fold the tokens each stage drops into one extra token (their average weighted
+            by the predictor's keep probability) that the remaining blocks process like a kept one,
+            instead of discarding them. False is the paper's method.
     """
 
     keep_ratio: float = 0.7
     prune_locs: tuple[int, ...] = (3, 6, 9)
+    fuse_dropped: bool = False
 
     @classmethod
     def create(
-        cls, keep_ratio: float, prune_locs: Optional[Sequence[int]], depth: int, num_patches: int
+        cls,
+        keep_ratio: float,
+        prune_locs: Optional[Sequence[int]],
+        depth: int,
+        num_patches: int,
+        fuse_dropped: bool = False,
     ) -> "SparsityConfig":
         """Validate the settings against a model of `depth` blocks and `num_patches` patch tokens."""
         locs = default_prune_locs(depth) if prune_locs is None else _as_locs(prune_locs)
-        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs)
+        if not isinstance(fuse_dropped, bool):
+            raise ConfigError(f"fuse_dropped must be True or False, got {fuse_dropped!r}")
+        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped)
         cfg.validate(depth, num_patches)
         return cfg
 
@@ -120,3 +133,60 @@ def _items(value) -> tuple:
 def _is_numpy_bool(value) -> bool:
     # numpy.bool_ (named numpy.bool in numpy 2), told apart without importing numpy here
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
+@dataclass(frozen=True)
+class KeepRatioSampler:
+    """The keep ratios elastic training draws from, one per step.
+
+    Written `LO:HI` (a ratio drawn uniformly from the interval, e.g. `0.4:1.0`) or `A,B,C` (one of
+    the listed ratios, each as likely). The paper's recipe trains at a single ratio (no sampler).
+
+    Attributes:
+        low, high: the smallest and largest ratio that can be drawn.
+        values: the listed ratios; empty for an interval.
+    """
+
+    low: float
+    high: float
+    values: tuple[float, ...] = ()
+
+    @classmethod
+    def parse(cls, spec) -> "KeepRatioSampler":
+        """`"0.4:1.0"` or `"0.4,0.7,1.0"` (a list of numbers is accepted too)."""
+        text = ",".join(str(v) for v in spec) if isinstance(spec, (list, tuple)) else str(spec).replace(" ", "")
+        hint = "write LO:HI (e.g. 0.4:1.0, a ratio drawn uniformly per step) or A,B,C (e.g. 0.4,0.7,1.0)"
+        interval = ":" in text
+        try:
+            numbers = [float(v) for v in text.split(":" if interval else ",") if v]
+        except ValueError:
+            raise ConfigError(f"keep_ratios {spec!r} is not a range of keep ratios; {hint}") from None
+        if not numbers or (interval and len(numbers) != 2):
+            raise ConfigError(f"keep_ratios {spec!r} names no keep ratio range; {hint}")
+        numbers = [_as_ratio(v) for v in numbers]
+        if interval:
+            if numbers[0] >= numbers[1]:
+                raise ConfigError(f"keep_ratios {spec!r}: the interval is empty ({numbers[0]} >= {numbers[1]}); {hint}")
+            return cls(numbers[0], numbers[1])
+        values = tuple(sorted(set(numbers)))
+        return cls(values[0], values[-1], values)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+    def sample(self, rng: random.Random) -> float:
+        """One keep ratio."""
+        if self.values:
+            return rng.choice(self.values)
+        return rng.uniform(self.low, self.high)
+
+    def expected_fraction(self, stage: int) -> float:
+        """E[rho^s] over the draws: the kept fraction of stage s (1-based) averaged over training."""
+        s = stage
+        if self.values:
+            return sum(v**s for v in self.values) / len(self.values)
+        return (self.high ** (s + 1) - self.low ** (s + 1)) / ((s + 1) * (self.high - self.low))
+
+    def __str__(self) -> str:
+        return ",".join(f"{v:g}" for v in self.values) if self.values else f"{self.low:g}:{self.high:g}"

@@ -49,6 +49,7 @@ def create_model(
     prune_locs: Optional[Sequence[int]] = None,
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,
+    fuse_dropped: Optional[bool] = None,
     **timm_kwargs,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Build the timm model `name` and add DynamicViT prediction modules.
@@ -71,6 +72,8 @@ def create_model(
             stages). ConvNeXt/Swin: block indices inside stage 3 (default: the spec's table).
         stage_ratios: ConvNeXt/Swin only: explicit r_s per predictor instead of rho - 0.2 s.
         restart_streams: ConvNeXt/Swin only: see `SpatialConfig.restart_streams`.
+        fuse_dropped: ViTs only: fold each stage's dropped tokens into one extra token instead of
+            discarding them (default: the checkpoint's setting, else off).
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
     from .checkpoint import load_weights, read_checkpoint, settings_win
@@ -85,9 +88,16 @@ def create_model(
             prune_locs, timm_kwargs = settings_win(settings, checkpoint_path, name, prune_locs, timm_kwargs)
             if settings.get("kind") == "dynamicvit" and keep_ratio is None:
                 keep_ratio = settings["keep_ratio"]
+            stored = bool(settings.get("fuse_dropped", False))
+            if fuse_dropped is not None and bool(fuse_dropped) != stored:
+                raise CheckpointError(
+                    f"{checkpoint_path} was trained with fuse_dropped={stored}, but fuse_dropped={fuse_dropped} was "
+                    "asked for; drop the argument (the checkpoint's setting is used)"
+                )
+            fuse_dropped = stored
     backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
-    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs)
+    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, bool(fuse_dropped))
     if checkpoint is not None:
         load_weights(model, checkpoint_path, checkpoint)
     return model
@@ -142,15 +152,16 @@ def sparsify(
     prune_locs: Optional[Sequence[int]] = None,
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,
+    fuse_dropped: bool = False,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Wrap a timm ViT, ConvNeXt or Swin the user already has (weights shared, not copied)."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}
-    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs)
+    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs, fuse_dropped)
 
 
-def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs):
+def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, fuse_dropped=False):
     """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
     if isinstance(backbone, (DynamicViT, DynamicSpatial)):
         raise ConfigError(
@@ -158,6 +169,8 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
             "model.set_keep_ratio(...) instead of sparsifying it again"
         )
     if is_spatial(backbone):
+        if fuse_dropped:
+            raise ConfigError("fuse_dropped applies to ViTs only: ConvNeXt and Swin keep every position of their maps")
         return DynamicSpatial(
             backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, model_name=name, timm_kwargs=timm_kwargs
         )
@@ -165,7 +178,7 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
         raise ConfigError(
             "stage_ratios applies to ConvNeXt and Swin models only; ViTs keep int(N * keep_ratio ** s) tokens per stage"
         )
-    return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs)
+    return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs, fuse_dropped=fuse_dropped)
 
 
 def _register() -> None:

@@ -175,6 +175,7 @@ class DynamicViTLoss(nn.Module):
         target: torch.Tensor,
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_tokens: Optional[torch.Tensor] = None,
+        keep_ratio: Optional[float] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its terms.
 
@@ -184,13 +185,15 @@ class DynamicViTLoss(nn.Module):
             teacher_logits: the teacher's counterpart of the student's trained logits (its class head
                 for LV-ViT), (B, K), or None.
             teacher_tokens: the teacher's `Host.distill_targets`, (B, N, C) or (B, N, K), or None.
+            keep_ratio: the ratio this step's ratio loss targets (elastic training draws one per
+                step); None: the one given at construction.
 
         Returns:
             (total, {"ce", "ratio", "kl", "token"}) with the terms unweighted and detached.
         """
         logits = output.logits if getattr(output, "class_logits", None) is None else output.class_logits
         ce = classification_loss(logits, target, self.smoothing)
-        ratio = ratio_loss(output.decisions, self.keep_ratio)
+        ratio = ratio_loss(output.decisions, self.keep_ratio if keep_ratio is None else keep_ratio)
         total = ce + self.ratio_weight * ratio
         terms = {"ce": ce.detach(), "ratio": ratio.detach()}
         if teacher_logits is not None:

@@ -9,17 +9,29 @@ host family:
   with masked attention so dropped tokens cannot influence any other token.
 - Inference path (`forward_pruned`): before each block in `prune_locs` the top-k patch tokens are
   gathered and the remaining blocks run the backbone's own (fused) attention on the shorter sequence.
+
+With `fuse_dropped` the tokens a stage drops are not discarded but folded into one extra token at the
+end of the sequence (`fold_dropped`): the average of the dropped tokens weighted by the predictor's
+keep probability. Later stages fold their dropped tokens into the same token, which keeps the total
+weight of everything it holds, so after stage s it is the weighted average of every token dropped so
+far (each taken at the depth where it was dropped, the earlier ones carried on through the blocks in
+between). The fused token attends and is attended to like a kept token, but it is never scored,
+never selected as a kept patch and is removed before the final norm: the class token (or the pooled
+kept patches) still decides. The training path holds it as token P + N, masked out of attention
+until a first token has been dropped.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .config import SparsityConfig
+from .config import SparsityConfig, _as_ratio
+from .errors import ConfigError
 from .hosts import Host, host_for
 from .ops import PredictionModule, prune_tokens, sample_keep, select_tokens
 
@@ -69,6 +81,16 @@ class DynamicViT(nn.Module):
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval
     mode it runs the inference path and returns the logits, like any timm classifier.
+
+    Args:
+        backbone: a dense model of a supported host family.
+        keep_ratio: rho; stage s keeps int(N * rho ** s) patch tokens.
+        prune_locs: blocks before which to prune; default three evenly spaced stages.
+        model_name, timm_kwargs: how to rebuild the backbone from timm (stored in checkpoints).
+        fuse_dropped: fold the dropped tokens into one extra token instead of discarding them.
+        keep_ratio_range: (low, high), the keep ratios an elastic model was trained for (recorded
+            in checkpoints; a keep ratio outside it is allowed, with a warning). None: trained at
+            `keep_ratio` alone, as in the paper.
     """
 
     def __init__(
@@ -78,11 +100,16 @@ class DynamicViT(nn.Module):
         prune_locs: Optional[Sequence[int]] = None,
         model_name: Optional[str] = None,
         timm_kwargs: Optional[dict] = None,
+        fuse_dropped: bool = False,
+        keep_ratio_range: Optional[Sequence[float]] = None,
     ):
         super().__init__()
         self.host: Host = host_for(backbone)
         self.backbone = backbone
-        self.config = SparsityConfig.create(keep_ratio, prune_locs, self.host.depth, self.num_patches)
+        self.config = SparsityConfig.create(keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped)
+        self.keep_ratio_range: Optional[tuple[float, float]] = None
+        if keep_ratio_range is not None:
+            self.set_keep_ratio_range(keep_ratio_range)
         # Each stage starts by keeping about rho of the tokens before it, so stage s starts at its target rho^s.
         prior = min(max(self.config.keep_ratio, 0.05), 0.95)
         self.predictors = nn.ModuleList(PredictionModule(self.embed_dim, prior) for _ in self.config.prune_locs)
@@ -126,6 +153,10 @@ class DynamicViT(nn.Module):
         return self.config.prune_locs
 
     @property
+    def fuse_dropped(self) -> bool:
+        return self.config.fuse_dropped
+
+    @property
     def pretrained_cfg(self) -> dict:
         return self.backbone.pretrained_cfg
 
@@ -144,10 +175,35 @@ class DynamicViT(nn.Module):
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Change how many tokens each stage keeps; no retraining needed."""
-        self.config = SparsityConfig.create(keep_ratio, self.prune_locs, self.host.depth, self.num_patches)
+        self.config = self._config_at(keep_ratio)
+        low, high = self.keep_ratio_range or (self.keep_ratio, self.keep_ratio)
+        if self.keep_ratio_range is not None and not low - 1e-9 <= self.keep_ratio <= high + 1e-9:
+            _logger.warning(
+                "keep ratio %g is outside the range %g..%g this model was trained for; expect lower accuracy",
+                self.keep_ratio, low, high,
+            )
+
+    def set_keep_ratio_range(self, keep_ratio_range: Sequence[float]) -> None:
+        """Record the keep ratios the model is (being) trained for, (low, high); both must be valid."""
+        try:
+            low, high = (_as_ratio(r) for r in keep_ratio_range)
+        except (TypeError, ValueError):
+            raise ConfigError(f"keep_ratio_range must be (low, high), got {keep_ratio_range!r}") from None
+        if low > high:
+            raise ConfigError(f"keep_ratio_range ({low}, {high}) is empty; give (low, high) with low <= high")
+        self._config_at(low)  # raises when the smallest ratio keeps no token at some stage
+        self.keep_ratio_range = (low, high)
+
+    def _config_at(self, keep_ratio: float) -> SparsityConfig:
+        return SparsityConfig.create(keep_ratio, self.prune_locs, self.host.depth, self.num_patches, self.fuse_dropped)
 
     def extra_repr(self) -> str:
-        return f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
+        text = f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
+        if self.fuse_dropped:
+            text += ", fuse_dropped=True"
+        if self.keep_ratio_range is not None:
+            text += f", keep_ratio_range={self.keep_ratio_range}"
+        return text
 
     def _stage_at(self) -> dict[int, int]:
         """{block index: stage} for the blocks a prediction module runs before."""
@@ -156,7 +212,10 @@ class DynamicViT(nn.Module):
     # -- training path: tokens masked ----------------------------------------------------------
 
     def forward_masked(
-        self, x: torch.Tensor, decisions: Optional[Sequence[torch.Tensor]] = None
+        self,
+        x: torch.Tensor,
+        decisions: Optional[Sequence[torch.Tensor]] = None,
+        keep_ratio: Optional[float] = None,
     ) -> DynamicViTOutput:
         """Training path: every token is computed, dropped ones are masked out of attention.
 
@@ -164,27 +223,46 @@ class DynamicViT(nn.Module):
             x: images, (B, C, H, W).
             decisions: optional per-stage keep masks (B, N) to use instead of sampling; they are
                 combined hierarchically like sampled ones. Used to compare with the inference path.
+            keep_ratio: the keep ratio this step trains for (elastic training); sampling shifts
+                every keep logit by logit(keep_ratio) - logit(self.keep_ratio), so the predictors
+                keep about that fraction without taking the ratio as an input. None: no shift.
         """
         host = self.host
         x = host.embed(x)
-        B, P = x.shape[0], self.num_prefix_tokens
-        decision = x.new_ones(B, self.num_patches, 1)
+        B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches
+        decision = x.new_ones(B, N, 1)
         prefix = x.new_ones(B, P, 1)
+        shift = ratio_shift(keep_ratio, self.keep_ratio)
+        fused_weight = None  # (B, 1, 1): total weight held by the fused token x[:, P + N]
         policy = None
         stage_decisions = []
         stage_at = self._stage_at()
         for i in range(host.depth):
             stage = stage_at.get(i)
             if stage is not None:
+                tokens = x[:, : P + N]  # without the fused token
+                previous = decision
+                if decisions is None or self.fuse_dropped:
+                    log_probs = self.predictors[stage](tokens, decision, P)  # (B, N, 2)
                 if decisions is None:
-                    log_probs = self.predictors[stage](x, decision, P)
-                    decision = sample_keep(log_probs, decision)
+                    logits = log_probs + log_probs.new_tensor([shift, 0.0]) if shift else log_probs
+                    decision = sample_keep(logits, decision)
                 else:
                     decision = decisions[stage].reshape(B, -1, 1).to(x.dtype) * decision
                 stage_decisions.append(decision.squeeze(-1))
-                policy = torch.cat([prefix, decision], dim=1)  # (B, M, 1)
+                policy = torch.cat([prefix, decision], dim=1)  # (B, P + N, 1)
+                if self.fuse_dropped:
+                    # Newly dropped tokens, weighted by their keep probability (with gradient into both).
+                    weight = log_probs[..., 0].exp() * (previous - decision).squeeze(-1)  # (B, N)
+                    fused = x[:, P + N :] if fused_weight is not None else None
+                    token, fused_weight = fold_dropped(tokens[:, P:], weight, fused, fused_weight)
+                    x = torch.cat([tokens, token], dim=1)  # (B, P + N + 1, C)
+                    # The fused token takes part once some token was dropped (as on the inference path);
+                    # < 0.5, not == 0: straight-through decisions are 0 or 1 only up to rounding.
+                    present = (decision < 0.5).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, 1)
+                    policy = torch.cat([policy, present], dim=1)
             x = host.block(i, x, policy)
-        x = host.norm(x)
+        x = host.norm(x[:, : P + N])
         mask = decision.squeeze(-1).detach()
         return DynamicViTOutput(
             logits=host.logits(x, mask), tokens=host.distill_targets(x), decisions=stage_decisions, mask=mask,
@@ -204,29 +282,89 @@ class DynamicViT(nn.Module):
         x = host.embed(x)
         B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches
         counts = self.keep_counts()
+        n = N  # patch tokens in the sequence; a fused token, once there is one, follows them
         index = None  # (B, n) original grid index of each current patch token
+        fused_weight = None  # (B, 1, 1): total weight held by the fused token x[:, P + n]
         kept, scores = [], []
         stage_at = self._stage_at()
         for i in range(host.depth):
             stage = stage_at.get(i)
             if stage is not None:
                 predictor = self.predictors[stage]
+                tokens = x if fused_weight is None else x[:, : P + n]  # without the fused token
                 if return_scores:
-                    log_p = predictor(x, num_prefix_tokens=P)[..., 0]  # (B, n)
+                    log_p = predictor(tokens, num_prefix_tokens=P)[..., 0]  # (B, n)
                     score = log_p
                     full = log_p.new_full((B, N), float("nan"))
                     src = index if index is not None else torch.arange(N, device=x.device).expand(B, N)
                     scores.append(full.scatter(1, src, log_p))
-                    x, keep = select_tokens(x, score, counts[stage], P)
+                    kept_tokens, keep = select_tokens(tokens, score, counts[stage], P)
+                elif self.fuse_dropped:
+                    score = predictor.keep_score(tokens, P)  # logit of p(keep)
+                    kept_tokens, keep = select_tokens(tokens, score, counts[stage], P)
                 else:
-                    x, keep = prune_tokens(x, predictor, counts[stage], P)
+                    kept_tokens, keep = prune_tokens(tokens, predictor, counts[stage], P)
+                if self.fuse_dropped and counts[stage] < n:
+                    p_keep = log_p.exp() if return_scores else torch.sigmoid(score)  # (B, n)
+                    weight = p_keep.scatter(1, keep, 0.0)  # dropped tokens only
+                    fused = x[:, P + n :] if fused_weight is not None else None
+                    token, fused_weight = fold_dropped(tokens[:, P:], weight, fused, fused_weight)
+                    kept_tokens = torch.cat([kept_tokens, token], dim=1)
+                elif fused_weight is not None:
+                    kept_tokens = torch.cat([kept_tokens, x[:, P + n :]], dim=1)  # nothing new dropped
+                x, n = kept_tokens, counts[stage]
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)
             x = host.block(i, x)
-        x = host.norm(x)
+        x = host.norm(x if fused_weight is None else x[:, : P + n])
         return PrunedOutput(host.logits(x), kept, scores if return_scores else None)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, keep_ratio: Optional[float] = None):
+        """Training mode: `forward_masked` (`keep_ratio`: this step's ratio, elastic training);
+        eval mode: the logits of `forward_pruned` at the model's keep ratio."""
         if self.training:
-            return self.forward_masked(x)
+            return self.forward_masked(x, keep_ratio=keep_ratio)
         return self.forward_pruned(x).logits
+
+
+def fold_dropped(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    fused: Optional[torch.Tensor] = None,
+    fused_weight: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold weighted tokens into the fused token: f = (W f_prev + sum_i w_i x_i) / (W + sum_i w_i).
+
+    Args:
+        tokens: patch tokens, (B, n, C).
+        weight: w_i, (B, n): the keep probability of the tokens dropped now, 0 for the others.
+        fused: the fused token so far, (B, 1, C), or None before the first fold.
+        fused_weight: W, the total weight it holds, (B, 1, 1).
+
+    Returns:
+        (the fused token (B, 1, C), its total weight (B, 1, 1)). A row whose total weight is 0
+        (nothing dropped yet, or every weight underflowed) gives a zero token, not 0 / 0.
+    """
+    w = weight.to(tokens.dtype).unsqueeze(1)  # (B, 1, n)
+    total = w.sum(dim=-1, keepdim=True)  # (B, 1, 1)
+    acc = w @ tokens  # (B, 1, C)
+    if fused is not None:
+        acc = acc + fused_weight * fused
+        total = total + fused_weight
+    # Divide by 1 where nothing is held: the gradient stays finite (a clamp to eps would scale it by 1/eps).
+    return acc / torch.where(total > 0, total, torch.ones_like(total)), total
+
+
+def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:
+    """logit(keep_ratio) - logit(reference): how far elastic training moves the keep logits (0 for None).
+
+    Ratios are clipped to [0.01, 0.99]: a ratio of 1.0 becomes a large finite shift (keep almost all).
+    """
+    if keep_ratio is None:
+        return 0.0
+    return _logit(keep_ratio) - _logit(reference)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 0.01), 0.99)
+    return math.log(p / (1.0 - p))

@@ -44,6 +44,7 @@ from .checkpoint import (
     read_checkpoint,
     save_model,
 )
+from .config import KeepRatioSampler
 from .data import BAD_IMAGE_MODES, UnreadableImages, bad_images_error, check_images, drop_unreadable
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, TrainingStopped
 from .hosts import Host, any_host, host_for
@@ -187,6 +188,10 @@ class TrainConfig:
     pretrained: bool = False  # no --teacher: use timm's pretrained dense model (downloads)
     init_checkpoint: Optional[str] = None  # weights to start from instead of the teacher's (or timm's when dense)
     keep_ratio: float = 0.7  # rho: stage s keeps int(N * rho^s) patch tokens
+    keep_ratios: Optional[str] = None  # elastic training: "LO:HI" (e.g. "0.4:1.0") or "A,B,C", a keep ratio
+    # drawn per step and targeted by the ratio loss, so one model serves every ratio in the range; None:
+    # keep_ratio alone (the paper's recipe). The model's keep ratio at inference stays keep_ratio.
+    fuse_dropped: bool = False  # fold each stage's dropped tokens into one extra token instead of discarding them
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
     timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
     # dataset fills in num_classes, in_chans and img_size unless given here
@@ -315,6 +320,8 @@ class TrainConfig:
                 f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
                 "use an even batch size or pass --mixup 0 --cutmix 0"
             )
+        if self.keep_ratios is not None:
+            KeepRatioSampler.parse(self.keep_ratios)
         if self.dense and self.teacher:
             raise ConfigError("--dense trains with plain CE and takes no teacher; drop --teacher (or --dense)")
 
@@ -533,11 +540,13 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
             "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
         )
     teacher.eval().requires_grad_(False)
-    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs)
+    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped)
     student.backbone.requires_grad_(True)
     if cfg.predictor_keep_prior is not None:
         for predictor in student.predictors:
             predictor.reset_parameters(cfg.predictor_keep_prior)
+    if cfg.keep_ratios is not None:
+        student.set_keep_ratio_range(KeepRatioSampler.parse(cfg.keep_ratios).range)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint)
     return student, teacher
@@ -1009,7 +1018,11 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     finally:
         metrics.close()
     if env.is_main and not cfg.dense and history:
-        for warning in keep_ratio_drift(history[-1], model.keep_ratio, getattr(model, "stage_ratios", None)):
+        targets = getattr(model, "stage_ratios", None)  # ConvNeXt / Swin: r_s per predictor
+        if cfg.keep_ratios is not None:  # elastic: the kept fractions average over the ratios drawn
+            sampler = KeepRatioSampler.parse(cfg.keep_ratios)
+            targets = [sampler.expected_fraction(s) for s in range(1, len(model.prune_locs) + 1)]
+        for warning in keep_ratio_drift(history[-1], model.keep_ratio, targets=targets):
             _logger.warning(warning)
 
     # 7. The final model file(s), with the settings that made them.
@@ -1080,6 +1093,7 @@ def _train_epoch(
     keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
     # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
     teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
+    sampler = None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
     stages = 0 if cfg.dense else len(model.prune_locs)
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
@@ -1113,8 +1127,10 @@ def _train_epoch(
             else:
                 with torch.no_grad():
                     t_logits, t_tokens = teacher_targets(teacher, teacher_host, x)
-                out = net(x)  # DynamicViTOutput: training path, tokens masked
-                loss, terms = criterion(out, y, t_logits, t_tokens)
+                # Elastic training: this step's keep ratio (python's RNG: per rank, restored on resume).
+                rho = sampler.sample(random) if sampler is not None else None
+                out = net(x, keep_ratio=rho)  # DynamicViTOutput: training path, tokens masked
+                loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
                 keep = [d.detach().float().mean() for d in out.decisions]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -1251,10 +1267,13 @@ def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def keep_ratio_drift(
-    row: dict, keep_ratio: float, stage_ratios: Optional[Sequence[float]] = None, tolerance: float = 0.05
+    row: dict, keep_ratio: float, tolerance: float = 0.05, targets: Optional[Sequence[float]] = None
 ) -> list[str]:
-    """Warnings for stages whose kept fraction in an epoch of training missed rho^s by more than `tolerance`
-    (for ConvNeXt / Swin: its own r_s, `stage_ratios`).
+    """Warnings for stages whose kept fraction in an epoch of training missed its target by more than
+    `tolerance`: rho^s, or `targets[s - 1]` (ConvNeXt / Swin: their own r_s; elastic training: the mean
+    of rho^s over the ratios drawn).
+
+    `targets` replaces rho^s per stage (elastic training: the mean of rho^s over the ratios drawn).
 
     Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
     training meets token sets it was not trained on. The usual cause is a prediction module that
@@ -1265,13 +1284,14 @@ def keep_ratio_drift(
     stage = 1
     while f"keep_ratio_stage{stage}" in row:
         realized = row[f"keep_ratio_stage{stage}"]
-        target = stage_ratios[stage - 1] if stage_ratios else keep_ratio**stage
+        target = targets[stage - 1] if targets is not None else keep_ratio**stage
+        of = f"keep ratio {keep_ratio}^{stage}" if targets is None else "the mean of rho^s over the ratios drawn"
         if abs(realized - target) > tolerance:
             previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
             stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
             out.append(
                 f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"({'r_' + str(stage) if stage_ratios else f'keep ratio {keep_ratio}^{stage}'}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
+                f"({of}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
                 "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
                 "its prediction module saturated: lower --lr"
             )

@@ -62,6 +62,8 @@ class TokenMasks:
         logits: (B, num_classes) classifier output of the inference path.
         keep_counts: patch tokens kept after each stage.
         patch_size: (ph, pw) pixels per patch.
+        fused: the model folds the dropped patches into one extra token (`fuse_dropped`): they are
+            not lost, only averaged (the titles say "+ fused").
     """
 
     masks: np.ndarray
@@ -71,6 +73,7 @@ class TokenMasks:
     logits: np.ndarray
     keep_counts: tuple[int, ...]
     patch_size: tuple[int, int]
+    fused: bool = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -94,6 +97,7 @@ class TokenMasks:
             logits=self.logits[sel],
             keep_counts=self.keep_counts,
             patch_size=self.patch_size,
+            fused=self.fused,
         )
 
     @staticmethod
@@ -110,6 +114,7 @@ class TokenMasks:
             logits=np.concatenate([p.logits for p in parts]),
             keep_counts=first.keep_counts,
             patch_size=first.patch_size,
+            fused=first.fused,
         )
 
 
@@ -164,6 +169,7 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         logits=torch.cat([o.logits for o in outs]).float().cpu().numpy(),
         keep_counts=tuple(model.keep_counts()),
         patch_size=tuple(model.patch_size),  # ConvNeXt / Swin: positions of the stage-3 map
+        fused=getattr(model, "fuse_dropped", False),
     )
 
 
@@ -339,8 +345,10 @@ def token_panels(
     return panels
 
 
-def stage_titles(keep_counts: Sequence[int], num_patches: int) -> list[str]:
-    return ["original"] + [f"stage {s}: {k}/{num_patches}" for s, k in enumerate(keep_counts, 1)] + ["p(keep), stage 1"]
+def stage_titles(keep_counts: Sequence[int], num_patches: int, fused: bool = False) -> list[str]:
+    """Panel titles; `fused`: the faded patches live on, averaged into one fused token."""
+    more = " + fused" if fused else ""
+    return ["original"] + [f"stage {s}: {k}/{num_patches}{more}" for s, k in enumerate(keep_counts, 1)] + ["p(keep), stage 1"]
 
 
 # -- draw ---------------------------------------------------------------------------------------
@@ -538,7 +546,7 @@ def render_tokens(
     N = int(np.prod(tm.grid_size))
     return compose(
         [panels],
-        col_titles=stage_titles(tm.keep_counts, N),
+        col_titles=stage_titles(tm.keep_counts, N, tm.fused),
         heading=title,
         colorbar=(len(panels) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(image.shape[:2], min_size),
@@ -566,7 +574,7 @@ def render_contact_sheet(
     rows = [token_panels(img, tm.masks[i], tm.keep_prob[i], tm.patch_size) for i, img in enumerate(images)]
     return compose(
         rows,
-        col_titles=stage_titles(tm.keep_counts, int(np.prod(tm.grid_size))),
+        col_titles=stage_titles(tm.keep_counts, int(np.prod(tm.grid_size)), tm.fused),
         row_titles=list(titles) if titles is not None else None,
         colorbar=(len(rows[0]) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(images.shape[1:3], min_size),

@@ -22,6 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dense teacher checkpoint (default: the small ViT shipped with dynamicvit)")
     parser.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
                         help=f"rho: stage s keeps int(49 * rho^s) patch tokens (default: {d.keep_ratio})")
+    parser.add_argument("--keep-ratios", default=d.keep_ratios, metavar="LO:HI",
+                        help=f"elastic training: a keep ratio drawn per step from LO:HI or A,B,C (default: {d.keep_ratios})")
+    parser.add_argument("--single-ratio", dest="keep_ratios", action="store_const", const=None,
+                        help="the paper's recipe: fine-tune at --keep-ratio alone (no elastic training)")
+    parser.add_argument("--fuse-dropped", action=argparse.BooleanOptionalAction, default=d.fuse_dropped,
+                        help=f"fold each stage's dropped tokens into one extra token (default: {d.fuse_dropped})")
+    parser.add_argument("--compare-single-ratio", action="store_true",
+                        help="also fine-tune the single-ratio model for the keep-ratio plot (twice the fine-tuning "
+                             "time; default: its sweep measured on the shipped teacher)")
     parser.add_argument("--prune-locs", type=int_list, default=None, metavar="I,J,K",
                         help="blocks before which to prune (default: 2,3,4 for the shipped teacher, evenly spaced for another)")
     parser.add_argument("--epochs", type=positive_int, default=None, help=f"fine-tuning epochs (default: {d.epochs})")
@@ -51,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = dict(
         output=args.output, data_dir=args.data_dir, download=args.download, teacher=args.teacher,
-        keep_ratio=args.keep_ratio, device=args.device, threads=args.threads, seed=args.seed,
+        keep_ratio=args.keep_ratio, keep_ratios=args.keep_ratios, fuse_dropped=args.fuse_dropped,
+        compare_single_ratio=args.compare_single_ratio, device=args.device, threads=args.threads, seed=args.seed,
         progress=args.progress,
     )
     # Only the settings given on the command line override the (full or quick) defaults.
@@ -72,4 +82,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"kept tokens:     {report['pictures']['kept_tokens']}")
     print(f"keep-ratio plot: {report['pictures']['keep_ratio_sweep']}")
     print(f"DynamicViT:      {report['dynamic']['checkpoint']}  (dynamicvit.load_model reads it)")
+    if report.get("sweep_single_ratio"):
+        print(f"single-ratio curve: {report['sweep_single_ratio']['source'].split(':')[0]}")
     return 0
