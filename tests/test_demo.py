@@ -1,6 +1,7 @@
 """The demo: end to end in quick mode, its report, its output-folder rules, its teacher asset."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -117,16 +118,16 @@ def test_quick_demo_with_shipped_teacher(tmp_path):
 
 
 def test_the_sweep_plot_shows_the_shipped_single_ratio_curve(tmp_path):
-    cfg = DemoConfig()
+    cfg = DemoConfig(keep_ratios="0.4:1.0", fuse_dropped=True)
     sweep = [{"keep_ratio": r, "top1": 88.0 - (1 - r) * 5, "macs": r * 17e6} for r in cfg.sweep]
     single = shipped_single_ratio_sweep(cfg, TEACHER_ASSET, sweep)
     assert single["source"].startswith("shipped measurement")
     assert [r["keep_ratio"] for r in single["rows"]] == list(cfg.sweep)
     assert single["rows"][-1]["top1"] == 78.64  # the cliff at 0.4 that elastic training is for
     # Not for another teacher, a subset of the test set, or a run that trains the single-ratio model itself.
-    assert shipped_single_ratio_sweep(DemoConfig(teacher="mine.pth"), TEACHER_ASSET, sweep) is None
-    assert shipped_single_ratio_sweep(DemoConfig(test_images=500), TEACHER_ASSET, sweep) is None
-    assert shipped_single_ratio_sweep(DemoConfig(keep_ratios=None, fuse_dropped=False), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(dataclasses.replace(cfg, teacher="mine.pth"), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(dataclasses.replace(cfg, test_images=500), TEACHER_ASSET, sweep) is None
+    assert shipped_single_ratio_sweep(DemoConfig(), TEACHER_ASSET, sweep) is None  # the default trains that model
     dense = {"top1": 88.97, "macs": 16.7e6}
     path = save_sweep_plot(sweep, dense, 0.7, tmp_path / "plot.png", label="elastic 0.4:1.0", single_ratio=single)
     with Image.open(path) as im:
@@ -139,8 +140,10 @@ def test_demo_flags_select_the_recipe():
 
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)
-    assert parser.parse_args([]).keep_ratios == "0.4:1.0"
-    assert parser.parse_args(["--single-ratio"]).keep_ratios is None
+    # The paper's single-ratio recipe is the default (the elastic one misses the demo's target at 0.7).
+    assert parser.parse_args([]).keep_ratios is None and not parser.parse_args([]).fuse_dropped
+    assert parser.parse_args(["--keep-ratios", "0.4:1.0", "--single-ratio"]).keep_ratios is None
+    assert parser.parse_args(["--fuse-dropped"]).fuse_dropped
     assert parser.parse_args(["--keep-ratios", "0.5,0.7"]).keep_ratios == "0.5,0.7"
     with pytest.raises(ConfigError, match="interval is empty"):
         DemoConfig(keep_ratios="0.9:0.5").validate()

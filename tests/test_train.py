@@ -267,15 +267,15 @@ def test_dense_training_and_bad_inputs(tmp_path):
     student = train(config(tmp_path, teacher=str(result.checkpoint), output=str(tmp_path / "s"), epochs=1, max_steps_per_epoch=1),
                     train_set=synthetic(16), val_set=None)
     assert isinstance(dynamicvit.load_model(student.checkpoint), dynamicvit.DynamicViT)
-    # No teacher at all, a DynamicViT as teacher, a bad resume file: clear errors.
+    # No teacher at all, a DynamicViT as teacher, a bad resume file: clear errors (in a fresh folder each).
     with pytest.raises(ConfigError, match="needs a dense teacher"):
-        train(config(tmp_path, teacher=None, model="vit_tiny_patch16_224"), train_set=synthetic(16))
+        train(config(tmp_path, teacher=None, model="vit_tiny_patch16_224", output=str(tmp_path / "e1")), train_set=synthetic(16))
     with pytest.raises(ConfigError, match="must be a dense model"):
-        train(config(tmp_path, teacher=str(student.checkpoint)), train_set=synthetic(16))
+        train(config(tmp_path, teacher=str(student.checkpoint), output=str(tmp_path / "e2")), train_set=synthetic(16))
     with pytest.raises(CheckpointError, match="no such file"):
         train(config(tmp_path, resume=str(tmp_path / "missing.pth")), train_set=synthetic(16))
     with pytest.raises(DataError, match="fewer than one batch"):
-        train(config(tmp_path, batch_size=8), train_set=synthetic(4))
+        train(config(tmp_path, batch_size=8, output=str(tmp_path / "e3")), train_set=synthetic(4))
 
 
 # A 4x4 grid of 7 px patches: small enough to train in seconds on one CPU thread.

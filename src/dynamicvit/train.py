@@ -546,6 +546,8 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
         for predictor in student.predictors:
             predictor.reset_parameters(cfg.predictor_keep_prior)
     if cfg.keep_ratios is not None:
+        if isinstance(student, DynamicSpatial):
+            raise ConfigError("--keep-ratios (elastic training) is for ViTs and LV-ViTs; ConvNeXt and Swin train at one --keep-ratio")
         student.set_keep_ratio_range(KeepRatioSampler.parse(cfg.keep_ratios).range)
     if cfg.init_checkpoint:
         load_weights(student, cfg.init_checkpoint)
@@ -1129,8 +1131,12 @@ def _train_epoch(
                     t_logits, t_tokens = teacher_targets(teacher, teacher_host, x)
                 # Elastic training: this step's keep ratio (python's RNG: per rank, restored on resume).
                 rho = sampler.sample(random) if sampler is not None else None
-                out = net(x, keep_ratio=rho)  # DynamicViTOutput: training path, tokens masked
-                loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
+                if rho is None:
+                    out = net(x)  # DynamicViTOutput: training path, tokens masked
+                    loss, terms = criterion(out, y, t_logits, t_tokens)
+                else:
+                    out = net(x, keep_ratio=rho)
+                    loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
                 keep = [d.detach().float().mean() for d in out.decisions]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
