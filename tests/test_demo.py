@@ -69,7 +69,7 @@ def check_report(report: dict, test_images: int) -> None:
 def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     out = tmp_path / "demo-out"
     code = cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1"])
+                     "--no-progress", "--threads", "1", "--keep-ratios", "0.4:1.0", "--fuse-dropped"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "dense ViT" in printed and "DynamicViT 0.7" in printed and "QUICK MODE" in printed
@@ -85,7 +85,7 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     model = dynamicvit.load_model(report["dynamic"]["checkpoint"])
     assert isinstance(model, dynamicvit.DynamicViT) and model.keep_ratio == 0.7
 
-    # Elastic and fused by default: both recorded with the model; no single-ratio curve for a user's teacher.
+    # Elastic and fused, as asked: both recorded with the model; no single-ratio curve for a user's teacher.
     assert report["dynamic"]["keep_ratios"] == "0.4:1.0" and model.keep_ratio_range == (0.4, 1.0)
     assert report["dynamic"]["fuse_dropped"] is True and model.fuse_dropped
     assert report["sweep_single_ratio"] is None
@@ -94,7 +94,7 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     # tokens and fine-tunes the single-ratio model too, for the plot.
     before = (out / REPORT).stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1", "--no-fuse-dropped", "--compare-single-ratio"]) == 0
+                     "--no-progress", "--threads", "1", "--keep-ratios", "0.4:1.0", "--compare-single-ratio"]) == 0
     assert (out / REPORT).stat().st_mtime_ns != before
     report = json.loads((out / REPORT).read_text())
     assert report["dynamic"]["fuse_dropped"] is False and not dynamicvit.load_model(report["dynamic"]["checkpoint"]).fuse_dropped

@@ -347,17 +347,18 @@ def _pruned_accuracy(model, images, labels, ranking: str = "learned", draws: int
     if ranking not in ("random", "inverted"):
         raise ValueError(f"unknown ranking {ranking!r}")
     gen = torch.Generator().manual_seed(0)
-    for p in model.predictors:  # instance attributes shadow PredictionModule.keep_score
+    # Instance attributes shadow PredictionModule.keep_margin, the inference path's ranking score.
+    for p in model.predictors:
         if ranking == "random":
-            p.keep_score = lambda x, P=0: torch.rand(x.shape[0], x.shape[1] - P, generator=gen)  # (B, N)
+            p.keep_margin = lambda patches: torch.rand(*patches.shape[:2], 1, generator=gen)  # (B, n, 1)
         else:
-            p.keep_score = lambda x, P=0, _score=p.keep_score: -_score(x, P)
+            p.keep_margin = lambda patches, _margin=p.keep_margin: -_margin(patches)
     try:
         n = draws if ranking == "random" else 1
         return sum((model(images).argmax(-1) == labels).float().mean().item() for _ in range(n)) / n
     finally:
         for p in model.predictors:
-            del p.keep_score  # back to the class's method
+            del p.keep_margin  # back to the class's method
 
 
 # Pruned top-1 (fraction) by which the fine-tuned predictors' ranking must beat random ranking, averaged
