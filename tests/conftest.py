@@ -59,3 +59,14 @@ def one_thread():
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+def require_fashion_mnist() -> None:
+    """Skip the calling test when the Fashion-MNIST files are not installed; any other error fails it."""
+    from dynamicvit.data import fashion_mnist_root
+    from dynamicvit.errors import DataError
+
+    try:
+        fashion_mnist_root()
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

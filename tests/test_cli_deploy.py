@@ -10,7 +10,7 @@ import dynamicvit
 from dynamicvit import cli, deploy
 from dynamicvit.data import FASHION_MNIST_CLASSES
 
-from conftest import scramble
+from conftest import require_fashion_mnist, scramble
 
 FMNIST_KWARGS = dict(img_size=28, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 
@@ -70,12 +70,7 @@ def test_export_usage_errors(tmp_path, checkpoint, capsys):
 def test_export_quantize_reports_accuracy_and_speed(tmp_path, capsys):
     from dynamicvit.demo import TEACHER_ASSET
 
-    try:
-        from dynamicvit.data import fashion_mnist_root
-
-        fashion_mnist_root()
-    except Exception:  # noqa: BLE001
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     out = tmp_path / "teacher.onnx"
     assert cli.main(["export", "--checkpoint", str(TEACHER_ASSET), "--output", str(out), "--exporter", "torchscript",
                      "--quantize", "int8", "--subset", "300", "--threads", "1", "--json"]) == 0
@@ -166,12 +161,7 @@ def test_predict_compiled(tmp_path, checkpoint, folder, capsys):
 def test_eval_compile_gives_the_eager_accuracy(capsys):
     from dynamicvit.demo import TEACHER_ASSET
 
-    try:
-        from dynamicvit.data import fashion_mnist_root
-
-        fashion_mnist_root()
-    except Exception:  # noqa: BLE001
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     results = []
     for extra in ([], ["--compile"]):
         args = ["eval", "--checkpoint", str(TEACHER_ASSET), "--subset", "200", "--num-workers", "0", "--device", "cpu",

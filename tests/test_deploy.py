@@ -10,7 +10,7 @@ import dynamicvit
 from dynamicvit import deploy
 from dynamicvit.errors import ConfigError
 
-from conftest import scramble, tiny_kwargs, tiny_model
+from conftest import require_fashion_mnist, scramble, tiny_kwargs, tiny_model
 
 
 def _ops(path) -> set:
@@ -164,12 +164,7 @@ def test_int8_quantization_keeps_predictions_and_metadata(tmp_path):
 def test_int8_accuracy_on_fashion_mnist_with_the_shipped_teacher(tmp_path):
     from dynamicvit.demo import TEACHER_ASSET
 
-    try:
-        from dynamicvit.data import fashion_mnist_root
-
-        fashion_mnist_root()
-    except Exception:  # noqa: BLE001
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     teacher = dynamicvit.load_model(TEACHER_ASSET).eval()
     fp32 = deploy.export_onnx(teacher, tmp_path / "t.onnx", exporter="torchscript",
                               class_names=deploy.checkpoint_class_names({"extra": {"train_config": {"dataset": "fashion-mnist"}}}, 10)).path
