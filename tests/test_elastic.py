@@ -35,6 +35,24 @@ def test_interval_draws_cover_the_range():
         assert sampler.expected_fraction(s) == pytest.approx(sum(r**s for r in draws) / len(draws), abs=0.01)
 
 
+def test_low_interval_draws_small_ratios_more_often():
+    sampler = KeepRatioSampler.parse("low:0.4:1.0")
+    assert sampler.shape == "low" and sampler.range == (0.4, 1.0) and str(sampler) == "low:0.4:1"
+    rng = random.Random(0)
+    draws = [sampler.sample(rng) for _ in range(6000)]
+    assert all(0.4 <= r <= 1.0 for r in draws)
+    bins = [0] * 6
+    for r in draws:
+        bins[min(int((r - 0.4) / 0.1), 5)] += 1
+    # Density 2 (1 - x) over the range: bin k of 6 holds (11 - 2k) / 36 of the draws.
+    for k, b in enumerate(bins):
+        assert b == pytest.approx(6000 * (11 - 2 * k) / 36, rel=0.15), bins
+    assert bins[0] > 1.7 * 1000  # about twice the uniform share of the smallest tenth
+    for s in (1, 2, 3):
+        assert sampler.expected_fraction(s) == pytest.approx(sum(r**s for r in draws) / len(draws), abs=0.01)
+    assert KeepRatioSampler.parse("uniform:0.4:1.0") == KeepRatioSampler.parse("0.4:1.0")
+
+
 def test_listed_ratios_are_each_drawn():
     sampler = KeepRatioSampler.parse("1.0, 0.4,0.7")
     assert sampler.values == (0.4, 0.7, 1.0) and sampler.range == (0.4, 1.0) and str(sampler) == "0.4,0.7,1"
@@ -44,7 +62,8 @@ def test_listed_ratios_are_each_drawn():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("1.0:0.4", "interval is empty"), ("0:1", "must be in"), ("0.4:1.5", "must be in"), ("low:high", "not a range"),
+    ("1.0:0.4", "interval is empty"), ("0:1", "must be in"), ("0.4:1.5", "must be in"), ("0.4:high", "not a range"),
+    ("wide:0.4:1.0", "unknown distribution"), ("low:0.4,0.7", "needs an interval"),
     ("", "names no keep ratio"), ("0.4:0.6:1.0", "names no keep ratio"),
 ])
 def test_bad_ranges_are_one_clear_error(spec, message):

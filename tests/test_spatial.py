@@ -309,3 +309,16 @@ def test_inference_path_exports_with_a_dynamic_batch(family):
     x = images(batch=3, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.slow  # the ONNX export and its check in ONNX Runtime take about 10 s per model
+def test_inference_path_exports_to_onnx_and_agrees(family, tmp_path):
+    model = tiny_spatial(family).eval()
+    result = dynamicvit.export_onnx(model, tmp_path / "model.onnx")
+    check = result.verification
+    assert check.max_abs_diff < 1e-4 and check.top1_agreement == 1.0, check.summary()
+    from dynamicvit.deploy import OnnxModel
+
+    x = images(batch=3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModel(tmp_path / "model.onnx")(x), model(x), atol=1e-4, rtol=1e-4)

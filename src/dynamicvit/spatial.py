@@ -348,6 +348,9 @@ class DynamicSpatial(nn.Module):
             if s is not None:
                 if masked and m is not None:
                     x = x1 * m + x2 * (1 - m)
+                elif not masked and s == 0 and host.layout == "NCHW":
+                    # Channels-last from here on: gathering NHWC rows is then a view, not a copy per block.
+                    x = x.contiguous(memory_format=torch.channels_last)
                 tokens = host.to_nhwc(x).reshape(B, N, -1)  # (B, N, C)
                 predictor = self.predictors[s]
                 if masked:
@@ -407,18 +410,29 @@ class DynamicSpatial(nn.Module):
 
     def _adaptive_pruned(self, j: int, x: torch.Tensor, keep: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """Adaptive block j at inference: the mixer on the whole map, the FFN on the kept positions
-        (B, k), the fast path on the rest (B, N - k), both scattered back before the residual."""
+        (B, k), the fast path on the rest (B, N - k), both added into the residual by row.
+
+        NHWC rows are gathered and added back with index_select / index_add: the residual is copied
+        once and no full-size output map is built (on CPUs the map-sized passes are a visible share of
+        a block whose FFN runs on few positions). ConvNeXt maps are channels-last here (see
+        `_sparse_stage`), so the NHWC rows of an NCHW map are a view too.
+        """
         host = self.host
         y = host.mix(j, x)
         residual = y if host.mixer_has_residual else x
+        drop_path = host.drop_path(j)
         t = host.to_nhwc(y)
         B, H, W, C = t.shape
         t = t.reshape(B * H * W, C)  # a view for NHWC maps and channels-last NCHW ones, else a copy
         rows_keep, rows_rest = _flat_rows(keep, H * W), _flat_rows(rest, H * W)
-        out = torch.empty_like(t)
-        out.index_copy_(0, rows_keep, host.ffn(j, t.index_select(0, rows_keep)))
-        out.index_copy_(0, rows_rest, self.fast_paths[str(j)](t.index_select(0, rows_rest)))
-        return residual + host.drop_path(j)(host.from_nhwc(out.view(B, H, W, C)))
+        full = host.ffn(j, t.index_select(0, rows_keep))
+        fast = self.fast_paths[str(j)](t.index_select(0, rows_rest))
+        if self.training and not isinstance(drop_path, nn.Identity):  # per-image drop path: whole maps
+            out = torch.empty_like(t).index_copy_(0, rows_keep, full).index_copy_(0, rows_rest, fast)
+            return residual + drop_path(host.from_nhwc(out.view(B, H, W, C)))
+        rows = host.to_nhwc(residual).reshape(B * H * W, C)
+        out = rows.index_add(0, rows_keep, full).index_add_(0, rows_rest, fast)
+        return host.from_nhwc(out.view(B, H, W, C))
 
     # -- the two paths -------------------------------------------------------------------------
 

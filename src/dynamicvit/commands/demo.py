@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
                         help=f"rho: stage s keeps int(49 * rho^s) patch tokens (default: {d.keep_ratio})")
     parser.add_argument("--keep-ratios", default=d.keep_ratios, metavar="LO:HI",
-                        help=f"elastic training: a keep ratio drawn per step from LO:HI or A,B,C (default: {d.keep_ratios})")
+                        help=f"elastic training: a keep ratio drawn per step from LO:HI, low:LO:HI (small ratios more often) or A,B,C (default: {d.keep_ratios})")
     parser.add_argument("--single-ratio", dest="keep_ratios", action="store_const", const=None,
                         help="the paper's recipe: fine-tune at --keep-ratio alone (no elastic training)")
     parser.add_argument("--fuse-dropped", action=argparse.BooleanOptionalAction, default=d.fuse_dropped,
