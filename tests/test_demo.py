@@ -69,7 +69,7 @@ def check_report(report: dict, test_images: int) -> None:
 def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     out = tmp_path / "demo-out"
     code = cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1", "--keep-ratios", "0.4:1.0", "--fuse-dropped"])
+                     "--no-progress", "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "dense ViT" in printed and "DynamicViT 0.7" in printed and "QUICK MODE" in printed
@@ -85,8 +85,9 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     model = dynamicvit.load_model(report["dynamic"]["checkpoint"])
     assert isinstance(model, dynamicvit.DynamicViT) and model.keep_ratio == 0.7
 
-    # Elastic and fused, as asked: both recorded with the model; no single-ratio curve for a user's teacher.
-    assert report["dynamic"]["keep_ratios"] == "0.4:1.0" and model.keep_ratio_range == (0.4, 1.0)
+    # Elastic and fused by default: both recorded with the model; no single-ratio curve for a user's teacher.
+    assert report["dynamic"]["keep_ratios"] == "low:0.4:1.0" and model.keep_ratio_range == (0.4, 1.0)
+    assert report["training"]["config"]["clip_grad"] == 1.0
     assert report["dynamic"]["fuse_dropped"] is True and model.fuse_dropped
     assert report["sweep_single_ratio"] is None
 
@@ -94,7 +95,8 @@ def test_quick_demo_end_to_end(tmp_path, tiny_teacher, data_dir, capsys):
     # tokens and fine-tunes the single-ratio model too, for the plot.
     before = (out / REPORT).stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--teacher", str(tiny_teacher), "--data", str(data_dir), "--output", str(out),
-                     "--no-progress", "--threads", "1", "--keep-ratios", "0.4:1.0", "--compare-single-ratio"]) == 0
+                     "--no-progress", "--threads", "1", "--keep-ratios", "0.4:1.0", "--no-fuse-dropped",
+                     "--compare-single-ratio"]) == 0
     assert (out / REPORT).stat().st_mtime_ns != before
     report = json.loads((out / REPORT).read_text())
     assert report["dynamic"]["fuse_dropped"] is False and not dynamicvit.load_model(report["dynamic"]["checkpoint"]).fuse_dropped
@@ -127,7 +129,8 @@ def test_the_sweep_plot_shows_the_shipped_single_ratio_curve(tmp_path):
     # Not for another teacher, a subset of the test set, or a run that trains the single-ratio model itself.
     assert shipped_single_ratio_sweep(dataclasses.replace(cfg, teacher="mine.pth"), TEACHER_ASSET, sweep) is None
     assert shipped_single_ratio_sweep(dataclasses.replace(cfg, test_images=500), TEACHER_ASSET, sweep) is None
-    assert shipped_single_ratio_sweep(DemoConfig(), TEACHER_ASSET, sweep) is None  # the default trains that model
+    assert shipped_single_ratio_sweep(DemoConfig.single_ratio(), TEACHER_ASSET, sweep) is None  # trains that model
+    assert shipped_single_ratio_sweep(DemoConfig(), TEACHER_ASSET, sweep) == single  # the default is elastic
     dense = {"top1": 88.97, "macs": 16.7e6}
     path = save_sweep_plot(sweep, dense, 0.7, tmp_path / "plot.png", label="elastic 0.4:1.0", single_ratio=single)
     with Image.open(path) as im:
@@ -140,11 +143,20 @@ def test_demo_flags_select_the_recipe():
 
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)
-    # The paper's single-ratio recipe is the default (the elastic one misses the demo's target at 0.7).
-    assert parser.parse_args([]).keep_ratios is None and not parser.parse_args([]).fuse_dropped
-    assert parser.parse_args(["--keep-ratios", "0.4:1.0", "--single-ratio"]).keep_ratios is None
-    assert parser.parse_args(["--fuse-dropped"]).fuse_dropped
+    # The elastic, fused recipe is the default; --single-ratio selects the paper's, whose other settings
+    # follow unless given.
+    default = DemoConfig(**{k: v for k, v in vars(parser.parse_args([])).items() if k in ("keep_ratios", "fuse_dropped")})
+    assert (default.keep_ratios, default.fuse_dropped, default.epochs, default.clip_grad) == ("low:0.4:1.0", True, 6, 1.0)
+    single = parser.parse_args(["--keep-ratios", "0.4:1.0", "--single-ratio"])
+    assert single.keep_ratios is None and single.fuse_dropped is None
+    paper = DemoConfig(keep_ratios=single.keep_ratios, fuse_dropped=single.fuse_dropped)
+    assert (paper.fuse_dropped, paper.epochs, paper.clip_grad) == (False, 4, 0.0) and paper == DemoConfig.single_ratio()
+    assert DemoConfig.single_ratio(fuse_dropped=True, epochs=2, clip_grad=0.5).fuse_dropped
+    assert parser.parse_args(["--no-fuse-dropped"]).fuse_dropped is False
     assert parser.parse_args(["--keep-ratios", "0.5,0.7"]).keep_ratios == "0.5,0.7"
+    assert parser.parse_args(["--clip-grad", "0"]).clip_grad == 0.0
+    with pytest.raises(ConfigError, match="clip_grad must be >= 0"):
+        DemoConfig(clip_grad=-1.0).validate()
     with pytest.raises(ConfigError, match="interval is empty"):
         DemoConfig(keep_ratios="0.9:0.5").validate()
 

@@ -25,15 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratios", default=d.keep_ratios, metavar="LO:HI",
                         help=f"elastic training: a keep ratio drawn per step from LO:HI, low:LO:HI (small ratios more often) or A,B,C (default: {d.keep_ratios})")
     parser.add_argument("--single-ratio", dest="keep_ratios", action="store_const", const=None,
-                        help="the paper's recipe: fine-tune at --keep-ratio alone (no elastic training)")
-    parser.add_argument("--fuse-dropped", action=argparse.BooleanOptionalAction, default=d.fuse_dropped,
-                        help=f"fold each stage's dropped tokens into one extra token (default: {d.fuse_dropped})")
+                        help="the paper's recipe: fine-tune at --keep-ratio alone, dropped tokens discarded, 4 epochs, "
+                             "no gradient clipping (each can still be set)")
+    parser.add_argument("--fuse-dropped", action=argparse.BooleanOptionalAction, default=None,
+                        help="fold each stage's dropped tokens into one extra token (default: yes for elastic "
+                             "training, no with --single-ratio)")
     parser.add_argument("--compare-single-ratio", action="store_true",
                         help="also fine-tune the single-ratio model for the keep-ratio plot (twice the fine-tuning "
                              "time; default: its sweep measured on the shipped teacher)")
     parser.add_argument("--prune-locs", type=int_list, default=None, metavar="I,J,K",
                         help="blocks before which to prune (default: 2,3,4 for the shipped teacher, evenly spaced for another)")
-    parser.add_argument("--epochs", type=positive_int, default=None, help=f"fine-tuning epochs (default: {d.epochs})")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="fine-tuning epochs (default: 6 for elastic training, 4 with --single-ratio)")
+    parser.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                        help="clip the gradient norm to NORM, 0: no clipping (default: 1.0 for elastic training, "
+                             "0 with --single-ratio)")
     parser.add_argument("--train-images", type=positive_int, default=None, metavar="N",
                         help="fine-tune on a fixed random subset of N training images (default: all 60,000)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help=f"fine-tuning batch size (default: {d.batch_size})")
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     # Only the settings given on the command line override the (full or quick) defaults.
     tuning = dict(epochs=args.epochs, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
                   backbone_lr_scale=args.backbone_lr_scale, num_workers=args.num_workers,
-                  ratio_weight=args.ratio_weight,
+                  ratio_weight=args.ratio_weight, clip_grad=args.clip_grad,
                   prune_locs=tuple(args.prune_locs) if args.prune_locs else None)
     tuning = {k: v for k, v in tuning.items() if v is not None}
     cfg = DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)
