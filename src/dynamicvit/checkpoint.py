@@ -328,6 +328,11 @@ def is_own_format(state: dict) -> bool:
     return any(k.startswith("backbone.") for k in state)
 
 
+def has_predictor_weights(state: dict) -> bool:
+    """Weights of prediction modules in any layout: the authors' (`score_predictor`) or ours (`predictors.`)."""
+    return is_reference_format(state) or any(k.startswith("predictors.") for k in state)
+
+
 def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
     """Map any supported layout onto DynamicViT's (or DynamicSpatial's) keys: (state, has_predictors)."""
     from .hosts import is_spatial, spatial_host_for
@@ -508,44 +513,3 @@ def settings_win(
             )
         prune_locs = stored_locs
     return prune_locs, {**stored, **timm_kwargs}
-
-
-def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
-    """Rebuild a model saved by `save_model` (or a training checkpoint) and load its weights.
-
-    Returns a DynamicViT, or the dense timm model for a dense checkpoint. The stored settings are
-    checked first (`check_settings`): nothing in a file can make timm download or open anything.
-
-    Args:
-        keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
-        overrides: timm keyword arguments; only those that may change (image size, dropout rates)
-            may differ from the stored ones (see `settings_win`).
-    """
-    from .factory import create_backbone, create_model
-
-    state, settings = read_checkpoint(path)
-    if settings is None:
-        raise CheckpointError(
-            f"{path} holds weights without dynamicvit settings; use "
-            "dynamicvit.create_model(NAME, checkpoint_path=PATH) and name the architecture"
-        )
-    _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
-    if settings.get("kind") == "dense":
-        model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
-        load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")
-        return model
-    model = create_model(
-        settings["model_name"],
-        keep_ratio=settings["keep_ratio"],
-        prune_locs=settings["prune_locs"],
-        **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
-        fuse_dropped=bool(settings.get("fuse_dropped", False)),
-        **kwargs,
-    )
-    if settings.get("keep_ratio_range"):
-        model.set_keep_ratio_range(settings["keep_ratio_range"])
-    state, _ = to_own_keys(state, model.backbone)
-    load_state(model, state, source=f"checkpoint {path}")
-    if keep_ratio is not None:
-        model.set_keep_ratio(keep_ratio)
-    return model

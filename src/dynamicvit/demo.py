@@ -221,7 +221,7 @@ def teacher_path(path: Optional[str]) -> Path:
 
 def load_teacher(path: Path, info) -> nn.Module:
     """The dense teacher, checked against the dataset."""
-    from .checkpoint import load_model
+    from .factory import load_model
     from .model import DynamicViT
 
     model = load_model(path)

@@ -1,4 +1,7 @@
-"""Building DynamicViTs: from a timm name, from a model the user has, or through timm's registry.
+"""Building DynamicViTs: from a timm name, from a model the user has, from a file, or through timm's registry.
+
+`load` is the one way the commands build a model from any checkpoint `dynamicvit` reads; `load_model`
+rebuilds a file that carries our settings.
 
 ViT-style models become a `DynamicViT` (token pruning); hierarchical ones (ConvNeXt, Swin) a
 `DynamicSpatial` (spatial sparsification of stage 3, spatial.py).
@@ -11,6 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
+from .checkpoint import (PathLike, filter_dense_state, has_predictor_weights, load_state, load_weights, read_checkpoint,
+                         read_settings, settings_win, to_own_keys)
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .hosts import is_spatial
 from .model import DynamicViT
@@ -76,8 +81,6 @@ def create_model(
             discarding them (default: the checkpoint's setting, else off).
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
-    from .checkpoint import load_weights, read_checkpoint, settings_win
-
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     checkpoint = None
     if checkpoint_path is not None:
@@ -100,6 +103,90 @@ def create_model(
     model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, bool(fuse_dropped))
     if checkpoint is not None:
         load_weights(model, checkpoint_path, checkpoint)
+    return model
+
+
+def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
+    """Rebuild a model saved by `save_model` (or a training checkpoint) and load its weights.
+
+    Returns a DynamicViT, or the dense timm model for a dense checkpoint. The stored settings are
+    checked first (`check_settings`): nothing in a file can make timm download or open anything.
+
+    Args:
+        keep_ratio: change the keep ratio of a DynamicViT (no retraining needed).
+        overrides: timm keyword arguments; only those that may change (image size, dropout rates)
+            may differ from the stored ones (see `settings_win`).
+    """
+    state, settings = read_checkpoint(path)
+    if settings is None:
+        raise CheckpointError(
+            f"{path} holds weights without dynamicvit settings; use "
+            "dynamicvit.create_model(NAME, checkpoint_path=PATH) and name the architecture"
+        )
+    _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
+    if settings.get("kind") == "dense":
+        model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
+        load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")
+        return model
+    model = create_model(
+        settings["model_name"],
+        keep_ratio=settings["keep_ratio"],
+        prune_locs=settings["prune_locs"],
+        **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
+        fuse_dropped=bool(settings.get("fuse_dropped", False)),
+        **kwargs,
+    )
+    if settings.get("keep_ratio_range"):
+        model.set_keep_ratio_range(settings["keep_ratio_range"])
+    state, _ = to_own_keys(state, model.backbone)
+    load_state(model, state, source=f"checkpoint {path}")
+    if keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)
+    return model
+
+
+def load(
+    path: PathLike,
+    model_name: Optional[str] = None,
+    *,
+    keep_ratio: Optional[float] = None,
+    prune_locs: Optional[Sequence[int]] = None,
+    overrides: Optional[dict] = None,
+    plain_kwargs: Optional[dict] = None,
+    sparse: bool = False,
+    role: str = "checkpoint",
+) -> nn.Module:
+    """The model any checkpoint `dynamicvit` reads holds: the one loader of eval, flops, bench, export,
+    visualize and train's teacher.
+
+    - A file with our settings is rebuilt from them (`load_model`); an explicit `model_name` or
+      `prune_locs` that contradicts them is an error naming both.
+    - Plain weights carry no architecture: `model_name` is required. Weights with prediction modules
+      (the authors' checkpoints, our state dicts) give a DynamicViT / DynamicSpatial; dense weights
+      give the dense timm model, or with `sparse` one wrapped with fresh prediction modules (as
+      `create_model(name, checkpoint_path=path)`; a head of another size is then re-initialized).
+
+    Args:
+        keep_ratio, prune_locs: for a model built from plain weights. A file with settings keeps its
+            own keep ratio (change it with `model.set_keep_ratio`); `prune_locs` is checked against them.
+        overrides: timm arguments applied over a file's stored settings (only adjustable ones may differ).
+        plain_kwargs: timm arguments for plain weights (defaults to `overrides`).
+        role: what the file is to the caller ("teacher", ...), for messages.
+    """
+    overrides = dict(overrides or {})
+    plain_kwargs = dict(overrides if plain_kwargs is None else plain_kwargs)
+    name = model_name[len(PREFIX):] if model_name and model_name.startswith(PREFIX) else model_name
+    settings = read_settings(path)
+    if settings is not None:
+        settings_win(settings, path, name, prune_locs)
+        return load_model(path, **overrides)
+    if name is None:
+        raise ConfigError(f"the {role} {path} holds plain weights without settings; name the architecture with --model")
+    state, _ = read_checkpoint(path)
+    if sparse or has_predictor_weights(state):
+        return create_model(name, checkpoint_path=path, keep_ratio=keep_ratio, prune_locs=prune_locs, **plain_kwargs)
+    model = create_backbone(name, **plain_kwargs)
+    load_state(model, filter_dense_state(state, model), source=f"{role} {path}")
     return model
 
 

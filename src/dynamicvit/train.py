@@ -37,11 +37,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .checkpoint import (
     atomic_write,
     check_finite,
-    filter_dense_state,
-    load_state,
     load_weights,
     model_settings,
     read_checkpoint,
+    read_settings,
     save_model,
 )
 from .config import KeepRatioSampler
@@ -61,7 +60,7 @@ from .runsafety import (
     clear_run,
     trim_metrics,
 )
-from .spatial import DynamicSpatial, dense_targets
+from .spatial import SPARSE_MODELS, DynamicSpatial, dense_targets
 
 _logger = logging.getLogger(__name__)
 
@@ -486,10 +485,9 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
         overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
         role: "teacher" or "initial weights", for messages.
     """
-    from .checkpoint import load_model
-    from .factory import create_backbone
+    from .factory import load
 
-    state, settings = read_checkpoint(path)
+    settings = read_settings(path)
     if settings is not None:
         if settings.get("kind") != "dense":
             raise ConfigError(
@@ -501,11 +499,9 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
                 f"the {role} {path} is a {settings.get('model_name')}, not a {name}; "
                 "drop --model or pass the matching architecture"
             )
-        return load_model(path, **overrides)
-    if name is None:
-        raise ConfigError(f"the {role} {path} holds plain weights without settings; name the architecture with --model")
-    model = create_backbone(name, **kwargs)
-    load_state(model, filter_dense_state(state, model), source=f"{role} {path}")
+    model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role)
+    if isinstance(model, SPARSE_MODELS):
+        raise ConfigError(f"the {role} {path} holds prediction modules; the {role} must be a dense model")
     return model
 
 

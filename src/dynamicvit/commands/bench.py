@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .flops import add_model_arguments, build_base_model, model_name
+from ._model import add_model_arguments, build_base_model, model_name
 
 from ._common import float_list, non_negative_int, positive_int, positive_int_list
 

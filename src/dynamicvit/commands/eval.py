@@ -41,37 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def load_for_eval(path: str, model_name=None, timm_kwargs=None):
-    """A DynamicViT or dense timm model from any checkpoint `dynamicvit` reads."""
-    from ..checkpoint import is_reference_format, load_model, read_checkpoint, read_settings, settings_win
-    from ..factory import create_model
-    from ..train import load_dense
-
-    settings = read_settings(path)
-    if settings is not None:  # its own settings win; an explicit --model that contradicts them is an error
-        settings_win(settings, path, name=model_name.removeprefix("dynamicvit_") if model_name else None)
-        return load_model(path)
-    if model_name is None:
-        raise ConfigError(f"{path} holds plain weights without settings; name the architecture with --model")
-    state, _ = read_checkpoint(path)
-    if is_reference_format(state) or any(k.startswith("predictors.") for k in state):
-        return create_model(model_name, checkpoint_path=path, **(timm_kwargs or {}))
-    return load_dense(path, model_name, timm_kwargs or {}, {}, "checkpoint")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import bad_images_error, build_dataset, check_images, eval_resize, resolve_dataset
+    from ..factory import load
     from ..hosts import any_host
     from ..spatial import SPARSE_MODELS
     from ..train import _check_model_fits, _img_size, evaluate, resolve_device
 
     info = resolve_dataset(args.dataset, args.data_dir)
-    model = load_for_eval(
-        args.checkpoint, args.model,
-        {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs},
-    )
+    # A file's own settings win (the user's --timm-kwargs may adjust them); plain weights get the dataset's.
+    model = load(args.checkpoint, args.model, overrides=args.timm_kwargs, plain_kwargs={
+        "num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs})
     _check_model_fits(model, info)
     is_dynamic = isinstance(model, SPARSE_MODELS)
     ratios = args.keep_ratio or [model.keep_ratio if is_dynamic else 1.0]

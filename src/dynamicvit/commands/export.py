@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from .flops import add_model_arguments, build_base_model
+from ._model import add_model_arguments, build_base_model
 
 HELP = "Export the inference path to ONNX (checked with ONNX Runtime), optionally int8-quantized."
 

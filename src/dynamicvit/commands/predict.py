@@ -172,8 +172,8 @@ def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import deploy
     from .. import visualize as vis
-    from ..checkpoint import load_model, read_settings
-    from ..factory import create_model
+    from ..checkpoint import read_settings
+    from ..factory import create_model, load_model
     from ..model import DynamicViT
     from ..train import resolve_device
 

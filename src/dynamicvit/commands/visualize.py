@@ -147,10 +147,9 @@ def load_model(args: argparse.Namespace):
     Returns:
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
-    from ..checkpoint import load_model as load_saved
-    from ..checkpoint import load_weights, read_settings, settings_win
+    from ..checkpoint import has_predictor_weights, read_checkpoint, read_settings
     from ..errors import ConfigError
-    from ..factory import create_model, sparsify
+    from ..factory import create_model, load, sparsify
     from ..spatial import SPARSE_MODELS
 
     kwargs = dict(args.model_kwargs)
@@ -159,22 +158,19 @@ def load_model(args: argparse.Namespace):
     trained, train_dataset = False, None
     if args.checkpoint:
         settings = read_settings(args.checkpoint)
-        if settings is not None:
-            train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
-            # The checkpoint's settings win; an explicit --model that contradicts them is an error naming both.
-            settings_win(settings, args.checkpoint, name=args.model.removeprefix("dynamicvit_") if args.model else None)
-            model = load_saved(args.checkpoint, **kwargs)
-            trained = isinstance(model, SPARSE_MODELS)
-        elif args.model:
-            model = create_model(args.model, **kwargs)
-            before = [p.detach().clone() for p in model.predictors.parameters()]
-            load_weights(model, args.checkpoint)
-            trained = any(not _same(a, b) for a, b in zip(before, model.predictors.parameters()))
-        else:
+        if settings is None and not args.model:
             raise ConfigError(
                 f"{args.checkpoint} holds weights without dynamicvit settings; name its architecture with "
                 "--model NAME (e.g. --model deit_small_patch16_224)"
             )
+        # A file's settings win (an explicit --model that contradicts them is an error naming both);
+        # plain dense weights get fresh prediction modules.
+        model = load(args.checkpoint, args.model, overrides=kwargs, sparse=True)
+        if settings is not None:
+            train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
+            trained = isinstance(model, SPARSE_MODELS)
+        else:
+            trained = has_predictor_weights(read_checkpoint(args.checkpoint)[0])
     elif args.model:
         model = create_model(args.model, **kwargs)
     else:
@@ -185,12 +181,6 @@ def load_model(args: argparse.Namespace):
     if args.keep_ratio is not None:
         model.set_keep_ratio(args.keep_ratio)
     return model, trained, train_dataset
-
-
-def _same(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b.detach())
 
 
 def _class_names(model) -> Optional[list[str]]:
