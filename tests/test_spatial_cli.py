@@ -89,6 +89,9 @@ def test_eval_and_visualize_a_saved_convnext(tmp_path, image_folder, capsys):
     rows = json.loads(text[text.index("{"):])["results"]
     assert [r["keep_counts"] for r in rows] == [[25, 18, 10], [32, 25, 18]]
     assert all(r["images"] == 4 for r in rows) and rows[0]["gmacs"] < rows[1]["gmacs"]
+    code, text = _run(capsys, "eval", "--checkpoint", str(path), "--dataset", str(image_folder), "--device", "cpu",
+                      "--num-workers", "0")
+    assert code == 0 and "DynamicSpatial (convnext_tiny) on" in text, text
 
     out = tmp_path / "vis"
     code, text = _run(capsys, "visualize", "--checkpoint", str(path), "--output", str(out), str(image_folder / "val" / "a"))

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json_text({"checkpoint": str(args.checkpoint), "dataset": info.name, "results": rows}))
         return 0
-    kind = f"DynamicViT ({getattr(model, 'model_name', '')})" if is_dynamic else "dense model"
+    kind = f"{type(model).__name__} ({getattr(model, 'model_name', '')})" if is_dynamic else "dense model"
     print(f"{kind} on {info.name} val, {rows[0]['images']} images")
     print(f"{'keep ratio':>10} {'tokens kept':>14} {'top-1':>7} {'top-5':>7} {'loss':>7} {'GMACs':>8}")
     for r in rows:
