@@ -933,7 +933,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     log(
         "training %s %s: %d trainable parameters, %d steps/epoch x %d epochs, global batch %d, lr %.3g%s, "
         "device %s%s, amp %s",
-        "dense" if cfg.dense else "DynamicViT", getattr(model, "model_name", None) or cfg.model, n_params,
+        "dense" if cfg.dense else type(model).__name__, getattr(model, "model_name", None) or cfg.model, n_params,
         steps_per_epoch, cfg.epochs, global_batch, base_lr,
         "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale:.4g}, frozen {cfg.freeze_backbone_epochs} epochs)",
         device, f" x{env.world_size}" if env.distributed else "", str(dtype).replace("torch.", "") if dtype else "none",
