@@ -1,7 +1,13 @@
 """Do the prediction modules choose better than chance? Top-1 of a trained model with its predictors'
-choices against the same model with random and with inverted choices (same counts per stage).
+choices against the same model with random and with inverted choices (same counts per stage), and
+with two fixed rules: object-first (grid cells whose pixels differ most from the image's corner, i.e.
+from the background, first) and background-first.
 
     python benchmarks/selection_check.py CHECKPOINT [CHECKPOINT ...] [--images 10000] [--threads 2]
+    python benchmarks/selection_check.py DENSE_CHECKPOINT --sparsify-dense --prune-locs 1,2,3
+
+`--sparsify-dense` wraps a dense checkpoint with fresh prediction modules (and fresh fast paths for
+ConvNeXt / Swin): how much the choice matters before any fine-tuning (its predictors column is chance).
 
 DynamicViT: each stage keeps k_s of the tokens the previous stage kept (random: a random subset;
 inverted: the lowest scores), run on the masked path, which gives the inference path's outputs for the
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 import dynamicvit
 from dynamicvit.data import build_dataset
@@ -31,13 +38,23 @@ def _nested_masks(scores: list[torch.Tensor], counts, choose) -> list[torch.Tens
     return masks
 
 
-def check(path: str, images: int, batch_size: int = 250) -> dict:
-    model = dynamicvit.load_model(path).eval()
+def _object_energy(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, cells): mean absolute difference of each grid cell's pixels from the top-left 4x4 corner."""
+    background = x[:, :, :4, :4].mean(dim=(2, 3), keepdim=True)
+    energy = (x - background).abs().mean(1, keepdim=True)
+    return F.adaptive_avg_pool2d(energy, grid).flatten(1)
+
+
+def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = False, prune_locs=None) -> dict:
+    model = dynamicvit.load_model(path)
+    if sparsify_dense:
+        model = dynamicvit.sparsify(model, prune_locs=prune_locs)
+    model.eval()
     data = build_dataset("fashion-mnist", "val", img_size=_img_size(model))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(images, len(data)))), batch_size)
     counts = model.keep_counts()
     generator = torch.Generator().manual_seed(0)
-    hits = {"predictors": 0, "random": 0, "inverted": 0}
+    hits = {"predictors": 0, "random": 0, "inverted": 0, "object-first": 0, "background-first": 0}
     seen = 0
     with torch.no_grad():
         for x, y in loader:
@@ -45,19 +62,26 @@ def check(path: str, images: int, batch_size: int = 250) -> dict:
             hits["predictors"] += (out.logits.argmax(1) == y).sum().item()
             scores = [torch.nan_to_num(s, nan=float("-inf")) for s in out.keep_scores]
             random = [torch.rand(s.shape, generator=generator) for s in scores]
-            if isinstance(model, dynamicvit.DynamicSpatial):
-                runs = {
-                    "random": [r.topk(k, dim=1).indices for r, k in zip(random, counts)],
-                    "inverted": [(-s).topk(k, dim=1).indices for s, k in zip(out.keep_scores, counts)],
+            energy = _object_energy(x, model.grid_size)
+            energy = energy + 1e-6 * torch.rand(energy.shape, generator=generator)  # ties broken at random
+            rules = {
+                "random": lambda s, r: r,
+                "inverted": lambda s, r: -s,
+                "object-first": lambda s, r: energy,
+                "background-first": lambda s, r: -energy,
+            }
+            if isinstance(model, dynamicvit.DynamicSpatial):  # each predictor chooses among all positions
+                logits = {
+                    name: model.forward_pruned(
+                        x, kept=[rule(s, r).topk(k, dim=1).indices for s, r, k in zip(scores, random, counts)]).logits
+                    for name, rule in rules.items()
                 }
-                logits = {name: model.forward_pruned(x, kept=kept).logits for name, kept in runs.items()}
-            else:
-                rand_iter = iter(random)
-                runs = {
-                    "random": _nested_masks(scores, counts, lambda s: next(rand_iter)),
-                    "inverted": _nested_masks(scores, counts, lambda s: -s),
-                }
-                logits = {name: model.forward_masked(x, decisions=d).logits for name, d in runs.items()}
+            else:  # nested: each stage among the tokens the previous one kept
+                logits = {}
+                for name, rule in rules.items():
+                    pairs = iter(zip(scores, random))
+                    masks = _nested_masks(scores, counts, lambda s: rule(*next(pairs)))
+                    logits[name] = model.forward_masked(x, decisions=masks).logits
             for name, z in logits.items():
                 hits[name] += (z.argmax(1) == y).sum().item()
             seen += len(y)
@@ -71,13 +95,18 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sparsify-dense", action="store_true",
+                        help="the checkpoints are dense: add fresh prediction modules (and fast paths) first")
+    parser.add_argument("--prune-locs", default=None, help="with --sparsify-dense: e.g. 1,2,3 (default: the model's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{'checkpoint':<60} {'predictors':>10} {'random':>8} {'inverted':>9}")
-    for path in args.checkpoints:
-        r = check(path, args.images)
-        print(f"{path:<60} {r['predictors']:>10.2f} {r['random']:>8.2f} {r['inverted']:>9.2f}")
+    locs = [int(v) for v in args.prune_locs.split(",")] if args.prune_locs else None
+    columns = ("predictors", "random", "inverted", "object-first", "background-first")
+    rows = [(path, check(path, args.images, sparsify_dense=args.sparsify_dense, prune_locs=locs)) for path in args.checkpoints]
+    print(f"{'checkpoint':<60} " + " ".join(f"{c:>16}" for c in columns))
+    for path, r in rows:
+        print(f"{path:<60} " + " ".join(f"{r[c]:>16.2f}" for c in columns))
 
 
 if __name__ == "__main__":
