@@ -33,6 +33,12 @@ def scramble(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return module
 
 
+def reference_state(model) -> dict:
+    """A DynamicViT's weights in the authors' checkpoint layout: timm backbone keys + score_predictor.{s}.*"""
+    return {("score_predictor." + k[len("predictors."):]) if k.startswith("predictors.") else k[len("backbone."):]: v.clone()
+            for k, v in model.state_dict().items()}
+
+
 def pruned_with_block_inputs(model, images: torch.Tensor):
     """The inference path's output and the token sequence entering every block, (B, M_i, C) each."""
     seen = []

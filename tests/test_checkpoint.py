@@ -9,7 +9,7 @@ import dynamicvit
 from dynamicvit.checkpoint import read_checkpoint
 from dynamicvit.errors import CheckpointError
 
-from conftest import tiny_kwargs, tiny_model
+from conftest import reference_state, tiny_kwargs, tiny_model
 
 
 def _x(seed=2):
@@ -61,20 +61,9 @@ def test_dense_model_round_trip(tmp_path):
         torch.testing.assert_close(dense(_x()), loaded(_x()), rtol=0, atol=0)
 
 
-def _reference_state(model):
-    """The layout of the authors' checkpoints: timm backbone keys + score_predictor.{s}.*"""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("backbone."):
-            sd[k[len("backbone."):]] = v.clone()
-        else:
-            sd["score_predictor." + k[len("predictors."):]] = v.clone()
-    return sd
-
-
 def test_reference_checkpoint_loads_and_matches(tmp_path):
     source = _perturb(tiny_model()).eval()
-    sd = _reference_state(source)
+    sd = reference_state(source)
     assert "score_predictor.0.in_conv.0.weight" in sd and "score_predictor.2.out_conv.4.bias" in sd
     torch.save({"model": sd}, tmp_path / "ref.pth")
     model = dynamicvit.create_model(

@@ -9,17 +9,9 @@ import torch
 import dynamicvit
 from dynamicvit.errors import CheckpointError, ConfigError
 
-from conftest import tiny_kwargs, tiny_model
+from conftest import reference_state, tiny_kwargs, tiny_model
 
 SRC = Path(dynamicvit.__file__).parent
-
-
-def _reference_state(model):
-    """The authors' layout: the timm backbone's keys and `score_predictor.{s}.*`."""
-    state = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
-    state.update({"score_predictor." + k[len("predictors."):]: v for k, v in model.state_dict().items()
-                  if k.startswith("predictors.")})
-    return {"model": state}
 
 
 def _logits(model, x):
@@ -45,7 +37,7 @@ def test_a_file_with_settings_is_rebuilt_from_them(tmp_path):
 
 def test_plain_weights_with_predictors_give_the_trained_model(tmp_path):
     model = tiny_model(keep_ratio=0.5)
-    torch.save(_reference_state(model), tmp_path / "ref.pth")
+    torch.save({"model": reference_state(model)}, tmp_path / "ref.pth")
     loaded = dynamicvit.load(tmp_path / "ref.pth", "vit_tiny_patch16_224", keep_ratio=0.5, overrides=tiny_kwargs())
     assert isinstance(loaded, dynamicvit.DynamicViT) and loaded.keep_ratio == 0.5
     x = torch.randn(2, 3, 32, 32)

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import dynamicvit
-from conftest import tiny_kwargs, tiny_model
+from conftest import reference_state, tiny_kwargs, tiny_model
 from dynamicvit.cli import main
 from dynamicvit.errors import CheckpointError, ConfigError
 
@@ -243,8 +243,6 @@ def test_load_model_overrides_may_resize_but_not_reshape(tmp_path):
 
 def test_timm_registry_with_a_reference_dynamicvit_checkpoint(tmp_path, images):
     trained = tiny_model().eval()
-    reference = {("score_predictor." + k[len("predictors."):]) if k.startswith("predictors.") else k[len("backbone."):]: v
-                 for k, v in trained.state_dict().items()}
-    torch.save({"model": reference}, tmp_path / "reference.pth")  # the authors' layout
+    torch.save({"model": reference_state(trained)}, tmp_path / "reference.pth")  # the authors' layout
     model = timm.create_model("dynamicvit_" + NAME, checkpoint_path=str(tmp_path / "reference.pth"), **tiny_kwargs())
     assert torch.equal(model.eval()(images), trained(images))
