@@ -68,6 +68,31 @@ def test_plain_weights_need_a_name_and_must_fit(tmp_path):
                         role="teacher")
 
 
+def test_a_file_is_read_once(tmp_path, monkeypatch):
+    """Plain .pth weights are read whole: a loader that read them once for the settings and again for the
+    weights would double the start-up time of every command on a large checkpoint."""
+    import dynamicvit.checkpoint as checkpoint
+    import dynamicvit.factory as factory
+
+    reads = []
+    read = checkpoint.read_checkpoint
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", counting)
+    monkeypatch.setattr(factory, "read_checkpoint", counting)
+    torch.save(timm.create_model("vit_tiny_patch16_224", **tiny_kwargs()).state_dict(), tmp_path / "dense.pth")
+    torch.save({"model": reference_state(tiny_model())}, tmp_path / "ref.pth")
+    saved = dynamicvit.save_model(tiny_model(), tmp_path / "m.safetensors")
+    for path, sparse in [(tmp_path / "dense.pth", False), (tmp_path / "dense.pth", True), (tmp_path / "ref.pth", False),
+                         (saved, False)]:
+        reads.clear()
+        dynamicvit.load(path, "vit_tiny_patch16_224", overrides=tiny_kwargs(), sparse=sparse)
+        assert len(reads) == 1, (path, sparse, reads)
+
+
 def _imports(path: Path, level: int = 1) -> set:
     """The sibling modules `path` imports (`from .x import ...`; level 2 for `from ..x import ...`)."""
     return {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))

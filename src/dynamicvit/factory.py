@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 
 from .checkpoint import (PathLike, filter_dense_state, has_predictor_weights, load_state, load_weights, read_checkpoint,
-                         read_settings, settings_win, to_own_keys)
+                         settings_win, to_own_keys)
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .hosts import is_spatial
 from .model import DynamicViT
@@ -117,7 +117,14 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         overrides: timm keyword arguments; only those that may change (image size, dropout rates)
             may differ from the stored ones (see `settings_win`).
     """
-    state, settings = read_checkpoint(path)
+    model = _rebuild(path, *read_checkpoint(path), overrides)
+    if keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)
+    return model
+
+
+def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: dict) -> nn.Module:
+    """`load_model` on a file already read: the model its settings describe, with its weights."""
     if settings is None:
         raise CheckpointError(
             f"{path} holds weights without dynamicvit settings; use "
@@ -140,8 +147,6 @@ def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) 
         model.set_keep_ratio_range(settings["keep_ratio_range"])
     state, _ = to_own_keys(state, model.backbone)
     load_state(model, state, source=f"checkpoint {path}")
-    if keep_ratio is not None:
-        model.set_keep_ratio(keep_ratio)
     return model
 
 
@@ -155,6 +160,7 @@ def load(
     plain_kwargs: Optional[dict] = None,
     sparse: bool = False,
     role: str = "checkpoint",
+    checkpoint: Optional[tuple[dict, Optional[dict]]] = None,
 ) -> nn.Module:
     """The model any checkpoint `dynamicvit` reads holds: the one loader of eval, flops, bench, export,
     visualize and train's teacher.
@@ -172,19 +178,23 @@ def load(
         overrides: timm arguments applied over a file's stored settings (only adjustable ones may differ).
         plain_kwargs: timm arguments for plain weights (defaults to `overrides`).
         role: what the file is to the caller ("teacher", ...), for messages.
+        checkpoint: `read_checkpoint(path)`'s result when the caller has read the file already (the
+            file is read once either way).
     """
     overrides = dict(overrides or {})
     plain_kwargs = dict(overrides if plain_kwargs is None else plain_kwargs)
     name = model_name[len(PREFIX):] if model_name and model_name.startswith(PREFIX) else model_name
-    settings = read_settings(path)
+    state, settings = checkpoint if checkpoint is not None else read_checkpoint(path)
     if settings is not None:
         settings_win(settings, path, name, prune_locs)
-        return load_model(path, **overrides)
+        return _rebuild(path, state, settings, overrides)
     if name is None:
         raise ConfigError(f"the {role} {path} holds plain weights without settings; name the architecture with --model")
-    state, _ = read_checkpoint(path)
     if sparse or has_predictor_weights(state):
-        return create_model(name, checkpoint_path=path, keep_ratio=keep_ratio, prune_locs=prune_locs, **plain_kwargs)
+        # create_model(name, checkpoint_path=path, ...) without reading the file again
+        model = create_model(name, keep_ratio=keep_ratio, prune_locs=prune_locs, **plain_kwargs)
+        load_weights(model, path, (state, None))
+        return model
     model = create_backbone(name, **plain_kwargs)
     load_state(model, filter_dense_state(state, model), source=f"{role} {path}")
     return model

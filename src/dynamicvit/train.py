@@ -40,7 +40,6 @@ from .checkpoint import (
     load_weights,
     model_settings,
     read_checkpoint,
-    read_settings,
     save_model,
 )
 from .config import KeepRatioSampler
@@ -487,7 +486,8 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
     """
     from .factory import load
 
-    settings = read_settings(path)
+    checkpoint = read_checkpoint(path)
+    settings = checkpoint[1]
     if settings is not None:
         if settings.get("kind") != "dense":
             raise ConfigError(
@@ -499,7 +499,7 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
                 f"the {role} {path} is a {settings.get('model_name')}, not a {name}; "
                 "drop --model or pass the matching architecture"
             )
-    model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role)
+    model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role, checkpoint=checkpoint)
     if isinstance(model, SPARSE_MODELS):
         raise ConfigError(f"the {role} {path} holds prediction modules; the {role} must be a dense model")
     return model

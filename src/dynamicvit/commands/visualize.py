@@ -147,7 +147,7 @@ def load_model(args: argparse.Namespace):
     Returns:
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
-    from ..checkpoint import has_predictor_weights, read_checkpoint, read_settings
+    from ..checkpoint import has_predictor_weights, read_checkpoint
     from ..errors import ConfigError
     from ..factory import create_model, load, sparsify
     from ..spatial import SPARSE_MODELS
@@ -157,7 +157,8 @@ def load_model(args: argparse.Namespace):
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
     if args.checkpoint:
-        settings = read_settings(args.checkpoint)
+        checkpoint = read_checkpoint(args.checkpoint)
+        state, settings = checkpoint
         if settings is None and not args.model:
             raise ConfigError(
                 f"{args.checkpoint} holds weights without dynamicvit settings; name its architecture with "
@@ -165,12 +166,12 @@ def load_model(args: argparse.Namespace):
             )
         # A file's settings win (an explicit --model that contradicts them is an error naming both);
         # plain dense weights get fresh prediction modules.
-        model = load(args.checkpoint, args.model, overrides=kwargs, sparse=True)
+        model = load(args.checkpoint, args.model, overrides=kwargs, sparse=True, checkpoint=checkpoint)
         if settings is not None:
             train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
             trained = isinstance(model, SPARSE_MODELS)
         else:
-            trained = has_predictor_weights(read_checkpoint(args.checkpoint)[0])
+            trained = has_predictor_weights(state)
     elif args.model:
         model = create_model(args.model, **kwargs)
     else:
