@@ -18,12 +18,16 @@ Fashion-MNIST test images at the checkpoint's image size.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import dynamicvit
+from dynamicvit.commands._common import int_list
 from dynamicvit.data import build_dataset
+from dynamicvit.errors import ConfigError, DynamicViTError
+from dynamicvit.spatial import SPARSE_MODELS
 from dynamicvit.train import _img_size
 
 
@@ -49,6 +53,8 @@ def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = 
     model = dynamicvit.load_model(path)
     if sparsify_dense:
         model = dynamicvit.sparsify(model, prune_locs=prune_locs)
+    elif not isinstance(model, SPARSE_MODELS):
+        raise ConfigError(f"{path} holds a dense model; pass --sparsify-dense to add fresh prediction modules")
     model.eval()
     data = build_dataset("fashion-mnist", "val", img_size=_img_size(model))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(images, len(data)))), batch_size)
@@ -90,24 +96,30 @@ def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = 
     return {name: 100.0 * h / seen for name, h in hits.items()} | {"images": seen}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sparsify-dense", action="store_true",
                         help="the checkpoints are dense: add fresh prediction modules (and fast paths) first")
-    parser.add_argument("--prune-locs", default=None, help="with --sparsify-dense: e.g. 1,2,3 (default: the model's)")
+    parser.add_argument("--prune-locs", type=int_list, default=None,
+                        help="with --sparsify-dense: e.g. 1,2,3 (default: the model's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    locs = [int(v) for v in args.prune_locs.split(",")] if args.prune_locs else None
     columns = ("predictors", "random", "inverted", "object-first", "background-first")
-    rows = [(path, check(path, args.images, sparsify_dense=args.sparsify_dense, prune_locs=locs)) for path in args.checkpoints]
+    try:
+        rows = [(path, check(path, args.images, sparsify_dense=args.sparsify_dense, prune_locs=args.prune_locs))
+                for path in args.checkpoints]
+    except DynamicViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{'checkpoint':<60} " + " ".join(f"{c:>16}" for c in columns))
     for path, r in rows:
         print(f"{path:<60} " + " ".join(f"{r[c]:>16.2f}" for c in columns))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,14 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+import timm
 import torch
+
+import dynamicvit
+from dynamicvit.errors import ConfigError
+
+from conftest import tiny_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("selection_check", ROOT / "benchmarks" / "selection_check.py")
@@ -27,3 +34,9 @@ def test_inverted_masks_take_the_lowest_scores():
     first, second = selection_check._nested_masks(scores, (6, 3), lambda s: -s)
     assert first[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
     assert second[0].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_a_dense_checkpoint_needs_sparsify_dense(tmp_path):
+    path = dynamicvit.save_model(timm.create_model("vit_tiny_patch16_224", **tiny_kwargs()), tmp_path / "dense.safetensors")
+    with pytest.raises(ConfigError, match="dense model; pass --sparsify-dense"):
+        selection_check.check(str(path), images=10)
