@@ -91,3 +91,33 @@ def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint_despite_load
     assert (out / "model.safetensors").exists() and not list(out.glob(".*.tmp"))
     steps = [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert steps == sorted(set(steps), key=steps.index) and steps[-1] == ("epoch", 6)  # no repeats, finished
+
+
+def run_in_own_group(root: Path, output: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run(driver(root, output, mode, workers=2), env=environment(), start_new_session=True,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_sigterm_while_evaluation_workers_start_is_taken_once_by_the_loop(tmp_path):
+    """The group's SIGTERM reaches freshly forked evaluation workers before their worker_init_fn: they were
+    forked with the signal blocked, so they neither die nor run the loop's handler (which they inherit and
+    which printed the stop message once per worker); the loop stops once, with a checkpoint."""
+    make_teacher(tmp_path / "teacher.safetensors")
+    done = run_in_own_group(tmp_path, tmp_path / "run", "term-starting-workers")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert done.stderr.count("SIGTERM received") == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_worker_dying_mid_evaluation_ends_the_process_instead_of_hanging_it(tmp_path):
+    """Workers ignore SIGTERM, so Python's exit (which terminates daemon children with SIGTERM, then joins
+    them) waited forever for the workers an exception's traceback kept alive. Now the run fails, saves the
+    epoch's training and exits."""
+    make_teacher(tmp_path / "teacher.safetensors")
+    done = run_in_own_group(tmp_path, tmp_path / "run", "worker-dies")  # hung until the timeout before
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "evaluation after epoch 1 failed" in done.stderr and "DataLoader worker" in done.stderr
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1

@@ -8,23 +8,29 @@
 - `trim_metrics`: after a resume, `metrics.jsonl` keeps only the lines up to the checkpoint's step, so
   the steps trained again are not logged twice.
 - `StopRequest`: SIGINT / SIGTERM ask the loop to stop at the next step boundary, after a checkpoint.
+- `StopSafeLoader`: the loop's data loader, whose workers ignore those signals from their first instruction.
 - `ResumableSampler`: the training sampler, able to skip the batches of an epoch that a mid-epoch
   checkpoint already trained.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so that ours (below) runs before it
+import os
 import signal
 import threading
+import weakref
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .errors import ConfigError
 from .outputs import check_free_space, remove_stale_temp_files
@@ -127,13 +133,74 @@ def check_room(out: Path, model: nn.Module, ema: bool) -> None:
     check_free_space(out, needed, f"two checkpoints of this model ({ckpt / 2**20:.1f} MB each) and the final model")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_CAN_MASK = hasattr(signal, "pthread_sigmask")  # POSIX
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Data loader workers ignore SIGINT and SIGTERM: a signal sent to the whole process group (Ctrl-C,
     a cluster's SIGTERM) must reach the training loop, which stops them after its checkpoint; a worker
-    killed by it first would make the loader raise in the middle of that. Workers still exit with
-    their parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    killed by it first would make the loader raise in the middle of that. The signals were blocked when
+    the worker was forked (`StopSafeLoader`); one that arrived since is dropped here. Workers still exit
+    with their parent."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if _CAN_MASK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """SIGINT / SIGTERM wait (pending, not lost) until the block ends; processes forked inside it start
+    with them blocked."""
+    if not _CAN_MASK:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_workers: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()
+_workers_owner = os.getpid()
+
+
+def _kill_workers_at_exit() -> None:
+    """Workers ignore SIGTERM, so multiprocessing's own exit handler, which terminates daemon children
+    with SIGTERM and then joins them, would wait forever for the workers of a loader whose iterator an
+    exception kept alive (a worker that died mid-evaluation, say). Registered after multiprocessing's
+    handler, this one runs first and kills them."""
+    if os.getpid() != _workers_owner:
+        return
+    alive = [worker for worker in list(_workers) if worker.is_alive()]
+    if alive and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for each worker killed
+    for worker in alive:
+        worker.kill()
+    for worker in alive:
+        worker.join(5)
+
+
+atexit.register(_kill_workers_at_exit)
+
+
+class StopSafeLoader(DataLoader):
+    """`DataLoader` for the training loop, whose workers outlive a SIGINT / SIGTERM sent to the whole
+    process group, even one that arrives while they start: they are forked with the signals blocked
+    and ignore them before unblocking (`ignore_stop_signals`). Without the block, a worker hit between
+    its fork and its `worker_init_fn` would run the loop's handler or die, and the loader would raise."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        before = set(multiprocessing.active_children())
+        with _stop_signals_blocked():
+            iterator = super().__iter__()
+        _workers.update(set(multiprocessing.active_children()) - before)
+        return iterator
 
 
 class StopRequest:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .checkpoint import (
     atomic_write,
@@ -52,7 +52,7 @@ from .progress import progress_bar
 from .runsafety import (
     ResumableSampler,
     StopRequest,
-    ignore_stop_signals,
+    StopSafeLoader,
     check_resume_settings,
     check_room,
     claim_run_folder,
@@ -1065,15 +1065,14 @@ def build_loaders(cfg: TrainConfig, env: DistEnv, device: torch.device, train_se
         train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     pin = device.type == "cuda"
-    train_loader = DataLoader(
+    train_loader = StopSafeLoader(
         train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-        drop_last=True, persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals,
+        drop_last=True, persistent_workers=cfg.num_workers > 0,
     )
     val_loader = None
     if val_set is not None:
         shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
-        val_loader = DataLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin,
-                                worker_init_fn=ignore_stop_signals)
+        val_loader = StopSafeLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
     return sampler, train_loader, val_loader
 
 
