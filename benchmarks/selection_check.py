@@ -12,7 +12,9 @@ ConvNeXt / Swin): how much the choice matters before any fine-tuning (its predic
 DynamicViT: each stage keeps k_s of the tokens the previous stage kept (random: a random subset;
 inverted: the lowest scores), run on the masked path, which gives the inference path's outputs for the
 same decisions. DynamicSpatial: each predictor sends k_s positions through the full FFN. If the three
-agree, the predictors have learned nothing that matters and the model is a fixed-capacity one.
+agree, the predictors have learned nothing that matters and the model is a fixed-capacity one. It also
+prints each predictor's keep-probability spread per image (largest minus smallest): near 0, the
+predictor scores every position alike and its top-k is decided by noise.
 Fashion-MNIST test images at the checkpoint's image size.
 """
 from __future__ import annotations
@@ -49,24 +51,29 @@ def _object_energy(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(energy, grid).flatten(1)
 
 
-def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = False, prune_locs=None) -> dict:
+def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = False, prune_locs=None,
+          data: torch.utils.data.Dataset | None = None) -> dict:
+    """Top-1 per way of choosing (see the module's text). `data`: test images at the model's size
+    (default: Fashion-MNIST's test set)."""
     model = dynamicvit.load_model(path)
     if sparsify_dense:
         model = dynamicvit.sparsify(model, prune_locs=prune_locs)
     elif not isinstance(model, SPARSE_MODELS):
         raise ConfigError(f"{path} holds a dense model; pass --sparsify-dense to add fresh prediction modules")
     model.eval()
-    data = build_dataset("fashion-mnist", "val", img_size=_img_size(model))
+    if data is None:
+        data = build_dataset("fashion-mnist", "val", img_size=_img_size(model))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(images, len(data)))), batch_size)
     counts = model.keep_counts()
     generator = torch.Generator().manual_seed(0)
     hits = {"predictors": 0, "random": 0, "inverted": 0, "object-first": 0, "background-first": 0}
-    seen = 0
+    seen, spread = 0, torch.zeros(len(counts))
     with torch.no_grad():
         for x, y in loader:
             out = model.forward_pruned(x, return_scores=True)
             hits["predictors"] += (out.logits.argmax(1) == y).sum().item()
             scores = [torch.nan_to_num(s, nan=float("-inf")) for s in out.keep_scores]
+            spread += torch.stack([_spread(s) for s in scores])
             random = [torch.rand(s.shape, generator=generator) for s in scores]
             energy = _object_energy(x, model.grid_size)
             energy = energy + 1e-6 * torch.rand(energy.shape, generator=generator)  # ties broken at random
@@ -93,7 +100,17 @@ def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = 
             seen += len(y)
             print(f"\r{path}: {seen} images", end="", flush=True)
     print()
-    return {name: 100.0 * h / seen for name, h in hits.items()} | {"images": seen}
+    return {name: 100.0 * h / seen for name, h in hits.items()} | {"images": seen, "spread": (spread / seen).tolist()}
+
+
+def _spread(log_p: torch.Tensor) -> torch.Tensor:
+    """Summed over the images of a batch: the largest minus the smallest keep probability of a predictor
+    among the positions it scored (0: it gives every position the same score)."""
+    p = log_p.exp()  # dropped tokens (DynamicViT) score -inf -> 0; leave them out
+    alive = torch.isfinite(log_p)
+    top = p.masked_fill(~alive, float("-inf")).amax(1)
+    bottom = p.masked_fill(~alive, float("inf")).amin(1)
+    return (top - bottom).sum()
 
 
 def main() -> int:
@@ -118,6 +135,9 @@ def main() -> int:
     print(f"{'checkpoint':<60} " + " ".join(f"{c:>16}" for c in columns))
     for path, r in rows:
         print(f"{path:<60} " + " ".join(f"{r[c]:>16.2f}" for c in columns))
+    print("keep-probability spread per predictor (mean over images of the largest minus the smallest):")
+    for path, r in rows:
+        print(f"{path:<60} " + " / ".join(f"{v:.3f}" for v in r["spread"]))
     return 0
 
 

@@ -40,3 +40,36 @@ def test_a_dense_checkpoint_needs_sparsify_dense(tmp_path):
     path = dynamicvit.save_model(timm.create_model("vit_tiny_patch16_224", **tiny_kwargs()), tmp_path / "dense.safetensors")
     with pytest.raises(ConfigError, match="dense model; pass --sparsify-dense"):
         selection_check.check(str(path), images=10)
+
+
+def test_canvas_items_sit_at_their_spot_on_a_blank_field():
+    from conftest import require_fashion_mnist
+
+    require_fashion_mnist()
+    spec = importlib.util.spec_from_file_location("spatial_canvas", ROOT / "benchmarks" / "spatial_canvas.py")
+    canvas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(canvas)
+    test, again = canvas.CanvasFashionMNIST("val", seed=3), canvas.CanvasFashionMNIST("val", seed=3)
+    blank = (0.0 - canvas.FASHION_MNIST.mean[0]) / canvas.FASHION_MNIST.std[0]
+    for i in range(5):
+        x, y = test[i]
+        assert x.shape == (1, 112, 112) and y == int(test.targets[i])
+        torch.testing.assert_close(x, again[i][0])  # a test item's spot is fixed
+        top, left = (2 * v for v in test.spots[i].tolist())  # canvas 56 -> 112 px
+        outside = torch.ones(112, 112, dtype=torch.bool)
+        outside[max(top - 1, 0):top + 57, max(left - 1, 0):left + 57] = False  # the item's box, and bilinear's 1 px
+        assert torch.allclose(x[0][outside], torch.tensor(blank))
+        assert (x[0][~outside] > blank + 0.5).any()
+    train = canvas.CanvasFashionMNIST("train")
+    first_ink = lambda: tuple((train[0][0][0] > blank + 0.5).nonzero()[0].tolist())  # noqa: E731
+    assert len({first_ink() for _ in range(8)}) > 1  # a new spot each time
+
+
+def test_spread_is_largest_minus_smallest_keep_probability_of_the_scored_positions():
+    flat = torch.full((3, 49), 0.7).log()
+    assert selection_check._spread(flat).item() == pytest.approx(0.0)
+    p = torch.tensor([[0.9, 0.2, 0.5], [0.6, 0.6, 0.1]])
+    assert selection_check._spread(p.log()).item() == pytest.approx(0.7 + 0.5)
+    dropped = torch.tensor([[0.9, 1.0, 0.5]]).log()
+    dropped[0, 1] = float("-inf")  # a token an earlier stage removed (DynamicViT) is left out
+    assert selection_check._spread(dropped).item() == pytest.approx(0.4)
