@@ -33,6 +33,9 @@ from dynamicvit.spatial import SPARSE_MODELS
 from dynamicvit.train import _img_size
 
 
+COLUMNS = ("predictors", "random", "inverted", "object-first", "background-first")
+
+
 def _nested_masks(scores: list[torch.Tensor], counts, choose) -> list[torch.Tensor]:
     """Per stage a (B, N) 0/1 mask with counts[s] ones inside the previous stage's ones."""
     masks, alive = [], torch.ones_like(scores[0], dtype=torch.bool)
@@ -66,7 +69,7 @@ def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = 
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(images, len(data)))), batch_size)
     counts = model.keep_counts()
     generator = torch.Generator().manual_seed(0)
-    hits = {"predictors": 0, "random": 0, "inverted": 0, "object-first": 0, "background-first": 0}
+    hits = dict.fromkeys(COLUMNS, 0)
     seen, spread = 0, torch.zeros(len(counts))
     with torch.no_grad():
         for x, y in loader:
@@ -125,16 +128,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    columns = ("predictors", "random", "inverted", "object-first", "background-first")
     try:
         rows = [(path, check(path, args.images, sparsify_dense=args.sparsify_dense, prune_locs=args.prune_locs))
                 for path in args.checkpoints]
     except DynamicViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'checkpoint':<60} " + " ".join(f"{c:>16}" for c in columns))
+    print(f"{'checkpoint':<60} " + " ".join(f"{c:>16}" for c in COLUMNS))
     for path, r in rows:
-        print(f"{path:<60} " + " ".join(f"{r[c]:>16.2f}" for c in columns))
+        print(f"{path:<60} " + " ".join(f"{r[c]:>16.2f}" for c in COLUMNS))
     print("keep-probability spread per predictor (mean over images of the largest minus the smallest):")
     for path, r in rows:
         print(f"{path:<60} " + " / ".join(f"{v:.3f}" for v in r["spread"]))

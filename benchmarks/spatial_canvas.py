@@ -26,11 +26,11 @@ from torch.utils.data import Dataset
 
 import dynamicvit
 from dynamicvit.data import FASHION_MNIST, fashion_mnist_root
-from dynamicvit.train import TrainConfig, train
+from dynamicvit.train import TrainConfig, evaluate, train
 from dynamicvit.visualize import save_contact_sheet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection_check import check  # noqa: E402
+from selection_check import COLUMNS, check  # noqa: E402
 
 ARCH = {"depths": [1, 1, 9, 1], "dims": [16, 32, 64, 128], "img_size": 112}
 COMMON = dict(dataset="fashion-mnist", batch_size=128, num_workers=1, tensorboard=False, seed=0, mixup=0.0,
@@ -109,13 +109,10 @@ def main() -> int:
                            titles=[FASHION_MNIST.classes[test_set[i][1]] for i in range(8)])
     rows["teacher + fresh predictors and fast paths, 0.7"] = check(
         str(teacher), len(test_set), data=test_set, sparsify_dense=True, prune_locs=[1, 2, 3])
-    dense = dynamicvit.load_model(teacher).eval()
-    with torch.no_grad():
-        hits = sum((dense(x).argmax(1) == y).sum().item() for x, y in torch.utils.data.DataLoader(test_set, 250))
-    columns = ("predictors", "random", "inverted", "object-first", "background-first")
-    lines = [f"Teacher (dense) top-1 on the {len(test_set)} canvas test items: {100.0 * hits / len(test_set):.2f}", "",
-             "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |" for name, r in rows.items()]
+    dense = evaluate(dynamicvit.load_model(teacher), torch.utils.data.DataLoader(test_set, 250))
+    lines = [f"Teacher (dense) top-1 on the {dense['images']} canvas test items: {dense['top1']:.2f}", "",
+             "| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |" for name, r in rows.items()]
     lines += ["", "Keep-probability spread per predictor (mean over images of the largest minus the smallest):"]
     lines += [f"- {name}: " + " / ".join(f"{v:.3f}" for v in r["spread"]) for name, r in rows.items()]
     (out / "selection.md").write_text("\n".join(lines) + "\n")
