@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import dynamicvit
+from dynamicvit.commands._common import positive_float_list, positive_int
 from dynamicvit.data import FASHION_MNIST, fashion_mnist_root
+from dynamicvit.errors import ConfigError, DynamicViTError
 from dynamicvit.train import TrainConfig, evaluate, train
 from dynamicvit.visualize import save_contact_sheet
 
@@ -74,38 +76,49 @@ class CanvasFashionMNIST(Dataset):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/spatial-canvas")
-    parser.add_argument("--keep-ratios", default="0.7,0.5")
-    parser.add_argument("--teacher-epochs", type=int, default=4)
+    parser.add_argument("--keep-ratios", type=positive_float_list, default=[0.7, 0.5])
+    parser.add_argument("--teacher-epochs", type=positive_int, default=4)
     parser.add_argument("--teacher", default=None, help="a canvas teacher trained before (default: OUTPUT/teacher)")
-    parser.add_argument("--student-epochs", type=int, default=2)
+    parser.add_argument("--student-epochs", type=positive_int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs short (a smoke run)")
     parser.add_argument("--images", type=int, default=10000, help="test items for the selection check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except DynamicViTError as e:  # a missing teacher, a bad keep ratio, a non-empty run folder, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
+    teacher = Path(args.teacher) if args.teacher else out / "teacher" / "model.safetensors"
+    if args.teacher and not teacher.is_file():
+        raise ConfigError(f"no teacher at {teacher}: pass a canvas teacher's model.safetensors, or leave out --teacher "
+                          "to train one in OUTPUT/teacher")
     train_set, test_set = CanvasFashionMNIST("train"), CanvasFashionMNIST("val")
     test_set = torch.utils.data.Subset(test_set, range(min(args.images, len(test_set))))
     common = {**COMMON, "max_steps_per_epoch": args.max_steps_per_epoch}
     val_set = torch.utils.data.Subset(test_set, range(min(2000, len(test_set))))
 
-    teacher = Path(args.teacher) if args.teacher else out / "teacher" / "model.safetensors"
     if not teacher.exists():
         train(TrainConfig(dense=True, model="convnext_tiny", timm_kwargs={**ARCH, "num_classes": 10, "in_chans": 1},
                           output=str(out / "teacher"), epochs=args.teacher_epochs, lr=2e-3, warmup_epochs=0.5, **common),
               train_set=train_set, val_set=val_set)
     rows = {}
-    for rho in (float(r) for r in args.keep_ratios.split(",")):
-        run = out / f"dynamic-{rho}"
-        if not (run / "model.safetensors").exists():
-            train(TrainConfig(teacher=str(teacher), output=str(run), prune_locs=[1, 2, 3], keep_ratio=rho,
+    for rho in args.keep_ratios:
+        run_dir = out / f"dynamic-{rho}"
+        if not (run_dir / "model.safetensors").exists():
+            train(TrainConfig(teacher=str(teacher), output=str(run_dir), prune_locs=[1, 2, 3], keep_ratio=rho,
                               ratio_weight=10.0, distill_weight=0.5, token_weight=0.5, epochs=args.student_epochs,
                               lr=3e-3, backbone_lr_scale=0.333, freeze_backbone_epochs=0, warmup_epochs=0.2, **common),
                   train_set=train_set, val_set=val_set)
-        rows[f"DynamicSpatial {rho}, fine-tuned"] = check(str(run / "model.safetensors"), len(test_set), data=test_set)
-        model = dynamicvit.load_model(run / "model.safetensors").eval()
+        rows[f"DynamicSpatial {rho}, fine-tuned"] = check(str(run_dir / "model.safetensors"), len(test_set), data=test_set)
+        model = dynamicvit.load_model(run_dir / "model.safetensors").eval()
         images = torch.stack([test_set[i][0] for i in range(8)])
-        save_contact_sheet(model, images, run / "choices.png", mean=FASHION_MNIST.mean, std=FASHION_MNIST.std,
+        save_contact_sheet(model, images, run_dir / "choices.png", mean=FASHION_MNIST.mean, std=FASHION_MNIST.std,
                            titles=[FASHION_MNIST.classes[test_set[i][1]] for i in range(8)])
     rows["teacher + fresh predictors and fast paths, 0.7"] = check(
         str(teacher), len(test_set), data=test_set, sparsify_dense=True, prune_locs=[1, 2, 3])

@@ -73,3 +73,45 @@ def test_spread_is_largest_minus_smallest_keep_probability_of_the_scored_positio
     dropped = torch.tensor([[0.9, 1.0, 0.5]]).log()
     dropped[0, 1] = float("-inf")  # a token an earlier stage removed (DynamicViT) is left out
     assert selection_check._spread(dropped).item() == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "missing.safetensors"], "error: no teacher at missing.safetensors"),
+    (["--keep-ratios", "0.7,x"], "expected comma-separated numbers"),
+])
+def test_spatial_canvas_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spatial_canvas.py"), "--output", str(tmp_path / "out"),
+                           *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_spatial_canvas_runs_end_to_end_and_resumes_from_its_runs(tmp_path):
+    """A smoke run (1 step per epoch, 50 test items): a teacher, a student, the table with every column and
+    spread, the picture; a second run reuses the trained models instead of training again."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import require_fashion_mnist
+
+    require_fashion_mnist()
+    out = tmp_path / "canvas"
+    command = [sys.executable, str(ROOT / "benchmarks" / "spatial_canvas.py"), "--output", str(out), "--teacher-epochs", "1",
+               "--student-epochs", "1", "--max-steps-per-epoch", "1", "--images", "50", "--keep-ratios", "0.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "selection.json").read_text())
+    assert set(rows) == {"DynamicSpatial 0.5, fine-tuned", "teacher + fresh predictors and fast paths, 0.7"}
+    for row in rows.values():
+        assert set(selection_check.COLUMNS) <= set(row) and row["images"] == 50 and len(row["spread"]) == 3
+    assert (out / "dynamic-0.5" / "choices.png").stat().st_size > 0
+    assert "| DynamicSpatial 0.5, fine-tuned |" in (out / "selection.md").read_text()
+    trained = (out / "dynamic-0.5" / "model.safetensors").stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "dynamic-0.5" / "model.safetensors").stat().st_mtime_ns == trained  # not trained again
