@@ -141,6 +141,37 @@ def test_predict_with_an_onnx_file_and_text_output(tmp_path, checkpoint, folder,
     assert code == 2 and "PyTorch model" in cap.err
 
 
+def test_predict_show_tokens_never_replaces_an_input_image_or_a_users_file(tmp_path, checkpoint, capsys):
+    """Pictures written into the input folder (or next to a user's file of the same name) take free names."""
+    rng = np.random.default_rng(1)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(photos / "a.png")
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(photos / "00001_a.png")  # an input
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "00000_00001_a.png").write_bytes(b"a user's file, not a picture of ours")
+    originals = {p: p.read_bytes() for p in [photos / "a.png", photos / "00001_a.png", pics / "00000_00001_a.png"]}
+    for out in (pics, photos):
+        code, cap = _run_predict(capsys, photos, "--checkpoint", checkpoint, "--runtime", "eager", "--show-tokens", out)
+        assert code == 0, cap.err
+    assert {p: p.read_bytes() for p in originals} == originals
+    assert sorted(p.name for p in photos.iterdir()) == ["00000_00001_a.png", "00001_a.png", "00001_a_2.png", "a.png"]
+    assert sorted(p.name for p in pics.iterdir()) == ["00000_00001_a.png", "00000_00001_a_2.png", "00001_a.png"]
+    # A later run into the same folder replaces its own earlier picture, still not the user's file.
+    code, _ = _run_predict(capsys, photos / "00001_a.png", "--checkpoint", checkpoint, "--runtime", "eager",
+                           "--show-tokens", pics)
+    assert code == 0 and (pics / "00000_00001_a.png").read_bytes() == originals[pics / "00000_00001_a.png"]
+    assert sorted(p.name for p in pics.iterdir()) == ["00000_00001_a.png", "00000_00001_a_2.png", "00001_a.png"]
+    # A file or an unwritable place as the folder: one line, exit 2, nothing written.
+    code, cap = _run_predict(capsys, photos / "a.png", "--checkpoint", checkpoint, "--runtime", "eager",
+                             "--show-tokens", photos / "a.png")
+    assert code == 2 and "is a file" in cap.err and photos.joinpath("a.png").read_bytes() == originals[photos / "a.png"]
+    code, cap = _run_predict(capsys, photos / "a.png", "--checkpoint", checkpoint, "--runtime", "eager",
+                             "--show-tokens", "/proc/dynamicvit-pics")
+    assert code == 2 and "--show-tokens" in cap.err
+
+
 def test_predict_errors(tmp_path, checkpoint, capsys):
     code, cap = _run_predict(capsys, tmp_path / "missing.png", "--checkpoint", checkpoint, "--runtime", "eager", "--json")
     assert code == 1 and "no such file" in json.loads(cap.out)["skipped"][0]["error"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..outputs import OutputNames, prepare_output_dir
 from ._common import model_kwargs
 
 HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
@@ -93,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         _logger.warning("skipping %s: %s", path, why)
     transform = _transform(runner.preprocessing)
     in_chans = runner.preprocessing["input_size"][0]
-    out_dir = Path(args.show_tokens) if args.show_tokens else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(args.show_tokens, "--show-tokens") if args.show_tokens else None
+    # Pictures take free names: never an input image, never a file this command did not write.
+    out_names = OutputNames(out_dir, inputs=files, is_ours=vis.is_our_file) if out_dir is not None else None
     show_bar = any(Path(p).is_dir() for p in args.inputs) and not args.json
     results = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show_bar, file=sys.stderr)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:  # as they come, above the progress bar
                 bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds), file=sys.stdout)
         if out_dir is not None:
-            _draw(runner, x, names, results[-len(names):], out_dir, len(results) - len(names))
+            _draw(runner, x, names, results[-len(names):], out_names, len(results) - len(names))
     bar.close()
 
     if args.json:
@@ -297,8 +298,9 @@ def _masks_from_kept(outputs: dict, kept_names: list[str], meta: dict):
     )
 
 
-def _draw(runner: Runner, x, names: list, results: list, out_dir: Path, first: int) -> None:
-    """One picture per image, numbered in input order so that equal file names in two folders stay apart."""
+def _draw(runner: Runner, x, names: list, results: list, out_names: OutputNames, first: int) -> None:
+    """One picture per image, numbered in input order so that equal file names in two folders stay apart;
+    a name taken by a file this command did not write (or by an input image) gets a `_2`, `_3`, ... suffix."""
     import re
 
     from .. import visualize as vis
@@ -309,4 +311,4 @@ def _draw(runner: Runner, x, names: list, results: list, out_dir: Path, first: i
         best = r["predictions"][0]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
         title = f"{Path(name).name}: {best['name']} ({best['probability']:.0%})"
-        vis.render_tokens(pics[i], tm, i, title=title).save(out_dir / f"{first + i:05d}_{stem}.png")
+        vis.render_tokens(pics[i], tm, i, title=title).save(out_names.claim_file(f"{first + i:05d}_{stem}", ".png"))
