@@ -61,7 +61,7 @@ def eager_profile(model, x, repeats: int, prune_locs) -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dynamicvit.model import DynamicViT
+    from dynamicvit.core.vit import DynamicViT
 
     backbone = model.backbone if isinstance(model, DynamicViT) else model
     parts = [("patch embedding", backbone.patch_embed), ("norm + head", backbone.norm), ("norm + head", backbone.head)]
@@ -118,7 +118,7 @@ def eager_profile(model, x, repeats: int, prune_locs) -> dict:
 def onnx_profile(model, x, repeats: int, threads: int, folder: Path, prune_locs) -> dict:
     import onnxruntime as ort
 
-    from dynamicvit.deploy import OnnxModel, export_onnx
+    from dynamicvit.runtime.deploy import OnnxModel, export_onnx
 
     path = export_onnx(model, folder / f"{id(model)}.onnx", exporter="torchscript", overwrite=True).path
     plain = OnnxModel(path, threads=threads)  # wall time without the profiler's own cost

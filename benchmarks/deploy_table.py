@@ -2,7 +2,7 @@
 
 Part 1, speed (random weights: with a fixed number of tokens per stage the speed does not depend on
 them). Eight models timed together per batch size with the interleaved protocol of
-`dynamicvit.bench.compare_throughput`: dense and pruned, each in eager PyTorch, torch.compile, ONNX
+`dynamicvit.runtime.bench.compare_throughput`: dense and pruned, each in eager PyTorch, torch.compile, ONNX
 Runtime fp32 and ONNX Runtime int8 (dynamic quantization of the linear layers). Printed:
 - ONNX Runtime: pruned vs dense at batch 32 and 1 (targets: at least 1.54x, the MACs ratio, and 1.40x);
 - torch.compile vs eager on the pruned model at batch 32 and 1 (targets: no slower at 32, faster at 1);
@@ -48,10 +48,11 @@ def speed_part(args, folder: Path) -> tuple[str, dict]:
     import torch
 
     import dynamicvit
-    from dynamicvit.bench import compare_throughput, device_name, runtime_model
+    from dynamicvit.runtime.bench import compare_throughput, runtime_model
+    from dynamicvit.runtime.device import device_name
     from dynamicvit.commands._common import model_kwargs
-    from dynamicvit.deploy import OnnxModel, quantize_int8
-    from dynamicvit.flops import count_macs
+    from dynamicvit.runtime.deploy import OnnxModel, quantize_int8
+    from dynamicvit.runtime.flops import count_macs
 
     torch.manual_seed(0)
     pruned = dynamicvit.create_model(args.model, keep_ratio=args.keep_ratio, **model_kwargs(args.model_kwargs)).eval()
@@ -103,15 +104,17 @@ def speed_part(args, folder: Path) -> tuple[str, dict]:
 
 def accuracy_part(args, folder: Path) -> tuple[str, dict]:
     import dynamicvit
-    from dynamicvit.bench import compare_throughput
-    from dynamicvit.deploy import OnnxModel, checkpoint_class_names, export_onnx, onnx_accuracy, preprocessing_config, quantize_int8
-    from dynamicvit.checkpoint import read_settings
+    from dynamicvit.runtime.bench import compare_throughput
+    from dynamicvit.data import preprocessing_config
+    from dynamicvit.evaluate import onnx_accuracy
+    from dynamicvit.runtime.deploy import OnnxModel, checkpoint_class_names, export_onnx, quantize_int8
+    from dynamicvit.weights.formats import read_settings
     from dynamicvit.demo import teacher_path
 
     subset = 500 if args.quick and args.subset is None else args.subset
     sources = {"teacher (dense)": teacher_path(args.teacher)}
     if args.finetuned:
-        sources[f"DynamicViT (fine-tuned)"] = Path(args.finetuned)
+        sources["DynamicViT (fine-tuned)"] = Path(args.finetuned)
     sessions = {}
     for label, path in sources.items():
         model = dynamicvit.load_model(path).eval()

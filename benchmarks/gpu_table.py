@@ -207,7 +207,7 @@ def stage_rows(args, device: torch.device) -> list[Row]:
     """Where the pruned model's extra time goes: one pruning stage (the inference path's fast scoring +
     top-k + gather, and the reference-exact scoring it replaces) against one block, DeiT-S, batch
     `--batch`, bf16 weights, on the full sequence of the first stage."""
-    from dynamicvit.ops import prune_tokens, select_tokens
+    from dynamicvit.core.ops import prune_tokens, select_tokens
 
     ours = build("DeiT-S", args, device, torch.bfloat16, fast_embed=False)["ours"]
     P, N, k = ours.num_prefix_tokens, ours.num_patches, ours.keep_counts()[0]
@@ -238,7 +238,7 @@ def stage_rows(args, device: torch.device) -> list[Row]:
 def training_rows(args, device: torch.device) -> list[Row]:
     """Step time: dense CE step vs masked path + teacher + full objective (exact and fused attention)."""
     import dynamicvit
-    from dynamicvit.losses import DynamicViTLoss
+    from dynamicvit.core.losses import DynamicViTLoss
 
     B, autocast = args.train_batch, torch.bfloat16
     x = torch.randn(B, 3, args.img_size, args.img_size, device=device)

@@ -29,8 +29,8 @@ import dynamicvit
 from dynamicvit.commands._common import int_list
 from dynamicvit.data import build_dataset
 from dynamicvit.errors import ConfigError, DynamicViTError
-from dynamicvit.spatial import SPARSE_MODELS
-from dynamicvit.train import _img_size
+from dynamicvit.core.base import SparseModel
+from dynamicvit.data import square_img_size
 
 
 COLUMNS = ("predictors", "random", "inverted", "object-first", "background-first")
@@ -61,11 +61,11 @@ def check(path: str, images: int, batch_size: int = 250, sparsify_dense: bool = 
     model = dynamicvit.load_model(path)
     if sparsify_dense:
         model = dynamicvit.sparsify(model, prune_locs=prune_locs)
-    elif not isinstance(model, SPARSE_MODELS):
+    elif not isinstance(model, SparseModel):
         raise ConfigError(f"{path} holds a dense model; pass --sparsify-dense to add fresh prediction modules")
     model.eval()
     if data is None:
-        data = build_dataset("fashion-mnist", "val", img_size=_img_size(model))
+        data = build_dataset("fashion-mnist", "val", img_size=square_img_size(model))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(images, len(data)))), batch_size)
     counts = model.keep_counts()
     generator = torch.Generator().manual_seed(0)

@@ -28,7 +28,9 @@ import dynamicvit
 from dynamicvit.commands._common import positive_float_list, positive_int
 from dynamicvit.data import FASHION_MNIST, fashion_mnist_root
 from dynamicvit.errors import ConfigError, DynamicViTError
-from dynamicvit.train import TrainConfig, evaluate, train
+from dynamicvit.evaluate import evaluate
+from dynamicvit.training.config import TrainConfig
+from dynamicvit.training.loop import train
 from dynamicvit.visualize import save_contact_sheet
 
 sys.path.insert(0, str(Path(__file__).parent))

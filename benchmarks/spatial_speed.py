@@ -3,7 +3,7 @@
 Issue 13's target: at keep ratio 0.7 on the CPU at batch 32, the dynamic model is faster than the
 dense one by at least the MACs ratio minus 10% (speed-up >= dense MACs / dynamic MACs - 0.10).
 All models of one backbone are timed in one process with interleaved repetitions
-(`dynamicvit.bench.compare_throughput`); random weights (the positions per stage are fixed by the
+(`dynamicvit.runtime.bench.compare_throughput`); random weights (the positions per stage are fixed by the
 keep ratio, so speed does not depend on them). Prints a Markdown table; --json writes the rows.
 
     python benchmarks/spatial_speed.py --threads 2                 # both -T models, 224 px, batch 32
@@ -55,7 +55,7 @@ class UpTo(nn.Module):
 
 def stage_gmacs(model: nn.Module, size: tuple) -> list[float]:
     """GMACs of one image: [stem + stage 1, stage 2, stage 3 (with predictors and fast paths), stage 4 + head]."""
-    from dynamicvit.flops import count_macs
+    from dynamicvit.runtime.flops import count_macs
 
     cumulative = [count_macs(UpTo(model, i), size).total for i in (0, 1, 2, -1)]
     return [(b - a) / 1e9 for a, b in zip([0, *cumulative[:-1]], cumulative)]
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import dynamicvit
-    from dynamicvit.bench import compare_throughput, device_name
+    from dynamicvit.runtime.bench import compare_throughput
+    from dynamicvit.runtime.device import device_name
 
     ratios = [float(r) for r in args.keep_ratios.split(",") if r]
     locs = [int(i) for i in args.prune_locs.split(",")] if args.prune_locs else None

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def table(rows: list[dict]) -> str:
     """One line per keep ratio: GMACs, then images/s and speed-up for each batch size."""
-    from dynamicvit.bench import format_gmacs
+    from dynamicvit.runtime.bench import format_gmacs
 
     sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
     ratios = sorted({r["keep_ratio"] for r in rows}, reverse=True)
@@ -61,7 +61,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     import dynamicvit
-    from dynamicvit.bench import run_benchmark, save_json, save_markdown, save_plot
+    from dynamicvit.runtime.bench import run_benchmark, save_json, save_markdown, save_plot
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

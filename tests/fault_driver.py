@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import config, synthetic  # noqa: E402
 
 from dynamicvit.errors import TrainingStopped  # noqa: E402
-from dynamicvit.train import train  # noqa: E402
+from dynamicvit.training.loop import train  # noqa: E402
 
 RUN = dict(epochs=3, max_steps_per_epoch=2, mixup=0.8, cutmix=1.0, clip_grad=1.0, log_every=1)
 

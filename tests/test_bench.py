@@ -8,15 +8,8 @@ from PIL import Image
 
 import dynamicvit
 from dynamicvit import cli
-from dynamicvit.bench import (
-    BenchResult,
-    compare_throughput,
-    peak_memory_mb,
-    run_benchmark,
-    to_markdown,
-    with_keep_ratio,
-)
-from dynamicvit.flops import count_macs
+from dynamicvit.runtime.bench import BenchResult, compare_throughput, peak_memory_mb, run_benchmark, to_markdown
+from dynamicvit.runtime.flops import count_macs
 from conftest import tiny_kwargs, tiny_model
 
 KWARGS = json.dumps(tiny_kwargs())
@@ -92,9 +85,9 @@ def test_cpu_peak_memory_grows_with_batch():
     assert weights < small < large
 
 
-def test_with_keep_ratio_shares_weights():
+def test_at_keep_ratio_shares_weights():
     base = tiny_model(keep_ratio=0.7)
-    twin = with_keep_ratio(base, 0.5)
+    twin = base.at_keep_ratio(0.5)
     assert twin.keep_counts() == (32, 16, 8) and base.keep_ratio == 0.7
     assert twin.backbone is base.backbone and twin.predictors is base.predictors
     x = torch.randn(2, 3, 32, 32)
@@ -113,7 +106,7 @@ def test_run_benchmark_rows():
         if r["keep_ratio"] == 1.0:
             assert r["speedup"] == 1.0 and r["gmacs"] == dense.gmacs and r["keep_counts"] == []
         else:
-            twin = with_keep_ratio(base, r["keep_ratio"])
+            twin = base.at_keep_ratio(r["keep_ratio"])
             assert r["gmacs"] == count_macs(twin).gmacs and r["keep_counts"] == list(twin.keep_counts())
             assert r["macs_ratio"] == pytest.approx(r["gmacs"] / dense.gmacs) and r["macs_ratio"] < 1
     md = to_markdown(rows)

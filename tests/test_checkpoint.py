@@ -6,7 +6,7 @@ import timm
 import torch
 
 import dynamicvit
-from dynamicvit.checkpoint import read_checkpoint
+from dynamicvit.weights.formats import read_checkpoint
 from dynamicvit.errors import CheckpointError
 
 from conftest import reference_state, tiny_kwargs, tiny_model
@@ -150,7 +150,7 @@ def test_weights_without_settings_need_a_model_name(tmp_path):
 
 def test_training_checkpoint_with_settings_loads(tmp_path):
     model = _perturb(tiny_model()).eval()
-    settings = json.loads(json.dumps(dynamicvit.checkpoint.model_settings(model)))
+    settings = json.loads(json.dumps(dynamicvit.weights.formats.model_settings(model)))
     torch.save({"model": model.state_dict(), "dynamicvit": settings, "epoch": 3}, tmp_path / "last.pt")
     loaded = dynamicvit.load_model(tmp_path / "last.pt").eval()
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_saved_files_are_readable_like_any_file(tmp_path):
 
 
 def test_read_settings_from_every_format(tmp_path):
-    from dynamicvit.checkpoint import read_settings
+    from dynamicvit.weights.formats import read_settings
 
     model = tiny_model()
     assert read_settings(dynamicvit.save_model(model, tmp_path / "m.safetensors"))["prune_locs"] == [1, 3, 4]

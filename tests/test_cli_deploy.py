@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import dynamicvit
-from dynamicvit import cli, deploy
+from dynamicvit import cli
+from dynamicvit.data import eval_transform, preprocessing_config
+from dynamicvit.runtime import deploy
 from dynamicvit.data import FASHION_MNIST_CLASSES
 
 from conftest import require_fashion_mnist, scramble
@@ -112,8 +114,8 @@ def test_predict_folder_mixing_images_a_corrupt_image_and_a_text_file(tmp_path, 
         assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
         assert a["predictions"][0]["probability"] == pytest.approx(b["predictions"][0]["probability"], abs=1e-5)
     model = dynamicvit.load_model(checkpoint).eval()
-    config = deploy.preprocessing_config(model, "fashion-mnist")
-    x = deploy.image_transform(config)(Image.open(folder / "a.png").convert("L"))[None]
+    config = preprocessing_config(model, "fashion-mnist")
+    x = eval_transform(config)(Image.open(folder / "a.png").convert("L"))[None]
     with torch.no_grad():
         p = model(x).softmax(-1)[0]
     assert eager[0]["predictions"][0]["class"] == int(p.argmax())
@@ -124,7 +126,7 @@ def test_predict_with_an_onnx_file_and_text_output(tmp_path, checkpoint, folder,
     onnx_path = tmp_path / "m.onnx"
     model = dynamicvit.load_model(checkpoint).eval()
     deploy.export_onnx(model, onnx_path, exporter="torchscript", class_names=list(FASHION_MNIST_CLASSES),
-                       preprocessing=deploy.preprocessing_config(model, "fashion-mnist"))
+                       preprocessing=preprocessing_config(model, "fashion-mnist"))
     code, cap = _run_predict(capsys, folder / "a.png", "--onnx", onnx_path, "--top-k", "2",
                              "--show-tokens", tmp_path / "pics")
     assert code == 0

@@ -10,7 +10,7 @@ import pytest
 
 from dynamicvit.cli import main
 from dynamicvit.commands import train as train_cmd
-from dynamicvit.train import TrainConfig
+from dynamicvit.training.config import TrainConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY = '{"patch_size": 7, "embed_dim": 32, "depth": 4, "num_heads": 2, "global_pool": "avg"}'

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dynamicvit
-from dynamicvit.factory import create_backbone
+from dynamicvit.weights.build import create_backbone
 
 MICRO = dict(img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=2, num_classes=4)
 
@@ -21,7 +21,8 @@ WORKER = textwrap.dedent(
     import json, os, sys
     import torch
     from torch.utils.data import TensorDataset
-    from dynamicvit.train import TrainConfig, build_models, seed_everything, train
+    from dynamicvit.training.config import TrainConfig
+    from dynamicvit.training.loop import build_models, seed_everything, train
 
     teacher, out = sys.argv[1], sys.argv[2]
     g = torch.Generator().manual_seed(0)

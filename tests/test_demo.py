@@ -223,7 +223,7 @@ def test_teacher_asset():
     assert tuple(model.patch_embed.img_size) == (28, 28)
     assert sum(p.numel() for p in model.parameters()) == meta["params"]
     # Three evenly spaced stages at keep ratio 0.7 cut at least 30% of the MACs, predictors included.
-    from dynamicvit.flops import count_macs
+    from dynamicvit.runtime.flops import count_macs
 
     dense, sparse = count_macs(model), count_macs(dynamicvit.sparsify(model, 0.7))
     assert 1 - sparse.total / dense.total >= 0.30
@@ -234,7 +234,7 @@ def test_teacher_asset():
 def test_teacher_asset_accuracy_matches_its_description():
     """The shipped teacher classifies real test images as well as its description says."""
     from dynamicvit.data import build_dataset
-    from dynamicvit.train import evaluate
+    from dynamicvit.evaluate import evaluate
 
     meta = json.loads(TEACHER_ASSET.with_suffix(".json").read_text())
     test_set = build_dataset("fashion-mnist", "val", subset=1000, seed=0)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import dynamicvit
-from dynamicvit import deploy
+from dynamicvit.evaluate import onnx_accuracy
+from dynamicvit.runtime import deploy
 from dynamicvit.errors import ConfigError
 
-from conftest import require_fashion_mnist, scramble, tiny_kwargs, tiny_model
+from conftest import require_fashion_mnist, tiny_kwargs, tiny_model
 
 
 def _ops(path) -> set:
@@ -169,9 +170,9 @@ def test_int8_accuracy_on_fashion_mnist_with_the_shipped_teacher(tmp_path):
     fp32 = deploy.export_onnx(teacher, tmp_path / "t.onnx", exporter="torchscript",
                               class_names=deploy.checkpoint_class_names({"extra": {"train_config": {"dataset": "fashion-mnist"}}}, 10)).path
     int8 = deploy.quantize_int8(fp32, tmp_path / "t.int8.onnx")
-    acc_torch = deploy.onnx_accuracy(teacher, subset=500)
-    acc_fp32 = deploy.onnx_accuracy(deploy.OnnxModel(fp32), subset=500)
-    acc_int8 = deploy.onnx_accuracy(deploy.OnnxModel(int8), subset=500)
+    acc_torch = onnx_accuracy(teacher, subset=500)
+    acc_fp32 = onnx_accuracy(deploy.OnnxModel(fp32), subset=500)
+    acc_int8 = onnx_accuracy(deploy.OnnxModel(int8), subset=500)
     assert acc_fp32["images"] == 500 and acc_fp32["top1"] == acc_torch["top1"] > 80
     assert abs(acc_int8["top1"] - acc_fp32["top1"]) < 3
     assert deploy.read_metadata(fp32)["class_names"][0] == "T-shirt/top"
@@ -222,7 +223,7 @@ def test_inductor_compiled_model_agrees_with_eager():
 
 
 def test_onnx_model_times_and_evaluates_like_a_torch_model(tmp_path):
-    from dynamicvit.bench import compare_throughput
+    from dynamicvit.runtime.bench import compare_throughput
 
     model = tiny_model().eval()
     path = deploy.export_onnx(model, tmp_path / "m.onnx", exporter="torchscript").path

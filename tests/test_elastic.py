@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import dynamicvit
-from dynamicvit.config import KeepRatioSampler
+from dynamicvit.core.settings import KeepRatioSampler
 from dynamicvit.errors import ConfigError
-from dynamicvit.losses import DynamicViTLoss, ratio_loss
-from dynamicvit.model import DynamicViTOutput
-from dynamicvit.train import TrainConfig, train
+from dynamicvit.core.losses import DynamicViTLoss, ratio_loss
+from dynamicvit.core.base import DynamicViTOutput
+from dynamicvit.training.config import TrainConfig
+from dynamicvit.training.loop import train
 
 from conftest import tiny_model
 from test_train import config, synthetic

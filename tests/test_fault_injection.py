@@ -58,8 +58,8 @@ def test_random_kills_then_resume_end_at_the_uninterrupted_weights(tmp_path):
                 assert {"model", "optimizer", "epoch"} <= set(torch.load(last, weights_only=True))
     assert any(mode == "write" for mode, _ in kills) and any(mode == "step" for mode, _ in kills), kills
     assert run(tmp_path, out) == 0  # and finish
-    a = dynamicvit.checkpoint.read_checkpoint(tmp_path / "full" / "model.safetensors")[0]
-    b = dynamicvit.checkpoint.read_checkpoint(out / "model.safetensors")[0]
+    a = dynamicvit.weights.formats.read_checkpoint(tmp_path / "full" / "model.safetensors")[0]
+    b = dynamicvit.weights.formats.read_checkpoint(out / "model.safetensors")[0]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -9,8 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynamicvit
 from dynamicvit import cli
-from dynamicvit.bench import with_keep_ratio
-from dynamicvit.flops import _MacCounter, count_macs, default_input_size, truncate
+from dynamicvit.runtime.flops import _MacCounter, count_macs, default_input_size, truncate
 from conftest import tiny_kwargs, tiny_model
 
 
@@ -86,7 +85,7 @@ def deit_small():
 
 @pytest.mark.parametrize("keep_ratio, paper", [(1.0, 4.6), (0.9, 4.0), (0.8, 3.4), (0.7, 2.9)])
 def test_deit_small_reproduces_paper_table(deit_small, keep_ratio, paper):
-    model = deit_small.backbone if keep_ratio == 1.0 else with_keep_ratio(deit_small, keep_ratio)
+    model = deit_small.backbone if keep_ratio == 1.0 else deit_small.at_keep_ratio(keep_ratio)
     report = assert_matches_closed_form(model)
     # The paper's figures: truncated to one decimal, normalization layers counted as fvcore does.
     assert truncate(report.gmacs_with_norms, 1) == paper
@@ -98,7 +97,7 @@ def test_deit_small_reproduces_paper_table(deit_small, keep_ratio, paper):
 
 
 def test_deit_small_at_07_and_its_predictors(deit_small):
-    report = count_macs(with_keep_ratio(deit_small, 0.7))
+    report = count_macs(deit_small.at_keep_ratio(0.7))
     assert report.keep_counts == (137, 96, 67)
     assert 2.96 < report.gmacs < 2.99
     # The three prediction modules: 0.103 G in the reference layout, 0.071 G with the global half per image.
@@ -190,7 +189,7 @@ def test_agrees_with_torch_flop_counter_where_it_works():
 
 
 def test_meta_run_equals_real_run(monkeypatch):
-    import dynamicvit.flops as flops
+    import dynamicvit.runtime.flops as flops
 
     model = tiny_model(keep_ratio=0.5)
     meta = count_macs(model)

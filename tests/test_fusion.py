@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dynamicvit
-from dynamicvit.flops import count_macs
-from dynamicvit.model import fold_dropped
+from dynamicvit.runtime.flops import count_macs
+from dynamicvit.core.ops import fold_dropped
 
 from conftest import pruned_with_block_inputs, tiny_model
 
@@ -113,11 +113,10 @@ def test_macs_count_the_fused_token():
         n = k
     assert b.total - a.total == extra
     # `flops` and `bench` count other keep ratios on a twin of the loaded model: it fuses too.
-    from dynamicvit.bench import with_keep_ratio
-
-    assert with_keep_ratio(fused, 0.8).fuse_dropped
-    assert count_macs(with_keep_ratio(plain, 0.5)).total == a.total
-    assert count_macs(with_keep_ratio(fused, 0.5)).total == b.total
+    
+    assert fused.at_keep_ratio(0.8).fuse_dropped
+    assert count_macs(plain.at_keep_ratio(0.5)).total == a.total
+    assert count_macs(fused.at_keep_ratio(0.5)).total == b.total
     # At keep ratio 1.0 nothing is dropped and nothing is added.
     plain.set_keep_ratio(1.0)
     fused.set_keep_ratio(1.0)
@@ -137,7 +136,7 @@ def test_fused_model_round_trips_through_save_and_load(tmp_path):
     model = tiny_model(keep_ratio=0.6, fuse_dropped=True).eval()
     model.set_keep_ratio_range((0.4, 1.0))
     path = dynamicvit.save_model(model, tmp_path / "fused.safetensors")
-    settings = dynamicvit.checkpoint.read_settings(path)
+    settings = dynamicvit.weights.formats.read_settings(path)
     assert settings["fuse_dropped"] is True and settings["keep_ratio_range"] == [0.4, 1.0]
     loaded = dynamicvit.load_model(path).eval()
     assert loaded.fuse_dropped and loaded.keep_ratio_range == (0.4, 1.0) and loaded.keep_ratio == 0.6
@@ -152,7 +151,7 @@ def test_a_checkpoint_written_before_fusion_loads_without_it_and_gives_the_same_
     from safetensors.torch import load_file
 
     model = dynamicvit.load_model(DATA / "dynamicvit_v1.safetensors").eval()
-    settings = dynamicvit.checkpoint.read_settings(DATA / "dynamicvit_v1.safetensors")
+    settings = dynamicvit.weights.formats.read_settings(DATA / "dynamicvit_v1.safetensors")
     assert "fuse_dropped" not in settings and "keep_ratio_range" not in settings
     assert model.fuse_dropped is False and model.keep_ratio_range is None and model.keep_ratio == 0.6
     io = load_file(DATA / "dynamicvit_v1_outputs.safetensors")

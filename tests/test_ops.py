@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynamicvit.ops import PredictionModule, masked_softmax, sample_keep, select_tokens
+from dynamicvit.core.ops import PredictionModule, masked_softmax, sample_keep, select_tokens
 
 from conftest import scramble
 

@@ -11,8 +11,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dynamicvit.config import keep_counts  # noqa: E402
-from dynamicvit.ops import masked_softmax, sample_keep, select_tokens  # noqa: E402
+from dynamicvit.core.settings import keep_counts  # noqa: E402
+from dynamicvit.core.ops import masked_softmax, sample_keep, select_tokens  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FAST = settings(max_examples=60, deadline=None)

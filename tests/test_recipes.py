@@ -11,9 +11,10 @@ import timm
 import torch
 
 from dynamicvit.commands import train as train_cmd
-from dynamicvit.data import DatasetInfo, build_transform, eval_resize
+from dynamicvit.data import DatasetInfo, build_transform, eval_config
 from dynamicvit.errors import ConfigError
-from dynamicvit.train import RECIPES, TrainConfig, build_models, train
+from dynamicvit.training.config import RECIPES, TrainConfig
+from dynamicvit.training.loop import build_models, train
 from test_train import config, synthetic
 
 # What the authors' README training command and main.py set, written out per recipe (ImageNet, 8 GPUs).
@@ -121,15 +122,19 @@ def test_reference_predictor_start_and_stored_settings(tmp_path):
 
 def test_evaluation_resize_follows_the_model_and_the_reference():
     deit = timm.create_model("deit_small_patch16_224").pretrained_cfg
-    assert eval_resize(deit, 224) == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
+    config = eval_config((3, 224, 224), (0.5,) * 3, (0.5,) * 3, pretrained_cfg=deit)
+    assert {k: config[k] for k in ("crop_pct", "crop_mode", "interpolation")} == {
+        "crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
     info = DatasetInfo("folder", 10, 3, 224, (0.5,) * 3, (0.5,) * 3)
-    t = build_transform(info, "val", img_size=224, eval_resize=eval_resize(deit, 224, crop_pct=0.875))
+    t = build_transform(info, "val", img_size=224, pretrained_cfg=deit, crop_pct=0.875)
     resize, crop = t.transforms[0], t.transforms[1]
     assert (resize.size, str(resize.interpolation.value), crop.size) == (256, "bicubic", (224, 224))
-    t = build_transform(info, "val", img_size=384, eval_resize=eval_resize(deit, 384, crop_pct=0.875))
+    t = build_transform(info, "val", img_size=384, pretrained_cfg=deit, crop_pct=0.875)
     assert t.transforms[0].size == (384, 384) and t.transforms[1].size == (384, 384)  # warped whole, no crop
     lvvit = timm.create_model("lvvit_s").pretrained_cfg
-    assert eval_resize(lvvit, 224)["crop_pct"] == 0.9 and eval_resize(timm.create_model("lvvit_m").pretrained_cfg, 224)["crop_pct"] == 1.0
+    lvvit_m = timm.create_model("lvvit_m").pretrained_cfg
+    assert eval_config((3, 224, 224), (0.5,) * 3, (0.5,) * 3, pretrained_cfg=lvvit)["crop_pct"] == 0.9
+    assert eval_config((3, 224, 224), (0.5,) * 3, (0.5,) * 3, pretrained_cfg=lvvit_m)["crop_pct"] == 1.0
     train_t = build_transform(info, "train", img_size=224, augment=COMMON["augment"])
     erase = train_t.transforms[-1]
     assert type(erase).__name__ == "RandomErasing" and erase.mode == "pixel" and erase.probability == 0.25

@@ -27,7 +27,7 @@ def craft(path, state, settings) -> str:
 
 
 def settings_of(model) -> dict:
-    return dynamicvit.checkpoint.model_settings(model)
+    return dynamicvit.weights.formats.model_settings(model)
 
 
 # -- item 4: a checkpoint's own settings win, or the clash is an error naming both ---------------
@@ -55,7 +55,7 @@ def test_create_model_uses_the_checkpoints_prune_locs(tmp_path, images, fmt):
         dynamicvit.create_model("deit_tiny_patch16_224", checkpoint_path=path, **tiny_kwargs())
     # Loading into a model built elsewhere with other stages is refused too (train --init-checkpoint, visualize).
     with pytest.raises(CheckpointError, match=r"prune before blocks \[2, 3, 4\], but prune_locs=\[1, 3, 4\] was asked for"):
-        dynamicvit.checkpoint.load_weights(tiny_model(), path)
+        dynamicvit.weights.formats.load_weights(tiny_model(), path)
     # The keep ratio is a run-time choice, not part of the weights: asking for another one is fine.
     assert dynamicvit.create_model(NAME, checkpoint_path=path, keep_ratio=0.5, **tiny_kwargs()).keep_ratio == 0.5
 
@@ -82,7 +82,7 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
 def test_evaluate_counts_non_finite_outputs_as_misses():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dynamicvit.train import evaluate
+    from dynamicvit.evaluate import evaluate
 
     class HalfBroken(torch.nn.Module):
         def forward(self, x):  # the right class for every image, NaN for the first half
@@ -99,10 +99,8 @@ def test_evaluate_counts_non_finite_outputs_as_misses():
 
 
 def test_eval_json_is_valid_json_when_outputs_are_not_finite(tmp_path, monkeypatch, capsys, caplog):
-    import dynamicvit.train as train_mod
-
     path = dynamicvit.save_model(tiny_model(in_chans=1, num_classes=10, img_size=28, patch_size=7), tmp_path / "m.safetensors")
-    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {
+    monkeypatch.setattr("dynamicvit.evaluate.evaluate", lambda *a, **k: {
         "top1": 10.0, "top5": 50.0, "loss": float("nan"), "images": 8, "non_finite": 8, "unreadable": 0})
     monkeypatch.setattr("dynamicvit.data.build_dataset", lambda *a, **k: torch.utils.data.TensorDataset(torch.zeros(8, 1, 28, 28), torch.zeros(8).long()))
     code = main(["eval", "--checkpoint", str(path), "--json", "--device", "cpu", "--num-workers", "0"])
@@ -151,7 +149,7 @@ def test_saved_settings_keep_only_architecture_arguments(tmp_path):
     model = tiny_model()
     model.timm_kwargs["pretrained_cfg_overlay"] = {"file": "/somewhere/weights.bin"}
     path = dynamicvit.save_model(model, tmp_path / "m.safetensors")
-    assert "pretrained_cfg_overlay" not in dynamicvit.checkpoint.read_settings(path)["timm_kwargs"]
+    assert "pretrained_cfg_overlay" not in dynamicvit.weights.formats.read_settings(path)["timm_kwargs"]
     assert dynamicvit.load_model(path).prune_locs == model.prune_locs
 
 
@@ -184,7 +182,7 @@ def test_wrong_image_size_or_channels_is_a_config_error_naming_the_fix():
 
 
 def test_timm_registry_with_a_dense_checkpoint_goes_through_our_loader(tmp_path, images):
-    from dynamicvit.factory import create_backbone
+    from dynamicvit.weights.build import create_backbone
 
     torch.manual_seed(3)
     dense = create_backbone(NAME, **tiny_kwargs()).eval()

@@ -2,7 +2,6 @@
 are usage errors naming the value, unwritable outputs are one line, logs stay plain in files."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 import dynamicvit
-from conftest import TINY, tiny_model
+from conftest import tiny_model
 from dynamicvit.cli import main
 
 

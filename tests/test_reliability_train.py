@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dynamicvit
-import dynamicvit.train as train_mod
+import dynamicvit.training.loop as train_mod
 from dynamicvit.cli import main
 from dynamicvit.errors import ConfigError, DataError, OutputError, TrainingStopped
-from dynamicvit.train import train
+from dynamicvit.training.loop import train
 from test_train import MICRO, config, state, synthetic
 
 
@@ -51,7 +51,7 @@ def test_a_second_run_without_resume_is_refused_and_changes_nothing(tmp_path, ca
           train_set=synthetic(16), val_set=None)
     assert metric_steps(out) == [("train", 1), ("train", 2), ("epoch", 2)]
     assert not torch.equal(state(out / "model.safetensors")["predictors.0.out_conv.2.weight"],
-                           dynamicvit.checkpoint.read_checkpoint(_bytes_file(tmp_path, before["model.safetensors"]))[0]["predictors.0.out_conv.2.weight"])
+                           dynamicvit.weights.formats.read_checkpoint(_bytes_file(tmp_path, before["model.safetensors"]))[0]["predictors.0.out_conv.2.weight"])
     with pytest.raises(ConfigError, match="--overwrite.*--resume"):
         config(tmp_path, overwrite=True, resume=True).validate()
     # --resume with the model file but no checkpoint to resume from: refused too, saying why.
@@ -260,7 +260,7 @@ def test_cli_reports_a_stop_and_exits_with_128_plus_the_signal(tmp_path, monkeyp
 def test_no_room_for_two_checkpoints_fails_before_training(tmp_path, monkeypatch):
     import shutil
 
-    import dynamicvit.outputs as outputs
+    import dynamicvit.files as outputs
 
     real = shutil.disk_usage
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
@@ -298,7 +298,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_on
 
 
 def test_a_second_run_in_the_same_folder_at_the_same_time_is_refused(tmp_path):
-    from dynamicvit.outputs import RunLock
+    from dynamicvit.files import RunLock
 
     (tmp_path / "run").mkdir()
     with RunLock(tmp_path / "run"):

@@ -7,10 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynamicvit
-from dynamicvit.factory import create_backbone
+from dynamicvit.weights.build import create_backbone
 from dynamicvit.errors import ConfigError, UnsupportedModelError
-from dynamicvit.losses import DynamicSpatialLoss, stage_ratio_loss
-from dynamicvit.spatial import DynamicSpatial, default_stage_ratios, dense_targets
+from dynamicvit.core.losses import DynamicSpatialLoss, stage_ratio_loss
+from dynamicvit.core.settings import default_stage_ratios
+from dynamicvit.core.spatial import DynamicSpatial, dense_targets
 
 from conftest import scramble
 
@@ -305,7 +306,7 @@ def test_stage_ratio_loss_and_the_objective():
 @pytest.mark.slow  # torch.export takes about 10 s per model
 def test_inference_path_exports_with_a_dynamic_batch(family):
     model = tiny_spatial(family).eval()
-    program = torch.export.export(model, (images(),), dynamic_shapes={"images": {0: torch.export.Dim("batch", max=64)}})
+    program = torch.export.export(model, (images(),), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
     x = images(batch=3, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x))
@@ -317,7 +318,7 @@ def test_inference_path_exports_to_onnx_and_agrees(family, tmp_path):
     result = dynamicvit.export_onnx(model, tmp_path / "model.onnx")
     check = result.verification
     assert check.max_abs_diff < 1e-4 and check.top1_agreement == 1.0, check.summary()
-    from dynamicvit.deploy import OnnxModel
+    from dynamicvit.runtime.deploy import OnnxModel
 
     x = images(batch=3, seed=5)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from PIL import Image
 
 import dynamicvit
 from dynamicvit.cli import main
-from dynamicvit.flops import count_macs
+from dynamicvit.runtime.flops import count_macs
 
 CNX_KWARGS = '{"depths": [1, 1, 4, 1], "dims": [16, 32, 64, 128]}'
 

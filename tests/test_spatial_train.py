@@ -9,10 +9,11 @@ from torch.utils.data import TensorDataset
 
 import dynamicvit
 from dynamicvit.commands import train as train_cmd
-from dynamicvit.factory import create_backbone
-from dynamicvit.losses import DynamicSpatialLoss
-from dynamicvit.spatial import DynamicSpatial
-from dynamicvit.train import TrainConfig, _criterion, param_groups, train
+from dynamicvit.weights.build import create_backbone
+from dynamicvit.core.losses import DynamicSpatialLoss
+from dynamicvit.core.spatial import DynamicSpatial
+from dynamicvit.training.config import TrainConfig
+from dynamicvit.training.loop import _criterion, param_groups, train
 
 IMG = 96
 TINY = {

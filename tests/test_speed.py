@@ -22,11 +22,11 @@ import torch
 import dynamicvit
 from conftest import scramble, tiny_kwargs, tiny_model
 from dynamicvit.errors import UnsupportedModelError
-from dynamicvit.flops import count_operators
-from dynamicvit.hosts.vit import masked_attention
-from dynamicvit.losses import DynamicViTLoss
-from dynamicvit.ops import PredictionModule, masked_softmax, policy_bias, prune_tokens, select_tokens
-from dynamicvit.speedups import PatchProjection, fast_patch_embed, fused_masked_attention
+from dynamicvit.runtime.flops import count_operators
+from dynamicvit.core.hosts.vit import masked_attention
+from dynamicvit.core.losses import DynamicViTLoss
+from dynamicvit.core.ops import PredictionModule, masked_softmax, policy_bias, prune_tokens, select_tokens
+from dynamicvit.runtime.speedups import PatchProjection, fast_patch_embed, fused_masked_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynamicvit
-import dynamicvit.train as train_mod
+import dynamicvit.training.loop as train_mod
 from conftest import tiny_model
 from dynamicvit.errors import CheckpointError, ConfigError, DataError
-from dynamicvit.factory import create_backbone
-from dynamicvit.train import TrainConfig, cosine_lr, evaluate, freeze_tokens, keep_ratio_drift, param_groups, train
+from dynamicvit.weights.build import create_backbone
+from dynamicvit.evaluate import evaluate
+from dynamicvit.training.config import TrainConfig
+from dynamicvit.training.loop import cosine_lr, freeze_tokens, keep_ratio_drift, param_groups, train
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -68,7 +70,7 @@ def config(tmp_path: Path, **changes) -> TrainConfig:
 
 
 def state(path: Path) -> dict:
-    return dynamicvit.checkpoint.read_checkpoint(path)[0]
+    return dynamicvit.weights.formats.read_checkpoint(path)[0]
 
 
 # -- schedule, groups, settings -----------------------------------------------------------------
@@ -242,7 +244,7 @@ def test_outputs_settings_and_metrics(tmp_path):
     result = train(cfg, train_set=synthetic(16), val_set=synthetic(8, seed=1))
     model = dynamicvit.load_model(result.checkpoint)
     assert isinstance(model, dynamicvit.DynamicViT) and model.keep_ratio == 0.5
-    _, settings = dynamicvit.checkpoint.read_checkpoint(result.checkpoint)
+    _, settings = dynamicvit.weights.formats.read_checkpoint(result.checkpoint)
     assert settings["extra"]["train_config"]["keep_ratio"] == 0.5
     last = torch.load(result.last, weights_only=True)
     assert last["config"] == cfg.to_dict()
@@ -420,7 +422,7 @@ def test_dynamicvit_fine_tuning_learns_to_select_tokens(tmp_path, fused_attentio
     score ranged from 0.07 to 0.35 over runs that all beat random ranking (reported, not asserted)."""
     if not FASHION_MNIST.is_dir():
         pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
-    from dynamicvit.hosts.vit import ViTHost
+    from dynamicvit.core.hosts.vit import ViTHost
 
     monkeypatch.setattr(ViTHost, "fused_masked_attn", fused_attention)  # every model train() builds
     images, labels = _test_images()
@@ -451,12 +453,12 @@ def test_keep_ratio_drift_names_stages_off_target():
 def test_training_warns_when_the_kept_fraction_misses_the_target(tmp_path, caplog, monkeypatch):
     # Predictors at the reference init keep half the tokens at each stage (0.5, 0.25, 0.125 against
     # 0.7, 0.49, 0.343), and without the ratio loss nothing pulls them toward rho^s.
-    from dynamicvit import model as model_module
-    from dynamicvit.ops import PredictionModule
+    from dynamicvit.core import vit as model_module
+    from dynamicvit.core.ops import PredictionModule
 
     monkeypatch.setattr(model_module, "PredictionModule", lambda dim, prior: PredictionModule(dim, keep_prior=0.5))
     cfg = config(tmp_path, epochs=1, ratio_weight=0.0, max_steps_per_epoch=2)
-    with caplog.at_level("WARNING", logger="dynamicvit.train"):
+    with caplog.at_level("WARNING", logger="dynamicvit.training.loop"):
         train(cfg, train_set=synthetic(16))
     drift = [r.getMessage() for r in caplog.records if "of the patch tokens in the last epoch" in r.getMessage()]
     assert drift and all("against" in m for m in drift)

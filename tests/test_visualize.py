@@ -9,6 +9,7 @@ from PIL import Image
 import dynamicvit
 from dynamicvit import visualize as vis
 from dynamicvit.cli import main as cli_main
+from dynamicvit.data import eval_transform, preprocessing_config
 from dynamicvit.errors import ConfigError, DataError
 
 from conftest import TINY, tiny_model
@@ -184,7 +185,7 @@ def test_average_maps_are_mean_masks_and_sum_to_keep_counts():
 
 
 def test_unreadable_files_give_a_clear_error(tmp_path):
-    transform, cfg = vis.eval_transform(tiny_model())
+    transform = eval_transform(preprocessing_config(tiny_model()))
     (tmp_path / "notes.txt").write_text("not an image")
     good = tmp_path / "good.png"
     Image.new("RGB", (50, 40), (10, 200, 30)).save(good)
@@ -197,8 +198,9 @@ def test_unreadable_files_give_a_clear_error(tmp_path):
 
 
 def test_eval_transform_uses_the_model_size_and_channels():
-    transform, cfg = vis.eval_transform(tiny_model(img_size=28, in_chans=1))
-    assert cfg["input_size"] == (1, 28, 28) and len(cfg["mean"]) == len(cfg["std"]) == 1
+    cfg = preprocessing_config(tiny_model(img_size=28, in_chans=1))
+    transform = eval_transform(cfg)
+    assert cfg["input_size"] == [1, 28, 28] and len(cfg["mean"]) == len(cfg["std"]) == 1
     x = transform(Image.new("RGB", (300, 200), (255, 0, 0)).convert("L"))
     assert x.shape == (1, 28, 28)
 

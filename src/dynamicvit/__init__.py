@@ -1,18 +1,25 @@
 """DynamicViT: dynamic token sparsification for timm vision transformers (Rao et al., NeurIPS 2021),
-and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal version, `DynamicSpatial`)."""
-from .checkpoint import save_model
-from .config import SparsityConfig
-from .deploy import ExportError, compile, export_onnx
+and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal version, `DynamicSpatial`).
+
+Three ways to get a model: `create_model(name)` builds one from a timm name, `sparsify(model)` wraps a
+timm model you have, `load(path)` opens any checkpoint file. `save_model` writes one that `load`
+rebuilds; `export_onnx`, `compile`, `fast_patch_embed` and `fused_masked_attention` make it faster.
+"""
+from .core.base import DynamicViTOutput, PrunedOutput, SparseModel
+from .core.ops import PredictionModule
+from .core.settings import SparsityConfig, SpatialConfig
+from .core.spatial import DynamicSpatial
+from .core.vit import DynamicViT
 from .errors import CheckpointError, ConfigError, DataError, DynamicViTError, UnsupportedModelError
-from .factory import create_model, load, load_model, sparsify, _register
-from .model import DynamicViT, DynamicViTOutput, PrunedOutput
-from .ops import PredictionModule
-from .spatial import DynamicSpatial, SpatialConfig
-from .speedups import fast_patch_embed, fused_masked_attention
+from .runtime.deploy import ExportError, compile, export_onnx
+from .runtime.speedups import fast_patch_embed, fused_masked_attention
+from .training.config import TrainConfig
+from .version import __version__
+from .weights.build import create_model, load, load_model, register_with_timm, sparsify
+from .weights.formats import save_model
+from . import losses  # noqa: E402,F401 - `dynamicvit.losses`, the training objectives
 
-__version__ = "0.1.0"
-
-_register()
+register_with_timm()
 
 __all__ = [
     "CheckpointError",
@@ -25,9 +32,12 @@ __all__ = [
     "ExportError",
     "PredictionModule",
     "PrunedOutput",
+    "SparseModel",
     "SparsityConfig",
     "SpatialConfig",
+    "TrainConfig",
     "UnsupportedModelError",
+    "__version__",
     "compile",
     "create_model",
     "export_onnx",

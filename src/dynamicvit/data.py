@@ -10,7 +10,12 @@
 
 Training images go through `timm.data.create_transform(is_training=True, ...)`; the `augment` dict
 holds its keyword arguments (`auto_augment`, `re_prob`, `scale`, `hflip`, ...), on top of light
-per-dataset defaults. Validation images are resized and center-cropped only.
+per-dataset defaults.
+
+Evaluation images follow one rule wherever a model sees them (validation in training, `eval`,
+`predict`, `visualize`, the preprocessing stored in an exported file): `eval_config` says how to
+resize, crop and normalize, `eval_transform` builds the transform from that description, and
+`preprocessing_config` gives the description for a model and the dataset it was trained on.
 """
 from __future__ import annotations
 
@@ -22,17 +27,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence
 
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from .checkpoint import atomic_write
+from .core.hosts import any_host
 from .errors import ConfigError, DataError
+from .files import PathLike, atomic_write
 
 _logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 Split = Literal["train", "val"]
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist")
@@ -152,7 +158,8 @@ def build_dataset(
     augment: Optional[dict] = None,
     subset: Optional[int] = None,
     seed: int = 0,
-    eval_resize: Optional[dict] = None,
+    pretrained_cfg: Optional[dict] = None,
+    crop_pct: Optional[float] = None,
 ) -> Dataset:
     """A dataset of (normalized image tensor (C, H, W), int label).
 
@@ -168,8 +175,8 @@ def build_dataset(
             merged over the dataset's light defaults; ignored for "val".
         subset: keep a fixed random subset of this many images (the same for the same `seed`).
         seed: seed of the subset.
-        eval_resize: ImageFolder "val": how to resize and crop (`eval_resize(...)` of the model); None:
-            timm's defaults.
+        pretrained_cfg, crop_pct: "val": the model's timm pretrained config and a crop that replaces
+            its own, for resizing and cropping (see `eval_config`).
 
     Raises:
         DataError: the data is missing, empty, or not laid out as expected (the message says how to fix it).
@@ -179,7 +186,8 @@ def build_dataset(
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
     info = resolve_dataset(spec, data_dir)
     kind = "fashion-mnist" if is_fashion_mnist(spec) else "imagefolder"
-    transform = build_transform(info, split, img_size=img_size, augment=augment, kind=kind, eval_resize=eval_resize)
+    transform = build_transform(info, split, img_size=img_size, augment=augment, kind=kind,
+                                pretrained_cfg=pretrained_cfg, crop_pct=crop_pct)
     if kind == "fashion-mnist":
         dataset = _fashion_mnist(split, data_dir, download, transform)
     else:
@@ -194,45 +202,150 @@ def build_transform(
     img_size: Optional[int] = None,
     augment: Optional[dict] = None,
     kind: Optional[str] = None,
-    eval_resize: Optional[dict] = None,
+    pretrained_cfg: Optional[dict] = None,
+    crop_pct: Optional[float] = None,
 ):
-    """timm's transform for `split`: augmentation for "train", resize + center crop for "val"
-    (`eval_resize`: crop_pct, crop_mode, interpolation of ImageFolder evaluation)."""
+    """timm's transform for `split`: augmentation for "train", `eval_transform` for "val"."""
     from timm.data import create_transform
 
     kind = kind or ("fashion-mnist" if info.name == FASHION_MNIST.name else "imagefolder")
     size = int(img_size or info.img_size)
-    common = dict(input_size=(info.in_chans, size, size), mean=info.mean, std=info.std)
+    input_size = (info.in_chans, size, size)
     if split == "val":
-        # Fashion-MNIST images are whole objects on a blank field: no center crop.
-        if kind == "fashion-mnist":
-            return create_transform(is_training=False, crop_pct=1.0, **common)
-        return create_transform(is_training=False, **(eval_resize or {}), **common)
+        config = eval_config(input_size, info.mean, info.std, pretrained_cfg=pretrained_cfg, crop_pct=crop_pct,
+                             whole_image=kind == "fashion-mnist")
+        return eval_transform(config)
     kwargs = {**DEFAULT_AUGMENT[kind], **_check_augment(augment or {})}
     aa = kwargs.get("auto_augment")
     if aa and str(aa).startswith("rand") and "mmax" not in str(aa) and not _posterize_accepts_zero_bits():
         # RandAugment's Posterize keeps 0 bits at magnitude 10, which Pillow >= 11 rejects; capping
         # the magnitude at 9 keeps at least 1 bit (the noise of mstd0.5 would otherwise reach 10).
         kwargs["auto_augment"] = f"{aa}-mmax9"
-    return create_transform(is_training=True, **common, **kwargs)
+    return create_transform(is_training=True, input_size=input_size, mean=info.mean, std=info.std, **kwargs)
 
 
-def eval_resize(pretrained_cfg: dict, img_size: int, crop_pct: Optional[float] = None) -> dict:
-    """How the reference resizes evaluation images for a model (create_transform arguments).
+# -- models and datasets ----------------------------------------------------------------------------
 
-    Below 384 px the shorter side is resized to img_size / crop_pct and the center cropped
-    (DeiT's pretrained config: crop 0.875, bicubic, so 256 -> 224); from 384 px on the whole image
-    is warped to img_size x img_size without a crop.
+
+def check_model_fits(model: nn.Module, info: Optional[DatasetInfo]) -> None:
+    """Raise `ConfigError` unless the model takes the dataset's channels and predicts its number of classes."""
+    if info is None:
+        return
+    in_chans = any_host(model).in_chans
+    if in_chans != info.in_chans or num_classes_of(model) != info.num_classes:
+        raise ConfigError(
+            f"the model takes {in_chans}-channel images and predicts {num_classes_of(model)} classes, but {info.name} "
+            f"has {info.in_chans}-channel images and {info.num_classes} classes; use a checkpoint made for this dataset "
+            "or pass matching timm_kwargs (in_chans, num_classes)"
+        )
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """Classes a model (dense or sparse) predicts."""
+    return getattr(model, "backbone", model).num_classes
+
+
+def square_img_size(model: nn.Module) -> int:
+    """The square input size of a model; non-square models are refused (the data pipeline makes squares)."""
+    h, w = any_host(model).img_size
+    if h != w:
+        raise ConfigError(f"non-square models ({h}x{w}) are not supported by the data pipeline; use img_size={h}")
+    return int(h)
+
+
+
+# -- evaluation images ----------------------------------------------------------------------------
+
+
+def eval_config(
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    pretrained_cfg: Optional[dict] = None,
+    crop_pct: Optional[float] = None,
+    whole_image: bool = False,
+) -> dict:
+    """How an evaluation image is resized, cropped and normalized for a model (the reference's rule).
+
+    - `whole_image` (Fashion-MNIST: whole objects on a blank field): resized to the input size, no crop.
+    - From 384 px on, the whole image is warped to the input size without a crop.
+    - Below, the shorter side is resized to size / crop_pct and the center cropped (DeiT's pretrained
+      config: crop 0.875, bicubic, so 256 -> 224).
 
     Args:
-        pretrained_cfg: the model's timm pretrained config (crop_pct, interpolation).
+        input_size: (C, H, W) of the model.
+        mean, std: the normalization (one value per channel).
+        pretrained_cfg: the model's timm pretrained config (crop_pct, interpolation); None: the defaults.
         crop_pct: replaces the config's crop_pct.
+
+    Returns:
+        {"input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation"}, JSON-serializable.
     """
-    interpolation = pretrained_cfg.get("interpolation") or "bicubic"
-    if img_size >= 384:
-        return {"crop_pct": 1.0, "crop_mode": "squash", "interpolation": interpolation}
-    crop = crop_pct if crop_pct is not None else pretrained_cfg.get("crop_pct") or 0.875
-    return {"crop_pct": float(crop), "crop_mode": "center", "interpolation": interpolation}
+    C, H, W = (int(v) for v in input_size)
+    config = {"input_size": [C, H, W], "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    if whole_image:
+        return {**config, "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+    cfg = pretrained_cfg or {}
+    interpolation = cfg.get("interpolation") or "bicubic"
+    if min(H, W) >= 384:
+        return {**config, "crop_pct": 1.0, "crop_mode": "squash", "interpolation": interpolation}
+    crop = crop_pct if crop_pct is not None else cfg.get("crop_pct") or 0.875
+    return {**config, "crop_pct": float(crop), "crop_mode": "center", "interpolation": interpolation}
+
+
+def eval_transform(config: dict):
+    """The transform an `eval_config` describes: PIL image -> normalized tensor (C, H, W)."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+    args = {k: tuple(config[k]) if isinstance(config[k], list) else config[k] for k in keys if k in config}
+    return create_transform(**args, is_training=False)
+
+
+def preprocessing_config(
+    model: nn.Module,
+    dataset: Optional[PathLike] = None,
+    *,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    crop_pct: Optional[float] = None,
+) -> dict:
+    """The `eval_config` of a model (dense or sparse) at its own input size.
+
+    Normalization follows `dataset` (the one the model was trained on, as this module normalized it)
+    when given, else the backbone's pretrained config; explicit `mean` / `std` win. A value for three
+    channels is averaged for a one-channel model. The dataset is known by its name alone: nothing is
+    read from it (a checkpoint's record of its training data never makes a command open a folder).
+    """
+    from timm.data import resolve_data_config
+
+    backbone = getattr(model, "backbone", model)
+    host = any_host(backbone)
+    C, (H, W) = host.in_chans, host.img_size
+    whole_image = False
+    if dataset is not None and (mean is None or std is None):
+        data_mean, data_std = dataset_normalization(dataset)
+        mean = data_mean if mean is None else mean
+        std = data_std if std is None else std
+        whole_image = is_fashion_mnist(dataset)
+    base = resolve_data_config({}, model=backbone)
+    mean = per_channel(base["mean"] if mean is None else mean, C, "mean")
+    std = per_channel(base["std"] if std is None else std, C, "std")
+    return eval_config((C, H, W), mean, std, pretrained_cfg=backbone.pretrained_cfg, crop_pct=crop_pct,
+                       whole_image=whole_image and crop_pct is None)
+
+
+def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    """`values` for `channels` channels: as given, one value repeated, or (for one channel) the average."""
+    v = [float(x) for x in values]
+    if len(v) == channels:
+        return tuple(v)
+    if len(v) == 1:
+        return tuple(v * channels)
+    if channels == 1:  # an RGB normalization for a grayscale model: the channel average
+        return (sum(v) / len(v),)
+    raise ConfigError(f"{name} has {len(v)} values but the images have {channels} channels; give 1 or {channels}")
 
 
 def _check_augment(augment: dict) -> dict:

@@ -4,7 +4,7 @@
 
 1. reads the Fashion-MNIST test set (10,000 images) and evaluates the dense teacher (a small ViT
    shipped in `dynamicvit/assets`, made by `scripts/train_teacher.sh` with `dynamicvit train --dense`);
-2. fine-tunes a DynamicViT from it with `dynamicvit.train.train` (three pruning stages, the full
+2. fine-tunes a DynamicViT from it with `dynamicvit.training.loop.train` (three pruning stages, the full
    objective: CE + keep-ratio + KL + token distillation) at keep ratio 0.7, the paper's recipe, or
    elastic (`--keep-ratios 0.4:1.0`: a keep ratio drawn per step, so one model serves every budget);
 3. measures both: top-1 on the test set, MACs per image (`flops.count_macs`) and images/s
@@ -31,10 +31,23 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write
+from .core.base import SparseModel
+from .core.hosts import host_for
+from .core.settings import KeepRatioSampler
+from .data import build_dataset, resolve_dataset
 from .errors import CheckpointError, ConfigError
-from .hosts import host_for
+from .evaluate import evaluate
+from .files import atomic_write
+from .runtime.bench import compare_throughput
+from .runtime.device import resolve_device
+from .runtime.flops import count_macs
+from .training.config import TrainConfig
+from .training.loop import train
+from .version import __version__
+from .visualize import save_contact_sheet
+from .weights.build import load_model
 
 _logger = logging.getLogger(__name__)
 
@@ -167,8 +180,6 @@ class DemoConfig:
         if self.clip_grad < 0:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.keep_ratios is not None:
-            from .config import KeepRatioSampler
-
             KeepRatioSampler.parse(self.keep_ratios)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
@@ -221,11 +232,8 @@ def teacher_path(path: Optional[str]) -> Path:
 
 def load_teacher(path: Path, info) -> nn.Module:
     """The dense teacher, checked against the dataset."""
-    from .factory import load_model
-    from .model import DynamicViT
-
     model = load_model(path)
-    if isinstance(model, DynamicViT):
+    if isinstance(model, SparseModel):
         raise ConfigError(f"--teacher {path} is a DynamicViT; the demo needs a dense model to start from")
     host = host_for(model)
     in_chans, size = host.in_chans, tuple(host.img_size)
@@ -246,14 +254,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         DataError: Fashion-MNIST is missing (the message says what to install).
         CheckpointError / ConfigError: a bad teacher or setting.
     """
-    from torch.utils.data import DataLoader
-
-    from . import __version__
-    from .bench import compare_throughput
-    from .data import build_dataset, resolve_dataset
-    from .flops import count_macs
-    from .train import TrainConfig, evaluate, resolve_device, train
-
     cfg.validate()
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -497,8 +497,6 @@ def pick_images(dataset, count: int, num_classes: int) -> tuple[torch.Tensor, li
 
 def draw_kept_tokens(model, dataset, path: Path, info, count: int, device) -> Path:
     """A contact sheet of the tokens the model keeps on `count` test images, titled label / prediction."""
-    from .visualize import save_contact_sheet
-
     images, labels = pick_images(dataset, count, info.num_classes)
     with torch.no_grad():
         preds = model.eval()(images.to(device)).argmax(-1).tolist()

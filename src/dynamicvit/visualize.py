@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
+from .core.base import SparseModel
+from .data import per_channel
 from .errors import ConfigError, DataError
-
-PathLike = Union[str, os.PathLike]
+from .files import GENERATOR, PathLike, atomic_write
+from .progress import progress_bar
 
 FADE_COLOR = (255, 255, 255)
 FADE_STRENGTH = 0.75  # dropped patches keep a quarter of their contrast, as in the paper's figures
@@ -120,9 +122,7 @@ class TokenMasks:
 
 def as_dynamicvit(model: nn.Module):
     """Return `model` if it is a DynamicViT (or a DynamicSpatial), else raise a `ConfigError` that says how to get one."""
-    from .spatial import SPARSE_MODELS
-
-    if not isinstance(model, SPARSE_MODELS):
+    if not isinstance(model, SparseModel):
         raise ConfigError(
             f"{type(model).__name__} has no prediction modules, so there are no kept tokens to draw; "
             "wrap it with dynamicvit.sparsify(model) or build it with dynamicvit.create_model(name)"
@@ -192,8 +192,6 @@ def average_keep_maps(
             the patch reached stage s (NaN where it never did).
         progress: show a progress bar.
     """
-    from .progress import progress_bar
-
     if kind not in ("kept", "prob"):
         raise ConfigError(f"kind must be 'kept' or 'prob', got {kind!r}")
     total = count = None
@@ -218,17 +216,6 @@ def average_keep_maps(
 # -- convert ------------------------------------------------------------------------------------
 
 
-def _per_channel(values: Sequence[float], channels: int, name: str) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    if v.size == channels:
-        return v
-    if v.size == 1:
-        return np.repeat(v, channels)
-    if channels == 1:  # an RGB normalization for a grayscale model: use the channel average
-        return v.mean(keepdims=True)
-    raise ConfigError(f"{name} has {v.size} values but the images have {channels} channels; give 1 or {channels}")
-
-
 def to_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Undo the normalization: (B, C, H, W) or (C, H, W) tensor -> (B, H, W, 3) uint8 RGB.
 
@@ -240,8 +227,8 @@ def to_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ConfigError(f"expected images of shape (B, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
     C = x.shape[1]
-    m = torch.from_numpy(_per_channel(mean, C, "mean")).float().view(1, C, 1, 1)
-    s = torch.from_numpy(_per_channel(std, C, "std")).float().view(1, C, 1, 1)
+    m = torch.tensor(per_channel(mean, C, "mean"), dtype=torch.float32).view(1, C, 1, 1)
+    s = torch.tensor(per_channel(std, C, "std"), dtype=torch.float32).view(1, C, 1, 1)
     x = ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
     x = x.permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
     return np.repeat(x, 3, axis=-1) if C == 1 else x
@@ -375,11 +362,7 @@ class PanelGrid:
 
     def save(self, path: PathLike) -> Path:
         """Write a PNG atomically (a crash never leaves a half-written file)."""
-        from .checkpoint import atomic_write
-
         from PIL.PngImagePlugin import PngInfo
-
-        from .outputs import GENERATOR
 
         info = PngInfo()
         info.add_text("Software", GENERATOR)  # how `is_our_file` recognizes it later
@@ -394,8 +377,6 @@ def is_our_file(path: PathLike) -> bool:
     PNGs and HTML pages carry a generator mark; an `.npy` counts as ours when the PNG of the same
     name does (they are written in pairs).
     """
-    from .outputs import GENERATOR
-
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -413,8 +394,6 @@ def is_our_file(path: PathLike) -> bool:
 
 
 def _html_mark() -> str:
-    from .outputs import GENERATOR
-
     return f'<meta name="generator" content="{GENERATOR}">'
 
 
@@ -697,8 +676,6 @@ def write_html(
             f'<img src="{html.escape(src, quote=True)}" alt="{html.escape(caption, quote=True)}"></figure>'
         )
     parts.append("</body></html>")
-    from .checkpoint import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(parts) + "\n", encoding="utf-8"))
     return path
 
@@ -727,41 +704,6 @@ def find_images(inputs: Sequence[PathLike]) -> tuple[list[Path], list[tuple[Path
         else:
             skipped.append((p, "no such file or folder"))
     return files, skipped
-
-
-def eval_transform(
-    model: nn.Module,
-    *,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-    crop_pct: Optional[float] = None,
-    interpolation: Optional[str] = None,
-):
-    """The model's own eval transform (resize, center crop, to tensor, normalize) for PIL images.
-
-    Built by timm from the backbone's pretrained config, with the input size and channel count of the
-    model as built (pretrained configs describe the original 3-channel, 224 px model).
-
-    Returns:
-        (transform, data_config): data_config holds input_size, mean, std, crop_pct, interpolation.
-    """
-    from timm.data import create_transform, resolve_data_config
-
-    from .hosts import any_host
-
-    backbone = getattr(model, "backbone", model)
-    host = any_host(backbone)
-    C, (H, W) = host.in_chans, host.img_size
-    base = resolve_data_config({}, model=backbone)
-    args = {
-        "input_size": (C, H, W),
-        "mean": tuple(_per_channel(mean if mean is not None else base["mean"], C, "mean")),
-        "std": tuple(_per_channel(std if std is not None else base["std"], C, "std")),
-        "crop_pct": crop_pct,
-        "interpolation": interpolation,
-    }
-    config = resolve_data_config(args, model=backbone)
-    return create_transform(**config, is_training=False), config
 
 
 def load_image(path: PathLike, transform, in_chans: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ def timm_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     """The model the command works on: a DynamicViT, or a dense timm model from a dense checkpoint."""
-    from ..factory import create_backbone, create_model, load
+    from ..weights.build import create_backbone, create_model, load
 
     kwargs = timm_kwargs_from_args(args)
     locs = args.prune_locs
@@ -61,12 +61,13 @@ def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
 
 
 def at_keep_ratio(base, keep_ratio: float):
-    """The dense timm model for keep ratio 1.0, else a DynamicViT at `keep_ratio` sharing `base`'s weights."""
-    from ..bench import with_keep_ratio
-    from ..spatial import SPARSE_MODELS
+    """The dense timm model for keep ratio 1.0, else a sparse model at `keep_ratio` sharing `base`'s weights."""
+    from ..core.base import SparseModel, backbone_of
+    from ..weights.build import sparsify
 
     if keep_ratio >= 1.0:
-        return base.backbone if isinstance(base, SPARSE_MODELS) else base
-    if not isinstance(base, SPARSE_MODELS):
+        return backbone_of(base)
+    if not isinstance(base, SparseModel):
         _logger.warning("the checkpoint holds a dense model: its prediction modules are untrained (random)")
-    return with_keep_ratio(base, keep_ratio)
+        return sparsify(base, keep_ratio)
+    return base.at_keep_ratio(keep_ratio)

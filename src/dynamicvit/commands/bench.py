@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from ._model import add_model_arguments, build_base_model, model_name
 
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _runtimes(text: str) -> list[str]:
-    from ..bench import RUNTIMES
+    from ..runtime.bench import RUNTIMES
 
     names = [s for s in text.replace(" ", "").split(",") if s]
     bad = [n for n in names if n not in RUNTIMES]
@@ -64,10 +63,10 @@ def _runtime_list(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
+    from ..core.base import SparseModel
     from ..errors import ConfigError
-    from ..outputs import check_output_file, prepare_output_dir
-    from ..spatial import SPARSE_MODELS
+    from ..files import check_output_file, prepare_output_dir
+    from ..runtime.bench import run_benchmark, save_json, save_markdown, save_plot, to_markdown
 
     # Before minutes of timing, not after.
     if args.output:
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
     batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [32, 1])
     base = build_base_model(args, keep_ratio=min(r for r in args.keep_ratios))
-    if not isinstance(base, SPARSE_MODELS):
+    if not isinstance(base, SparseModel):
         _logger.warning("the checkpoint holds a dense model: the DynamicViTs get untrained prediction modules")
     if args.checkpoint is None:
         _logger.info("random weights: fine for speed and MACs (pass --checkpoint for a trained model)")

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, format_table, run_demo
-    from ..outputs import check_output_dir
+    from ..files import check_output_dir
 
     check_output_dir(args.output)  # a file or an unwritable folder: one line now, not after minutes of training
 

@@ -44,28 +44,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import bad_images_error, build_dataset, check_images, eval_resize, resolve_dataset
-    from ..factory import load
-    from ..hosts import any_host
-    from ..spatial import SPARSE_MODELS
-    from ..train import _check_model_fits, _img_size, evaluate, resolve_device
+    from ..core.base import SparseModel
+    from ..core.hosts import any_host
+    from ..data import bad_images_error, build_dataset, check_images, check_model_fits, resolve_dataset, square_img_size
+    from ..evaluate import evaluate
+    from ..runtime.device import resolve_device
+    from ..weights.build import load
 
     info = resolve_dataset(args.dataset, args.data_dir)
     # A file's own settings win (the user's --timm-kwargs may adjust them); plain weights get the dataset's.
     model = load(args.checkpoint, args.model, overrides=args.timm_kwargs, plain_kwargs={
         "num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs})
-    _check_model_fits(model, info)
-    is_dynamic = isinstance(model, SPARSE_MODELS)
+    check_model_fits(model, info)
+    is_dynamic = isinstance(model, SparseModel)
     ratios = args.keep_ratio or [model.keep_ratio if is_dynamic else 1.0]
     if not is_dynamic and args.keep_ratio:
         print("note: a dense model keeps every token; --keep-ratio is ignored")
         ratios = [1.0]
-    img_size = _img_size(model)
+    img_size = square_img_size(model)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ConfigError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    resize = eval_resize(getattr(model, "pretrained_cfg", None) or {}, img_size, args.crop_pct)
-    dataset = build_dataset(args.dataset, "val", img_size=img_size, data_dir=args.data_dir,
-                            download=args.download, subset=args.subset, eval_resize=resize)
+    dataset = build_dataset(args.dataset, "val", img_size=img_size, data_dir=args.data_dir, download=args.download,
+                            subset=args.subset, pretrained_cfg=model.pretrained_cfg, crop_pct=args.crop_pct)
     if args.bad_images == "abort" and (bad := check_images(dataset, "evaluation")):
         raise bad_images_error(bad, len(bad))
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         model.to(device)
         runnable = model
         if args.compile:
-            from ..deploy import compile as compile_model
+            from ..runtime.deploy import compile as compile_model
 
             runnable = compile_model(model.eval())
         metrics = evaluate(runnable, loader, device, args.amp, progress=not args.json)
@@ -110,13 +110,13 @@ def run(args: argparse.Namespace) -> int:
         gmacs = f"{r['gmacs']:>8.4g}" if r["gmacs"] is not None else f"{'n/a':>8}"
         print(f"{r['keep_ratio']:>10.3f} {counts:>14} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['loss']:>7.4f} {gmacs}")
     if rows[0]["gmacs"] is None:
-        print("MACs unavailable: dynamicvit.flops is not installed")
+        print("MACs unavailable: dynamicvit.runtime.flops is not installed")
     return 0
 
 
 def _count_macs(model, input_size):
     try:
-        from ..flops import count_macs
+        from ..runtime.flops import count_macs
     except ImportError:
         return None
     return count_macs(model, input_size)

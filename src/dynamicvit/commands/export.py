@@ -43,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import deploy
-    from ..checkpoint import read_settings
+    from ..core.base import backbone_of
+    from ..core.vit import DynamicViT
+    from ..data import preprocessing_config
     from ..errors import ConfigError
-    from ..model import DynamicViT
+    from ..runtime import deploy
+    from ..weights.formats import read_settings
 
     if args.threads is not None:
         if args.threads < 1:
@@ -66,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         _logger.warning("random weights (no --checkpoint): the graph is good for timing, not for predictions")
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
-    num_classes = (model.backbone if isinstance(model, DynamicViT) else model).num_classes
+    num_classes = backbone_of(model).num_classes
     class_names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     dense = args.dense or (args.keep_ratio is None and not isinstance(model, DynamicViT))
     result = deploy.export_onnx(
         model, output, keep_ratio=args.keep_ratio, opset=args.opset, dense=dense, class_names=class_names,
-        preprocessing=deploy.preprocessing_config(model, train_dataset), overwrite=args.overwrite,
+        preprocessing=preprocessing_config(model, train_dataset), overwrite=args.overwrite,
         verify=args.verify, exporter=args.exporter,
         extra_metadata={"source": str(args.checkpoint or args.model)},
     )
@@ -93,7 +95,7 @@ def _check_dataset_fits(args, model) -> None:
     """Before the export: the --quantize report needs a dataset the model was made for."""
     from ..data import resolve_dataset
     from ..errors import ConfigError
-    from ..flops import default_input_size
+    from ..runtime.flops import default_input_size
 
     info = resolve_dataset(args.dataset, args.data_dir)  # raises DataError naming the fix
     C, H, W = default_input_size(model)
@@ -106,13 +108,14 @@ def _check_dataset_fits(args, model) -> None:
 
 
 def _quantize_report(args, fp32_path: Path, int8_path: Path) -> dict:
-    from .. import deploy
-    from ..bench import compare_throughput
+    from ..evaluate import onnx_accuracy
+    from ..runtime import deploy
+    from ..runtime.bench import compare_throughput
 
     deploy.quantize_int8(fp32_path, int8_path, overwrite=args.overwrite)
     models = {"fp32": deploy.OnnxModel(fp32_path, args.threads), "int8": deploy.OnnxModel(int8_path, args.threads)}
     accuracy = {
-        name: deploy.onnx_accuracy(m, args.dataset, data_dir=args.data_dir, subset=args.subset, progress=not args.json)
+        name: onnx_accuracy(m, args.dataset, data_dir=args.data_dir, subset=args.subset, progress=not args.json)
         for name, m in models.items()
     }
     size = models["fp32"].input_size

@@ -23,17 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flops import count_macs
-    from ..model import DynamicViT
-    from ..spatial import SPARSE_MODELS, DynamicSpatial
+    from ..core.base import SparseModel
+    from ..core.spatial import DynamicSpatial
+    from ..core.vit import DynamicViT
+    from ..runtime.flops import count_macs
 
     keep_ratio = 1.0 if args.dense else args.keep_ratio
     base = build_base_model(args, keep_ratio=keep_ratio)
     model = at_keep_ratio(base, keep_ratio)
     report = count_macs(model)
-    name = base.model_name if isinstance(base, SPARSE_MODELS) else model_name(args)
+    name = base.model_name if isinstance(base, SparseModel) else model_name(args)
     if args.json:
-        print(json_text({"model": name, "dense": not isinstance(model, SPARSE_MODELS), **report.to_dict()}))
+        print(json_text({"model": name, "dense": not isinstance(model, SparseModel), **report.to_dict()}))
         return 0
     C, H, W = report.input_size
     if isinstance(model, DynamicSpatial):

@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..factory import create_model
-    from ..spatial import DynamicSpatial
+    from ..core.spatial import DynamicSpatial
+    from ..weights.build import create_model
 
     kwargs = {**args.model_kwargs, **({"img_size": args.img_size} if args.img_size is not None else {})}
     model = create_model(args.model, keep_ratio=args.keep_ratio, prune_locs=args.prune_locs, **kwargs)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..outputs import OutputNames, prepare_output_dir
+from ..files import OutputNames, prepare_output_dir
 from ._common import model_kwargs
 
 HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
-    from .. import deploy
     from ..errors import ConfigError
+    from ..runtime import deploy
 
     if args.keep_ratio is not None and args.checkpoint is None:
         raise ConfigError("--keep-ratio: an ONNX file has its keep ratio fixed at export; export again with --keep-ratio")
@@ -169,14 +169,15 @@ def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
 
 
 def _torch_runner(args, runtime: str) -> Runner:
-    import torch
 
-    from .. import deploy
     from .. import visualize as vis
-    from ..checkpoint import read_settings
-    from ..factory import create_model, load_model
-    from ..model import DynamicViT
-    from ..train import resolve_device
+    from ..core.base import backbone_of
+    from ..core.vit import DynamicViT
+    from ..data import preprocessing_config
+    from ..runtime import deploy
+    from ..runtime.device import resolve_device
+    from ..weights.build import create_model, load_model
+    from ..weights.formats import read_settings
 
     device = resolve_device(args.device)
     settings = None
@@ -199,9 +200,9 @@ def _torch_runner(args, runtime: str) -> Runner:
         model.set_keep_ratio(args.keep_ratio)
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
-    num_classes = (model.backbone if isinstance(model, DynamicViT) else model).num_classes
+    num_classes = backbone_of(model).num_classes
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
-    preprocessing = deploy.preprocessing_config(model, train_dataset)
+    preprocessing = preprocessing_config(model, train_dataset)
     kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
     source = args.checkpoint or f"{args.model} (random weights)"
 
@@ -242,8 +243,9 @@ def _cached_export(model, args, class_names, preprocessing) -> Path:
     """The checkpoint exported to ONNX once, verified, and kept in the cache under a key of its content."""
     import torch
 
-    from .. import __version__, deploy
     from ..data import cache_dir
+    from ..runtime import deploy
+    from ..version import __version__
 
     digest = hashlib.sha256()
     with open(args.checkpoint, "rb") as f:
@@ -263,9 +265,9 @@ def _cached_export(model, args, class_names, preprocessing) -> Path:
 
 
 def _transform(preprocessing: dict):
-    from ..deploy import image_transform
+    from ..data import eval_transform
 
-    return image_transform(preprocessing)
+    return eval_transform(preprocessing)
 
 
 def _chunks(items: list, size: int):

@@ -77,7 +77,8 @@ FLAG_HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data import BAD_IMAGE_MODES
-    from ..train import AMP_MODES, RECIPES, TrainConfig
+    from ..runtime.device import AMP_MODES
+    from ..training.config import RECIPES, TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags win over it)")
     for f in dataclasses.fields(TrainConfig):
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """Defaults, then the --config file, then the flags given on the command line."""
-    from ..train import TrainConfig, read_config_file
+    from ..training.config import TrainConfig, read_config_file
 
     values = read_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k != "config"}
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
+    from ..training.loop import train
 
     cfg = config_from_args(args)
     if cfg.model is None and not (cfg.teacher or cfg.init_checkpoint):

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..outputs import OutputNames, prepare_output_dir
+from ..files import OutputNames, prepare_output_dir
 from ._common import float_list, model_kwargs, non_negative_int, positive_float, positive_float_list, positive_int
 
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
@@ -56,17 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from .. import visualize as vis
+    from ..data import eval_transform, preprocessing_config
     from ..errors import ConfigError, DataError
+    from ..runtime.device import resolve_device
 
     if not args.inputs and not args.dataset:
         raise ConfigError("nothing to draw: give image files or folders, or --dataset NAME --num-samples N")
     if args.batch_size < 1 or args.sheet_rows < 1 or args.num_samples < 0:
         raise ConfigError("--batch-size and --sheet-rows must be at least 1, --num-samples at least 0")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model, trained, train_dataset = load_model(args)
     if not trained:
         _logger.warning(
@@ -91,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
         input_files = list(files)
         if args.dataset and not args.inputs and args.num_samples:
             files = files[: args.num_samples]
-        norm = _file_normalization(args, args.dataset if use_dataset else train_dataset)
-        transform, config = vis.eval_transform(model, **norm)
+        trained_on = args.dataset if use_dataset else train_dataset
+        if trained_on is not None and (args.mean is None or args.std is None):
+            _logger.info("image files normalized as for %s (the data the model was trained on)", trained_on)
+        config = preprocessing_config(model, trained_on, mean=args.mean, std=args.std, crop_pct=args.crop_pct)
+        transform = eval_transform(config)
         if mean is None:
             mean, std = config["mean"], config["std"]
         elif tuple(config["mean"]) != tuple(mean) or tuple(config["std"]) != tuple(std):
@@ -147,10 +150,11 @@ def load_model(args: argparse.Namespace):
     Returns:
         (DynamicViT, whether its predictors are trained, the dataset it was trained on or None).
     """
-    from ..checkpoint import has_predictor_weights, read_checkpoint
+    from ..core.base import SparseModel
+    from ..core.layouts import has_predictor_weights
     from ..errors import ConfigError
-    from ..factory import create_model, load, sparsify
-    from ..spatial import SPARSE_MODELS
+    from ..weights.build import create_model, load, sparsify
+    from ..weights.formats import read_checkpoint
 
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
@@ -169,14 +173,14 @@ def load_model(args: argparse.Namespace):
         model = load(args.checkpoint, args.model, overrides=kwargs, sparse=True, checkpoint=checkpoint)
         if settings is not None:
             train_dataset = ((settings.get("extra") or {}).get("train_config") or {}).get("dataset")
-            trained = isinstance(model, SPARSE_MODELS)
+            trained = isinstance(model, SparseModel)
         else:
             trained = has_predictor_weights(state)
     elif args.model:
         model = create_model(args.model, **kwargs)
     else:
         raise ConfigError("give --checkpoint PATH (a file saved by dynamicvit) and/or --model NAME")
-    if not isinstance(model, SPARSE_MODELS):
+    if not isinstance(model, SparseModel):
         _logger.info("the checkpoint holds a dense model; adding fresh prediction modules")
         model = sparsify(model)
     if args.keep_ratio is not None:
@@ -212,34 +216,13 @@ def _load_files(files, transform, in_chans: int, skipped: list) -> Iterator[tupl
             skipped.append((str(path), str(e)))
 
 
-def _file_normalization(args, train_dataset: Optional[str]) -> dict:
-    """Normalization of image files: the command line's, else that of the dataset drawn alongside or
-    the checkpoint was trained on (as the data module normalizes it), else the model's pretrained config.
-
-    The name of the training data comes from the checkpoint, so it is only compared with known names,
-    never opened: nothing in a checkpoint makes a command read another file.
-    """
-    from ..data import dataset_normalization, is_fashion_mnist
-
-    norm = {"mean": args.mean, "std": args.std, "crop_pct": args.crop_pct}
-    if train_dataset is not None and (args.mean is None or args.std is None):
-        mean, std = dataset_normalization(train_dataset)
-        norm["mean"] = args.mean if args.mean is not None else mean
-        norm["std"] = args.std if args.std is not None else std
-        if args.crop_pct is None and is_fashion_mnist(train_dataset):
-            norm["crop_pct"] = 1.0  # as the data module's validation transform: whole objects, no crop
-        _logger.info("image files normalized as for %s (the checkpoint's training data)", train_dataset)
-    return norm
-
-
 def _dataset_samples(args, model, skipped: list):
     """(samples, mean, std, class names) for --dataset, from dynamicvit.data; samples yield (name, image, label)."""
+    from ..core.hosts import any_host
     from ..data import base_dataset, build_dataset, resolve_dataset
     from ..errors import ConfigError
 
     info = resolve_dataset(args.dataset, args.data_dir)
-    from ..hosts import any_host
-
     host = any_host(model)
     C, (H, W) = host.in_chans, host.img_size
     if C != info.in_chans or H != W:
@@ -343,8 +326,8 @@ def _draw_average(model, batches, names: OutputNames, entries: list) -> int:
     import numpy as np
 
     from .. import visualize as vis
-    from ..checkpoint import atomic_write
     from ..errors import DataError
+    from ..files import atomic_write
 
     count = 0
 

@@ -4,7 +4,7 @@
 rebuilds a file that carries our settings.
 
 ViT-style models become a `DynamicViT` (token pruning); hierarchical ones (ConvNeXt, Swin) a
-`DynamicSpatial` (spatial sparsification of stage 3, spatial.py).
+`DynamicSpatial` (spatial sparsification of stage 3, `core.spatial`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 
-from .checkpoint import (PathLike, filter_dense_state, has_predictor_weights, load_state, load_weights, read_checkpoint,
-                         settings_win, to_own_keys)
-from .errors import CheckpointError, ConfigError, UnsupportedModelError
-from .hosts import is_spatial
-from .model import DynamicViT
-from .spatial import DynamicSpatial
+from ..core.base import SparseModel
+from ..core.hosts import is_spatial
+from ..core.layouts import filter_dense_state, has_predictor_weights, load_state, to_own_keys
+from ..core.spatial import DynamicSpatial
+from ..core.vit import DynamicViT
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..files import PathLike
+from .formats import load_weights, read_checkpoint, settings_win
 
 # Architectures registered with timm as `dynamicvit_<name>` on `import dynamicvit`.
 REGISTERED = (
@@ -260,7 +262,7 @@ def sparsify(
 
 def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, fuse_dropped=False):
     """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
-    if isinstance(backbone, (DynamicViT, DynamicSpatial)):
+    if isinstance(backbone, SparseModel):
         raise ConfigError(
             f"the model is already a {type(backbone).__name__}; change how much it keeps with "
             "model.set_keep_ratio(...) instead of sparsifying it again"
@@ -278,7 +280,8 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
     return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs, fuse_dropped=fuse_dropped)
 
 
-def _register() -> None:
+def register_with_timm() -> None:
+    """Register every supported architecture with timm as `dynamicvit_<name>` (done on `import dynamicvit`)."""
     from timm.models import register_model
 
     for base in REGISTERED:

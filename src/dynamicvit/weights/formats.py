@@ -1,4 +1,5 @@
-"""Reading and writing weights.
+"""Checkpoint files: reading any supported format, checking the settings stored in it before anything
+is built from them, and writing ours. Nothing here builds a model (that is `weights.build`).
 
 Formats understood when loading:
 - ours: a `.safetensors` file whose metadata holds the settings needed to rebuild the model
@@ -10,7 +11,7 @@ Formats understood when loading:
   backbone is loaded and the prediction modules keep their fresh initialization;
 - LV-ViT: the original release (e.g. lvvit_s-26M-224-83.3.pth.tar, a state dict or a wrapper as above)
   and the reference DynamicViT-LV-ViT checkpoints (`{'model': ...}` with `score_predictor.{s}.*`).
-Each host family adapts its dense weights (`Host.filter_state`: position embedding resize, ...).
+How each layout maps onto a model's keys is `core.layouts`.
 
 A load never succeeds partially: missing, unexpected or mis-shaped keys raise `CheckpointError`
 listing them.
@@ -19,45 +20,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, OutputError
+from ..core.base import SparseModel
+from ..core.layouts import load_foreign_state
+from ..errors import CheckpointError
+from ..files import PathLike, atomic_write
 
 _logger = logging.getLogger(__name__)
 
 METADATA_KEY = "dynamicvit"
 FORMAT_VERSION = 1
-PathLike = Union[str, os.PathLike]
 
 
 # -- settings -----------------------------------------------------------------------------------
 
 
 def model_settings(model: nn.Module) -> dict:
-    """What is needed to rebuild `model` (a DynamicViT or a dense timm ViT) before loading weights."""
-    from .model import DynamicViT
-    from .spatial import DynamicSpatial
-
-    if isinstance(model, DynamicSpatial):
-        return {"format_version": FORMAT_VERSION, **model.settings()}
-    if isinstance(model, DynamicViT):
-        return {
-            "format_version": FORMAT_VERSION,
-            "kind": "dynamicvit",
-            "model_name": model.model_name,
-            "timm_kwargs": architecture_kwargs(model.timm_kwargs),
-            "keep_ratio": model.keep_ratio,
-            "prune_locs": list(model.prune_locs),
-            # Written only when set, so the settings of a model without them read as before.
-            **({"fuse_dropped": True} if model.fuse_dropped else {}),
-            **({"keep_ratio_range": list(model.keep_ratio_range)} if model.keep_ratio_range else {}),
-        }
+    """What is needed to rebuild `model` (a sparse model or a dense timm model) before loading weights."""
+    if isinstance(model, SparseModel):
+        settings = model.settings()
+        return {"format_version": FORMAT_VERSION, **settings, "timm_kwargs": architecture_kwargs(settings["timm_kwargs"])}
     name = getattr(model, "pretrained_cfg", {}).get("architecture")
     if name is None:
         raise CheckpointError(f"cannot tell which timm architecture {type(model).__name__} is; save its state_dict instead")
@@ -78,49 +65,6 @@ def architecture_kwargs(kwargs: dict) -> dict:
 
 
 # -- writing ------------------------------------------------------------------------------------
-
-
-def atomic_write(path: PathLike, write_fn) -> None:
-    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`.
-
-    Raises:
-        OutputError: the folder or the file cannot be written (a file in the way, no permission, disk
-            full); `path` is then as it was before the call.
-    """
-    from .outputs import describe_os_error, temp_name_prefix
-
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path.name), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {describe_os_error(e)}; choose a writable folder") from None
-    try:
-        write_fn(tmp)
-        # mkstemp creates the file 0600; give it the mode a plain open() would (or the old file's).
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(_write_failed(path, describe_os_error(e))) from None
-    except RuntimeError as e:  # torch.save's zip writer reports a full disk as "file write failed"
-        if "write" not in str(e):
-            raise
-        raise OutputError(_write_failed(path, f"the writer failed ({str(e).splitlines()[-1].strip()}), is the disk full?")) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_failed(path: Path, why: str) -> str:
-    kept = "the previous file is intact" if path.exists() else "nothing was written"
-    return f"cannot write {path}: {why}; {kept}. Free some space or choose another folder"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_model(model: nn.Module, path: PathLike, overwrite: bool = False, extra: Optional[dict] = None) -> Path:
@@ -316,109 +260,8 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict, Optional[dict]]:
     return state, settings
 
 
-# -- loading into a model -----------------------------------------------------------------------
-
-
-def is_reference_format(state: dict) -> bool:
-    """The authors' checkpoints: `score_predictor.*` (DynamicViT, DynamicCNN), `layers.2.score_predictor.*` (DynamicSwin)."""
-    return any(k.startswith("score_predictor.") or ".score_predictor." in k for k in state)
-
-
-def is_own_format(state: dict) -> bool:
-    return any(k.startswith("backbone.") for k in state)
-
-
-def has_predictor_weights(state: dict) -> bool:
-    """Weights of prediction modules in any layout: the authors' (`score_predictor`) or ours (`predictors.`)."""
-    return is_reference_format(state) or any(k.startswith("predictors.") for k in state)
-
-
-def to_own_keys(state: dict, backbone: nn.Module) -> tuple[dict, bool]:
-    """Map any supported layout onto DynamicViT's (or DynamicSpatial's) keys: (state, has_predictors)."""
-    from .hosts import is_spatial, spatial_host_for
-
-    if is_own_format(state):
-        # Resize the position embedding etc. when the model is built for another image size.
-        dense = filter_dense_state({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, backbone)
-        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-        return {**{"backbone." + k: v for k, v in dense.items()}, **rest}, any(k.startswith("predictors.") for k in rest)
-    if is_spatial(backbone):
-        # The authors' predictor and fast-path keys come out first: timm's dense filters reject them.
-        dense, new = spatial_host_for(backbone).split_reference(state)
-        dense = filter_dense_state(dense, backbone)
-        return {**{"backbone." + k: v for k, v in dense.items()}, **new}, bool(new)
-    predictors = {
-        "predictors." + k[len("score_predictor."):]: v for k, v in state.items() if k.startswith("score_predictor.")
-    }
-    dense = {k: v for k, v in state.items() if not k.startswith("score_predictor.")}
-    dense = filter_dense_state(dense, backbone)
-    return {**{"backbone." + k: v for k, v in dense.items()}, **predictors}, bool(predictors)
-
-
-def filter_dense_state(state: dict, model: nn.Module) -> dict:
-    """The host family's adaptation of dense weights (position embedding resize, foreign layouts)."""
-    from .hosts import host_for, is_spatial, spatial_host_for
-
-    return (spatial_host_for(model) if is_spatial(model) else host_for(model)).filter_state(state)
-
-
-def load_state(
-    model: nn.Module, state: dict, source: str, allow_missing_prefix: Union[str, tuple[str, ...]] = "", reset_head: bool = False
-) -> None:
-    """Load `state` into `model` strictly, with one clear error listing every offending key.
-
-    Args:
-        allow_missing_prefix: keys under this prefix (or these prefixes) may be absent (kept as initialized).
-        reset_head: a classifier head of the wrong shape is dropped and re-initialized (dense weights
-            for another number of classes), as timm does for pretrained weights.
-    """
-    expected = model.state_dict()
-    mismatched = {
-        k: (tuple(v.shape), tuple(expected[k].shape))
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    }
-    reset = set()
-    if reset_head:
-        reset = {k for k in mismatched
-                 if k.split(".")[-2] in ("head", "head_dist", "aux_head") or k.split(".")[-3:-1] == ["head", "fc"]}
-        if reset:
-            _logger.warning("classifier head re-initialized (%s): the checkpoint has another number of classes", sorted(reset))
-            mismatched = {k: v for k, v in mismatched.items() if k not in reset}
-            state = {k: v for k, v in state.items() if k not in reset}
-    allow = reset
-    missing = [k for k in expected if k not in state and k not in allow and not (allow_missing_prefix and k.startswith(allow_missing_prefix))]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        for k, (got, want) in list(mismatched.items())[:10]:
-            lines.append(f"  shape mismatch {k}: checkpoint {got} vs model {want}")
-        lines.append("check that the model name and its settings (img_size, num_classes, ...) match the checkpoint")
-        raise CheckpointError("\n".join(lines))
-    check_finite(state, source)
-    nn.Module.load_state_dict(model, state, strict=False)
-
-
-def check_finite(state: dict, source: str) -> None:
-    """Raise `CheckpointError` naming the tensors of `state` that hold NaN or Inf values."""
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(
-            f"{source} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s): {_short(bad)}; the weights are "
-            "broken (e.g. a diverged run); use an earlier checkpoint"
-        )
-
-
-def _short(keys: list, n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def load_weights(model: nn.Module, path: PathLike, checkpoint: Optional[tuple[dict, Optional[dict]]] = None) -> Optional[dict]:
-    """Load any supported checkpoint into a DynamicViT; returns our settings if the file had them.
+    """Load any supported checkpoint into a sparse model; returns our settings if the file had them.
 
     Args:
         checkpoint: `read_checkpoint(path)`'s result when the caller has read the file already.
@@ -433,31 +276,6 @@ def load_weights(model: nn.Module, path: PathLike, checkpoint: Optional[tuple[di
         check_settings_match(model, settings, path)
     load_foreign_state(model, state, f"checkpoint {path}", reset_head=settings is None)
     return settings
-
-
-def load_foreign_state(model: nn.Module, state: dict, source: str, reset_head: bool = True):
-    """Load a state dict of any supported layout (ours, reference DynamicViT, timm/DeiT) into a DynamicViT.
-
-    Without predictor weights the prediction modules keep their initialization; `reset_head` lets dense
-    weights for another number of classes re-initialize the classifier head.
-
-    Returns:
-        torch's `_IncompatibleKeys` (always empty: anything missing or unexpected is an error).
-    """
-    from torch.nn.modules.module import _IncompatibleKeys
-
-    state, has_predictors = to_own_keys(state, model.backbone)
-    load_state(
-        model,
-        state,
-        source=source,
-        # New parameters (predictors; fast paths of DynamicSpatial) start fresh from dense weights.
-        allow_missing_prefix="" if has_predictors else getattr(model, "new_parameter_prefixes", "predictors."),
-        reset_head=not has_predictors and reset_head,
-    )
-    if not has_predictors:
-        _logger.info("loaded dense weights from %s; prediction modules are freshly initialized", source)
-    return _IncompatibleKeys([], [])
 
 
 def check_settings_match(model: nn.Module, settings: dict, path: PathLike) -> None:

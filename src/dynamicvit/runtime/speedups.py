@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UnsupportedModelError
+from ..core.vit import DynamicViT
+from ..errors import UnsupportedModelError
 
 _logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def fused_masked_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch a DynamicViT's training-path masked attention to the fused kernel (or back), in place.
 
     With `enabled`, every block with a policy runs F.scaled_dot_product_attention with the policy as
-    an additive bias (`dynamicvit.ops.policy_bias`) instead of the explicit fp32 products of
+    an additive bias (`dynamicvit.core.ops.policy_bias`) instead of the explicit fp32 products of
     `masked_softmax`: the same forward to ~1e-6 where a kept key leads each row and a gradient
     bounded the same way (see `policy_bias`), computed by the fused / memory-efficient kernels.
     The inference path is not affected (it already uses the backbone's own attention).
@@ -132,8 +133,6 @@ def fused_masked_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
     Returns:
         `model`.
     """
-    from .model import DynamicViT
-
     if not isinstance(model, DynamicViT):
         raise UnsupportedModelError(
             f"fused_masked_attention applies to a DynamicViT, not {type(model).__name__} (dense models have no mask)"

@@ -32,9 +32,11 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError, DynamicViTError, UnsupportedModelError
-from .hosts import any_host
-from .model import DynamicViT
+from ..core.base import SparseModel, backbone_of
+from ..core.hosts import any_host, is_spatial, spatial_host_for
+from ..core.spatial import DynamicSpatial
+from ..core.vit import DynamicViT
+from ..errors import ConfigError, DynamicViTError, UnsupportedModelError
 
 _logger = logging.getLogger(__name__)
 
@@ -290,7 +292,7 @@ class MacsReport:
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was built for, from its patch embedding or its pretrained config."""
     model = _unwrap(model)
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     try:
         host = any_host(backbone)
         return (int(host.in_chans), int(host.img_size[0]), int(host.img_size[1]))
@@ -382,7 +384,7 @@ def count_operators(model: nn.Module, input_size: Optional[Sequence[int]] = None
 
 
 def _check_image_size(model: nn.Module, size: tuple) -> None:
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     embed = getattr(backbone, "patch_embed", None)
     built = getattr(embed, "img_size", None)
     fixed = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False)
@@ -414,13 +416,6 @@ def _run(model: nn.Module, layout: "_Layout", size: tuple, dtype: torch.dtype, m
     return counter, tracker
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    """The timm model inside a DynamicViT or DynamicSpatial (or `model` itself)."""
-    from .spatial import SPARSE_MODELS
-
-    return model.backbone if isinstance(model, SPARSE_MODELS) else model
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The original module of a `torch.compile`d one."""
     return getattr(model, "_orig_mod", model)
@@ -445,9 +440,6 @@ class _Layout:
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Layout":
-        from .hosts import is_spatial, spatial_host_for
-        from .spatial import DynamicSpatial
-
         if isinstance(model, DynamicViT):
             return cls(model, model.backbone, list(model.backbone.blocks), list(model.predictors), tuple(model.prune_locs))
         if is_spatial(model):
@@ -477,9 +469,7 @@ class _Layout:
         macs, norms = counter.macs, counter.norm_ops
         total = sum(macs.values())
         params_total = sum(p.numel() for p in self.model.parameters())
-        from .spatial import SPARSE_MODELS
-
-        is_dvit = isinstance(self.model, SPARSE_MODELS)  # DynamicSpatial: keep ratio and positions on the FFN
+        is_dvit = isinstance(self.model, SparseModel)  # DynamicSpatial: keep ratio and positions on the FFN
         common = dict(
             input_size=size,
             by_kind=dict(counter.by_kind),

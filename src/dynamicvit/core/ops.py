@@ -316,3 +316,52 @@ def _keep_top(
     if prefix.shape[1] == 0:
         return kept, keep
     return torch.cat([prefix, kept], dim=1), keep
+
+
+def fold_dropped(
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    fused: Optional[torch.Tensor] = None,
+    fused_weight: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold weighted tokens into the fused token: f = (W f_prev + sum_i w_i x_i) / (W + sum_i w_i).
+
+    Args:
+        tokens: patch tokens, (B, n, C).
+        weight: w_i, (B, n): the keep probability of the tokens dropped now, 0 for the others.
+        fused: the fused token so far, (B, 1, C), or None before the first fold.
+        fused_weight: W, the total weight it holds, (B, 1, 1).
+
+    Returns:
+        (the fused token (B, 1, C), its total weight (B, 1, 1)). A row whose total weight is 0
+        (nothing dropped yet, or every weight underflowed) gives a zero token, not 0 / 0.
+    """
+    w = weight.to(tokens.dtype).unsqueeze(1)  # (B, 1, n)
+    total = w.sum(dim=-1, keepdim=True)  # (B, 1, 1)
+    acc = w @ tokens  # (B, 1, C)
+    if fused is not None:
+        acc = acc + fused_weight * fused
+        total = total + fused_weight
+    # Divide by 1 where nothing is held: the gradient stays finite (a clamp to eps would scale it by 1/eps).
+    return acc / torch.where(total > 0, total, torch.ones_like(total)), total
+
+
+def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:
+    """logit(keep_ratio) - logit(reference): how far elastic training moves the keep logits (0 for None).
+
+    Ratios are clipped to [0.01, 0.99]: a ratio of 1.0 becomes a large finite shift (keep almost all).
+    """
+    if keep_ratio is None:
+        return 0.0
+    return _logit(keep_ratio) - _logit(reference)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 0.01), 0.99)
+    return math.log(p / (1.0 - p))
+
+
+def split_positions(score: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `num_keep` highest-scoring positions and the others, as indices (B, k) and (B, N - k)."""
+    order = score.argsort(dim=1, descending=True)
+    return order[:, :num_keep], order[:, num_keep:]

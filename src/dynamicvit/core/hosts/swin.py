@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ...errors import CheckpointError, UnsupportedModelError
 from .spatial_base import SpatialHost
 from .vit import check_images
 

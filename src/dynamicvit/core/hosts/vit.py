@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ...errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..ops import masked_softmax, policy_bias
 from .base import Host
 
@@ -25,7 +25,7 @@ class ViTHost(Host):
     # Masked attention on the training path: False computes `masked_softmax` with explicit fp32
     # products (the reference formula); True runs F.scaled_dot_product_attention with the policy as
     # an additive bias (`ops.policy_bias`: same forward to ~1e-6 where a kept key leads the row,
-    # gradient bounded alike). Set per model with `dynamicvit.speedups.fused_masked_attention`.
+    # gradient bounded alike). Set per model with `dynamicvit.fused_masked_attention`.
     fused_masked_attn: bool = False
 
     @classmethod

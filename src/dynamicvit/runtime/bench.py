@@ -27,11 +27,11 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
+import tempfile
 import time
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -40,12 +40,18 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError
-from .model import DynamicViT
+from ..core.base import SparseModel
+from ..errors import ConfigError
+from ..files import atomic_write
+from ..progress import progress_bar
+from ..weights.build import sparsify
+from . import deploy
+from .device import amp_dtype as resolve_amp
+from .device import autocast, device_name, num_threads, resolve_device, synchronize
+from .flops import count_macs, default_input_size
 
 _logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.5)
 
 
@@ -70,45 +76,6 @@ class BenchResult:
     peak_memory_mb: Optional[float]
     times_ms: list[float] = field(default_factory=list)
     forwards_per_repeat: int = 1
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """'auto' (or None) -> cuda when available, else cpu; a clear error for an absent GPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
-    return dev
-
-
-def resolve_amp(amp: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """'none' / 'bf16' / 'fp16' (or a dtype) -> the autocast dtype, None for full precision."""
-    if amp is None or isinstance(amp, torch.dtype):
-        return None if amp in (None, torch.float32) else amp
-    key = str(amp).lower()
-    if key not in AMP_DTYPES:
-        raise ConfigError(f"unknown autocast mode {amp!r}; choose one of {sorted(AMP_DTYPES)}")
-    return AMP_DTYPES[key]
-
-
-def with_keep_ratio(model: DynamicViT, keep_ratio: float) -> DynamicViT:
-    """A DynamicViT at `keep_ratio` that shares `model`'s backbone and prediction modules.
-
-    A dense timm ViT is wrapped with new (untrained) prediction modules instead.
-    """
-    from .spatial import DynamicSpatial
-
-    if isinstance(model, DynamicSpatial):
-        return model.at_keep_ratio(keep_ratio)
-    if not isinstance(model, DynamicViT):
-        from .factory import sparsify
-
-        return sparsify(model, keep_ratio)
-    twin = DynamicViT(model.backbone, keep_ratio, model.prune_locs, model.model_name, model.timm_kwargs,
-                      fuse_dropped=model.fuse_dropped, keep_ratio_range=model.keep_ratio_range)
-    twin.predictors = model.predictors
-    return twin
 
 
 def compare_throughput(
@@ -151,10 +118,10 @@ def compare_throughput(
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ConfigError(f"need repeats >= 1, warmup >= 0 and batch_size >= 1; got {repeats}, {warmup}, {batch_size}")
     dev = resolve_device(device)
-    amp = resolve_amp(amp_dtype)
+    amp = resolve_amp(amp_dtype, dev)
     names = list(models)
     x = torch.randn(batch_size, *input_size, device=dev)
-    with _threads(threads):
+    with num_threads(threads):
         for m in models.values():
             m.to(dev).eval()
         run = {name: _runner(models[name], x, dev, amp) for name in names}
@@ -193,49 +160,23 @@ def compare_throughput(
 
 def _runner(model: nn.Module, x: torch.Tensor, dev: torch.device, amp: Optional[torch.dtype]):
     def forward():
-        with torch.inference_mode(), _autocast(dev, amp):
+        with torch.inference_mode(), autocast(dev, amp):
             return model(x)
 
     return forward
 
 
-def _autocast(dev: torch.device, amp: Optional[torch.dtype]):
-    return torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else nullcontext()
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _timed(forward, n: int, dev: torch.device) -> float:
     """Seconds for `n` forwards, synchronized on both ends."""
-    _sync(dev)
+    synchronize(dev)
     start = time.perf_counter()
     for _ in range(n):
         forward()
-    _sync(dev)
+    synchronize(dev)
     return time.perf_counter() - start
 
 
-@contextmanager
-def _threads(threads: Optional[int]) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    if threads < 1:
-        raise ConfigError(f"threads must be at least 1, got {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _progress(total: int, desc: str, enabled: bool):
-    from .progress import progress_bar
-
     return progress_bar(total=total, desc=desc, enabled=enabled, unit="run")
 
 
@@ -249,16 +190,16 @@ def _tensor_bytes(model: nn.Module) -> int:
 def peak_memory_mb(model: nn.Module, x: torch.Tensor, device: Union[str, torch.device], amp=None) -> float:
     """Weights + input + the most tensor memory held at once during one forward, in MiB."""
     dev = torch.device(device)
-    amp = resolve_amp(amp)
+    amp = resolve_amp(amp, dev)
     fixed = _tensor_bytes(model) + x.numel() * x.element_size()
     forward = _runner(model, x, dev, amp)
     if dev.type == "cuda":
-        _sync(dev)
+        synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
         out = forward()
-        _sync(dev)
+        synchronize(dev)
         grown = torch.cuda.max_memory_allocated(dev) - before
         del out
     else:
@@ -368,26 +309,20 @@ def run_benchmark(
         Rows with runtime, keep_ratio, batch_size, images_per_s, latency_ms, speedup (vs dense on the
         same runtime and batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings.
     """
-    from .flops import count_macs, default_input_size
-
     runtimes = _check_runtimes(["compile"] if compile and tuple(runtimes) == ("torch",) else runtimes)
     ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
     if 1.0 not in {float(r) for r in keep_ratios}:
         _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
-    from .spatial import SPARSE_MODELS
-
-    if not isinstance(base, SPARSE_MODELS) and min(ratios) < 1.0:
-        from .factory import sparsify
-
+    if not isinstance(base, SparseModel) and min(ratios) < 1.0:
         base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
-    dense = base.backbone if isinstance(base, SPARSE_MODELS) else base
-    models = {r: dense if r == 1.0 else with_keep_ratio(base, r) for r in ratios}
+    dense = base.backbone if isinstance(base, SparseModel) else base
+    models = {r: dense if r == 1.0 else base.at_keep_ratio(r) for r in ratios}
     for m in models.values():
         m.eval()
     size = tuple(input_size or default_input_size(dense))
     macs = {r: count_macs(m, size) for r, m in models.items()}
     dev = resolve_device(device)
-    amp_dtype = resolve_amp(amp)
+    amp_dtype = resolve_amp(amp, dev)
     if "onnxruntime" in runtimes and (dev.type != "cpu" or amp_dtype is not None):
         raise ConfigError("--runtime onnxruntime is timed in fp32 on the CPU; use --device cpu and --amp none for it")
 
@@ -427,7 +362,7 @@ def run_benchmark(
                 for r in ratios:
                     res, m = results[_key(rt, r)], models[r]
                     measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
-                    with _threads(threads):
+                    with num_threads(threads):
                         peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
                     rows.append(dict(
                         runtime=rt,
@@ -441,7 +376,7 @@ def run_benchmark(
                         macs_ratio=macs[r].total / macs[1.0].total,
                         params=macs[r].params,
                         peak_memory_mb=peak,
-                        keep_counts=list(m.keep_counts()) if isinstance(m, SPARSE_MODELS) else [],
+                        keep_counts=list(m.keep_counts()) if isinstance(m, SparseModel) else [],
                         times_ms=res.times_ms,
                         compile=rt == "compile",
                         **settings,
@@ -458,8 +393,6 @@ def runtime_model(
     compile_mode: str = "default",
 ) -> nn.Module:
     """`model` ready to time on `runtime`: itself, compiled, or exported to `onnx_path` and loaded in ONNX Runtime."""
-    from . import deploy
-
     _check_runtimes([runtime])
     if runtime == "torch":
         return model
@@ -481,8 +414,6 @@ def _check_runtimes(runtimes: Sequence[str]) -> list[str]:
 
 @contextmanager
 def _onnx_folder(folder: Optional[Union[str, os.PathLike]]) -> Iterator[Optional[Path]]:
-    import tempfile
-
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         yield Path(folder)
@@ -501,20 +432,6 @@ def _slug(keep_ratio: float) -> str:
 
 def _label(keep_ratio: float) -> str:
     return "dense" if keep_ratio >= 1.0 else f"keep {keep_ratio:g}"
-
-
-def device_name(dev: torch.device) -> str:
-    """A readable name of the accelerator or CPU."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -553,7 +470,6 @@ def format_gmacs(gmacs: float) -> str:
 
 
 def save_json(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
-    from .checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -562,7 +478,6 @@ def save_json(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
 
 
 def save_markdown(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
-    from .checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,7 +516,6 @@ def save_plot(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
     r0 = rows[0]
     fig.suptitle(f"{r0['model']} on {r0['device_name']} ({r0['amp']})", fontsize=10)
     fig.tight_layout()
-    from .checkpoint import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
@@ -618,5 +532,4 @@ __all__ = [
     "save_markdown",
     "save_plot",
     "to_markdown",
-    "with_keep_ratio",
 ]

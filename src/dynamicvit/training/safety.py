@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .errors import ConfigError
-from .outputs import check_free_space, remove_stale_temp_files
+from ..errors import ConfigError
+from ..files import atomic_write, check_free_space, remove_stale_temp_files
 
 _logger = logging.getLogger(__name__)
 
@@ -97,8 +97,6 @@ def trim_metrics(path: Path, last_step: int) -> int:
     """
     if not path.exists():
         return 0
-    from .checkpoint import atomic_write
-
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
         try:

@@ -1,6 +1,6 @@
 """The protocol of hierarchical backbones (ConvNeXt, Swin) for dynamic spatial sparsification.
 
-`DynamicSpatial` (spatial.py) holds the method; a `SpatialHost` says only how one family differs:
+`DynamicSpatial` (`core.spatial`) holds the method; a `SpatialHost` says only how one family differs:
 which stage is sparsified and its blocks, how one block splits into a spatial mixer and a
 per-position feed-forward part (FFN), how images reach the sparsified stage and how features become
 logits, the layout of its maps, and how the authors' checkpoints map onto timm's modules.
@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 class SpatialHost:

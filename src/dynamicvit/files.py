@@ -1,5 +1,6 @@
-"""Where results are written: output folders that are checked before any work, names that never
-replace a file the user owns, a lock against two runs in one folder, and room for the next write.
+"""Where results are written: output folders that are checked before any work, writes that never leave
+a half-written file, names that never replace a file the user owns, a lock against two runs in one
+folder, and room for the next write.
 
 The rule every command follows: nothing a user wrote is overwritten or deleted. A command writes new
 files, or replaces files it recognizes as its own (a marker it stored in them), never anything else.
@@ -18,7 +19,7 @@ from .errors import OutputError
 
 _logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]  # every path argument of the package
 
 # Written into every picture and page we make (PNG "Software" text chunk, HTML generator meta tag),
 # so that a later run can tell its own files from the user's.
@@ -96,8 +97,49 @@ def _mb(n: int) -> str:
 
 
 def temp_name_prefix(name: str) -> str:
-    """Prefix of the temporary files `checkpoint.atomic_write` makes for a file called `name`."""
+    """Prefix of the temporary files `atomic_write` makes for a file called `name`."""
     return f".{name}."
+
+
+def atomic_write(path: PathLike, write_fn) -> None:
+    """Call `write_fn(tmp_path)`, then move the file into place: a crash never leaves a half-written `path`.
+
+    Raises:
+        OutputError: the folder or the file cannot be written (a file in the way, no permission, disk
+            full); `path` is then as it was before the call.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {describe_os_error(e)}; choose a writable folder") from None
+    try:
+        write_fn(tmp)
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or the old file's).
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(_write_failed(path, describe_os_error(e))) from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk as "file write failed"
+        if "write" not in str(e):
+            raise
+        raise OutputError(_write_failed(path, f"the writer failed ({str(e).splitlines()[-1].strip()}), is the disk full?")) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_failed(path: Path, why: str) -> str:
+    kept = "the previous file is intact" if path.exists() else "nothing was written"
+    return f"cannot write {path}: {why}; {kept}. Free some space or choose another folder"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temp_files(folder: PathLike, names: Iterable[str]) -> list[Path]:

@@ -1,5 +1,9 @@
-"""Sparsification settings: where to prune, how many tokens each stage keeps, what happens to the
-dropped ones, and the range of keep ratios an elastic model is trained for."""
+"""Sparsification settings, validated once: where to prune, how many tokens (or positions) each stage
+keeps, what happens to the dropped ones, and the range of keep ratios an elastic model is trained for.
+
+`SparsityConfig` is a DynamicViT's (token hosts), `SpatialConfig` a DynamicSpatial's (ConvNeXt, Swin),
+`KeepRatioSampler` the keep ratios elastic training draws from.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def default_prune_locs(depth: int, num_stages: int = 3) -> tuple[int, ...]:
@@ -213,3 +217,92 @@ class KeepRatioSampler:
             return ",".join(f"{v:g}" for v in self.values)
         prefix = "" if self.shape == "uniform" else f"{self.shape}:"
         return f"{prefix}{self.low:g}:{self.high:g}"
+
+
+RATIO_STEP = 0.2  # r_s = rho - 0.2 * s (the authors' schedule)
+
+
+def default_stage_ratios(keep_ratio: float, num_stages: int) -> tuple[float, ...]:
+    """The spec's per-stage keep ratios r = (rho, rho - 0.2, rho - 0.4, ...), rounded so 0.7 - 0.4 is 0.3."""
+    return tuple(round(keep_ratio - RATIO_STEP * s, 6) for s in range(num_stages))
+
+
+@dataclass(frozen=True)
+class SpatialConfig:
+    """How a DynamicSpatial sparsifies its third stage.
+
+    Attributes:
+        keep_ratio: rho, the first stage's keep ratio.
+        prune_locs: block indices inside stage 3 (0-based) before which a predictor runs, increasing;
+            blocks before the first are unchanged, every later block is adaptive.
+        stage_ratios: r_s per predictor; stage s keeps int(N * r_s) positions. Not hierarchical.
+        restart_streams: training path only. True: at every predictor both streams restart from the
+            merged map, so the training path computes what inference computes for the same decisions.
+            False: the authors' release, where the streams restart at the first predictor only and a
+            position whose decision flips between predictors carries its other stream's stale value.
+    """
+
+    keep_ratio: float = 0.7
+    prune_locs: tuple[int, ...] = (1, 2, 3)
+    stage_ratios: tuple[float, ...] = (0.7, 0.5, 0.3)
+    restart_streams: bool = True
+
+    @classmethod
+    def create(
+        cls,
+        keep_ratio: float,
+        prune_locs: Sequence[int],
+        depth: int,
+        num_positions: int,
+        stage_ratios: Optional[Sequence[float]] = None,
+        restart_streams: bool = True,
+    ) -> "SpatialConfig":
+        """Validate the settings against a third stage of `depth` blocks and `num_positions` positions."""
+        locs = _as_locs(prune_locs)
+        rho = _as_ratio(keep_ratio)
+        if stage_ratios is None:
+            ratios = default_stage_ratios(rho, len(locs))
+            if ratios[-1] <= 0:
+                raise ConfigError(
+                    f"keep_ratio {rho} gives stage ratios {list(ratios)} (rho - 0.2 per stage) for {len(locs)} "
+                    f"predictors; use keep_ratio > {round(RATIO_STEP * (len(locs) - 1), 6)} or pass stage_ratios"
+                )
+        else:
+            try:
+                ratios = tuple(_as_ratio(r) for r in stage_ratios)
+            except ConfigError as e:
+                raise ConfigError(f"stage_ratios {list(stage_ratios)}: {e}") from None
+            if len(ratios) != len(locs):
+                raise ConfigError(
+                    f"stage_ratios has {len(ratios)} values for {len(locs)} predictor locations {list(locs)}; "
+                    "give one keep ratio per predictor"
+                )
+        cfg = cls(keep_ratio=rho, prune_locs=locs, stage_ratios=ratios, restart_streams=bool(restart_streams))
+        cfg.validate(depth, num_positions)
+        return cfg
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.prune_locs)
+
+    def keep_counts(self, num_positions: int) -> tuple[int, ...]:
+        """Positions on the full path after each predictor: int(N * r_s)."""
+        return tuple(int(num_positions * r) for r in self.stage_ratios)
+
+    def replace(self, **changes) -> "SpatialConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, depth: int, num_positions: int) -> None:
+        bad = [i for i in self.prune_locs if not 0 <= i < depth]
+        if bad:
+            raise ConfigError(
+                f"prune_locs {list(self.prune_locs)} has block indices {bad} out of range: stage 3 has {depth} "
+                f"blocks, so each location must be in 0..{depth - 1} (the predictor runs before that block)"
+            )
+        counts = self.keep_counts(num_positions)
+        if min(counts) < 1:
+            s = counts.index(min(counts))
+            raise ConfigError(
+                f"stage ratio {self.stage_ratios[s]} keeps zero of the {num_positions} positions of the stage-3 map "
+                f"at predictor {s + 1}; use a larger keep ratio or larger images"
+            )

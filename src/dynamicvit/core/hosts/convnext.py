@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ...errors import CheckpointError, UnsupportedModelError
 from .spatial_base import SpatialHost
 
 _FAST_PATH = re.compile(r"^stages\.2\.(\d+)\.fast_path(?:\.(\d)|_gamma)\.?(.*)$")

@@ -1,7 +1,7 @@
 """DynamicViT: prediction modules and token pruning on top of a host backbone.
 
 `DynamicViT` holds the unmodified backbone as `backbone`, one `PredictionModule` per stage, and a
-`Host` (`dynamicvit.hosts`) that says how this family of backbone embeds images, runs a block with
+`Host` (`dynamicvit.core.hosts`) that says how this family of backbone embeds images, runs a block with
 masked attention and computes logits from the final tokens. The method lives here, once, for every
 host family:
 - Training path (`forward_masked`): before each block in `prune_locs` a prediction module samples
@@ -23,61 +23,22 @@ until a first token has been dropped.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .config import SparsityConfig, _as_ratio
-from .errors import ConfigError
+from ..errors import ConfigError
+from .base import DynamicViTOutput, PrunedOutput, SparseModel
 from .hosts import Host, host_for
-from .ops import PredictionModule, prune_tokens, sample_keep, select_tokens
+from .ops import PredictionModule, fold_dropped, prune_tokens, ratio_shift, sample_keep, select_tokens
+from .settings import SparsityConfig, _as_ratio
 
 _logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DynamicViTOutput:
-    """What the training path returns.
-
-    Attributes:
-        logits: classifier output, (B, num_classes) (a tuple for distilled DeiT in distilled training).
-        tokens: what token distillation compares per patch token (`Host.distill_targets`): the final
-            normed patch tokens (B, N, C) for ViTs, the aux-head logits (B, N, K) for LV-ViT.
-        decisions: per-stage hard keep decisions with straight-through gradients, each (B, N).
-        mask: the final keep decision, (B, N), detached.
-        class_logits: what CE and the logit distillation train when it differs from `logits`
-            (`Host.class_logits`: LV-ViT's class head alone), else None.
-    """
-
-    logits: torch.Tensor
-    tokens: torch.Tensor
-    decisions: list[torch.Tensor]
-    mask: torch.Tensor
-    class_logits: Optional[torch.Tensor] = None
-
-
-@dataclass
-class PrunedOutput:
-    """What the inference path returns.
-
-    Attributes:
-        logits: classifier output, (B, num_classes).
-        kept_indices: per stage, the kept patch tokens as indices into the original grid
-            (row-major, 0..N-1), each (B, k_s), in the order they sit in the sequence.
-        keep_scores: per stage (only when asked for), the predictor's log-probability of "keep" for
-            every original patch, (B, N), NaN where the token had been dropped at an earlier stage.
-    """
-
-    logits: torch.Tensor
-    kept_indices: list[torch.Tensor]
-    keep_scores: Optional[list[torch.Tensor]] = None
-
-
-class DynamicViT(nn.Module):
-    """A backbone (any `dynamicvit.hosts` family) with DynamicViT token sparsification.
+class DynamicViT(SparseModel):
+    """A backbone (any `dynamicvit.core.hosts` family) with DynamicViT token sparsification.
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval
     mode it runs the inference path and returns the logits, like any timm classifier.
@@ -113,9 +74,7 @@ class DynamicViT(nn.Module):
         # Each stage starts by keeping about rho of the tokens before it, so stage s starts at its target rho^s.
         prior = min(max(self.config.keep_ratio, 0.05), 0.95)
         self.predictors = nn.ModuleList(PredictionModule(self.embed_dim, prior) for _ in self.config.prune_locs)
-        # How to rebuild the backbone from timm (stored in checkpoints).
-        self.model_name = model_name or backbone.pretrained_cfg.get("architecture")
-        self.timm_kwargs = dict(timm_kwargs or {})
+        self._set_source(model_name, timm_kwargs)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -137,41 +96,26 @@ class DynamicViT(nn.Module):
         return self.host.patch_size
 
     @property
-    def embed_dim(self) -> int:
-        return self.host.embed_dim
-
-    @property
-    def num_classes(self) -> int:
-        return self.host.num_classes
-
-    @property
-    def keep_ratio(self) -> float:
-        return self.config.keep_ratio
-
-    @property
-    def prune_locs(self) -> tuple[int, ...]:
-        return self.config.prune_locs
-
-    @property
     def fuse_dropped(self) -> bool:
         return self.config.fuse_dropped
 
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.backbone.pretrained_cfg
+    def settings(self) -> dict:
+        return {
+            "kind": "dynamicvit",
+            "model_name": self.model_name,
+            "timm_kwargs": self.timm_kwargs,
+            "keep_ratio": self.keep_ratio,
+            "prune_locs": list(self.prune_locs),
+            # Written only when set, so the settings of a model without them read as before.
+            **({"fuse_dropped": True} if self.fuse_dropped else {}),
+            **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
+        }
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also takes timm/DeiT and reference DynamicViT weights, as `timm.create_model("dynamicvit_...",
-        checkpoint_path=...)` passes them, through `dynamicvit.checkpoint` (clear errors, NaN checks)."""
-        from .checkpoint import load_foreign_state
-
-        if any(k.startswith(("backbone.", "predictors.")) for k in state_dict):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        return load_foreign_state(self, state_dict, "the state dict")
-
-    def keep_counts(self) -> tuple[int, ...]:
-        """Patch tokens kept after each stage, int(N * rho ** s)."""
-        return self.config.keep_counts(self.num_patches)
+    def at_keep_ratio(self, keep_ratio: float) -> "DynamicViT":
+        twin = DynamicViT(self.backbone, keep_ratio, self.prune_locs, self.model_name, self.timm_kwargs,
+                          fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range)
+        twin.predictors = self.predictors
+        return twin
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Change how many tokens each stage keeps; no retraining needed."""
@@ -318,53 +262,3 @@ class DynamicViT(nn.Module):
             x = host.block(i, x)
         x = host.norm(x if fused_weight is None else x[:, : P + n])
         return PrunedOutput(host.logits(x), kept, scores if return_scores else None)
-
-    def forward(self, x: torch.Tensor, keep_ratio: Optional[float] = None):
-        """Training mode: `forward_masked` (`keep_ratio`: this step's ratio, elastic training);
-        eval mode: the logits of `forward_pruned` at the model's keep ratio."""
-        if self.training:
-            return self.forward_masked(x, keep_ratio=keep_ratio)
-        return self.forward_pruned(x).logits
-
-
-def fold_dropped(
-    tokens: torch.Tensor,
-    weight: torch.Tensor,
-    fused: Optional[torch.Tensor] = None,
-    fused_weight: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold weighted tokens into the fused token: f = (W f_prev + sum_i w_i x_i) / (W + sum_i w_i).
-
-    Args:
-        tokens: patch tokens, (B, n, C).
-        weight: w_i, (B, n): the keep probability of the tokens dropped now, 0 for the others.
-        fused: the fused token so far, (B, 1, C), or None before the first fold.
-        fused_weight: W, the total weight it holds, (B, 1, 1).
-
-    Returns:
-        (the fused token (B, 1, C), its total weight (B, 1, 1)). A row whose total weight is 0
-        (nothing dropped yet, or every weight underflowed) gives a zero token, not 0 / 0.
-    """
-    w = weight.to(tokens.dtype).unsqueeze(1)  # (B, 1, n)
-    total = w.sum(dim=-1, keepdim=True)  # (B, 1, 1)
-    acc = w @ tokens  # (B, 1, C)
-    if fused is not None:
-        acc = acc + fused_weight * fused
-        total = total + fused_weight
-    # Divide by 1 where nothing is held: the gradient stays finite (a clamp to eps would scale it by 1/eps).
-    return acc / torch.where(total > 0, total, torch.ones_like(total)), total
-
-
-def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:
-    """logit(keep_ratio) - logit(reference): how far elastic training moves the keep logits (0 for None).
-
-    Ratios are clipped to [0.01, 0.99]: a ratio of 1.0 becomes a large finite shift (keep almost all).
-    """
-    if keep_ratio is None:
-        return 0.0
-    return _logit(keep_ratio) - _logit(reference)
-
-
-def _logit(p: float) -> float:
-    p = min(max(p, 0.01), 0.99)
-    return math.log(p / (1.0 - p))

@@ -1,6 +1,6 @@
 """Host families: how DynamicViT attaches to each kind of backbone.
 
-`DynamicViT` (model.py) holds the method: where the stages are, how tokens are scored, kept and
+`DynamicViT` (`core.vit`) holds the method: where the stages are, how tokens are scored, kept and
 masked. A `Host` (base.py) says only how one family of backbones differs: how images become tokens,
 how block i runs with masked attention, how logits come out of the final tokens, what token
 distillation compares, and how foreign checkpoints map onto the backbone.
@@ -8,7 +8,7 @@ distillation compares, and how foreign checkpoints map onto the backbone.
 `host_for(model)` picks the family of a timm model; families are tried in `FAMILIES` order.
 
 Hierarchical backbones (ConvNeXt, Swin) keep their 2-D maps and are sparsified by `DynamicSpatial`
-(spatial.py) through a `SpatialHost` (spatial_base.py); `spatial_host_for(model)` picks theirs.
+(`core.spatial`) through a `SpatialHost` (`spatial_base.py`); `spatial_host_for(model)` picks theirs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Union
 
 import torch.nn as nn
 
-from ..errors import UnsupportedModelError
+from ...errors import UnsupportedModelError
 from .base import Host
 from .convnext import ConvNeXtHost
 from .lvvit import LVViTHost

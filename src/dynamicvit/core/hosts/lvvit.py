@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ...errors import CheckpointError, ConfigError, UnsupportedModelError
 from .base import Host
 from .vit import check_images, masked_attention
 

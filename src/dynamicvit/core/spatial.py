@@ -13,115 +13,24 @@ straight-through Gumbel decisions m, with the spec's equations per block (see `_
 Inference path (`forward_pruned`): per predictor, the top-k positions go through the FFN, gathered,
 the rest through the fast path; both are scattered back into the full map.
 
-A `SpatialHost` (`dynamicvit.hosts`) says how one backbone family differs; this file holds the method.
+A `SpatialHost` (`dynamicvit.core.hosts`) says how one backbone family differs; this file holds the method.
 Shapes: B batch, C width of stage 3, H x W its map, N = H * W positions.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .config import _as_locs, _as_ratio
-from .errors import ConfigError
+from ..errors import ConfigError
+from .base import DynamicViTOutput, PrunedOutput, SparseModel
 from .hosts import SpatialHost, spatial_host_for
-from .model import DynamicViT, DynamicViTOutput, PrunedOutput
-from .ops import PredictionModule, sample_keep
+from .ops import PredictionModule, sample_keep, split_positions
+from .settings import SpatialConfig
 
 _logger = logging.getLogger(__name__)
-
-RATIO_STEP = 0.2  # r_s = rho - 0.2 * s (the authors' schedule)
-
-
-def default_stage_ratios(keep_ratio: float, num_stages: int) -> tuple[float, ...]:
-    """The spec's per-stage keep ratios r = (rho, rho - 0.2, rho - 0.4, ...), rounded so 0.7 - 0.4 is 0.3."""
-    return tuple(round(keep_ratio - RATIO_STEP * s, 6) for s in range(num_stages))
-
-
-@dataclass(frozen=True)
-class SpatialConfig:
-    """How a DynamicSpatial sparsifies its third stage.
-
-    Attributes:
-        keep_ratio: rho, the first stage's keep ratio.
-        prune_locs: block indices inside stage 3 (0-based) before which a predictor runs, increasing;
-            blocks before the first are unchanged, every later block is adaptive.
-        stage_ratios: r_s per predictor; stage s keeps int(N * r_s) positions. Not hierarchical.
-        restart_streams: training path only. True: at every predictor both streams restart from the
-            merged map, so the training path computes what inference computes for the same decisions.
-            False: the authors' release, where the streams restart at the first predictor only and a
-            position whose decision flips between predictors carries its other stream's stale value.
-    """
-
-    keep_ratio: float = 0.7
-    prune_locs: tuple[int, ...] = (1, 2, 3)
-    stage_ratios: tuple[float, ...] = (0.7, 0.5, 0.3)
-    restart_streams: bool = True
-
-    @classmethod
-    def create(
-        cls,
-        keep_ratio: float,
-        prune_locs: Sequence[int],
-        depth: int,
-        num_positions: int,
-        stage_ratios: Optional[Sequence[float]] = None,
-        restart_streams: bool = True,
-    ) -> "SpatialConfig":
-        """Validate the settings against a third stage of `depth` blocks and `num_positions` positions."""
-        locs = _as_locs(prune_locs)
-        rho = _as_ratio(keep_ratio)
-        if stage_ratios is None:
-            ratios = default_stage_ratios(rho, len(locs))
-            if ratios[-1] <= 0:
-                raise ConfigError(
-                    f"keep_ratio {rho} gives stage ratios {list(ratios)} (rho - 0.2 per stage) for {len(locs)} "
-                    f"predictors; use keep_ratio > {round(RATIO_STEP * (len(locs) - 1), 6)} or pass stage_ratios"
-                )
-        else:
-            try:
-                ratios = tuple(_as_ratio(r) for r in stage_ratios)
-            except ConfigError as e:
-                raise ConfigError(f"stage_ratios {list(stage_ratios)}: {e}") from None
-            if len(ratios) != len(locs):
-                raise ConfigError(
-                    f"stage_ratios has {len(ratios)} values for {len(locs)} predictor locations {list(locs)}; "
-                    "give one keep ratio per predictor"
-                )
-        cfg = cls(keep_ratio=rho, prune_locs=locs, stage_ratios=ratios, restart_streams=bool(restart_streams))
-        cfg.validate(depth, num_positions)
-        return cfg
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.prune_locs)
-
-    def keep_counts(self, num_positions: int) -> tuple[int, ...]:
-        """Positions on the full path after each predictor: int(N * r_s)."""
-        return tuple(int(num_positions * r) for r in self.stage_ratios)
-
-    def replace(self, **changes) -> "SpatialConfig":
-        return dataclasses.replace(self, **changes)
-
-    def validate(self, depth: int, num_positions: int) -> None:
-        bad = [i for i in self.prune_locs if not 0 <= i < depth]
-        if bad:
-            raise ConfigError(
-                f"prune_locs {list(self.prune_locs)} has block indices {bad} out of range: stage 3 has {depth} "
-                f"blocks, so each location must be in 0..{depth - 1} (the predictor runs before that block)"
-            )
-        counts = self.keep_counts(num_positions)
-        if min(counts) < 1:
-            s = counts.index(min(counts))
-            raise ConfigError(
-                f"stage ratio {self.stage_ratios[s]} keeps zero of the {num_positions} positions of the stage-3 map "
-                f"at predictor {s + 1}; use a larger keep ratio or larger images"
-            )
-
 
 class FastPath(nn.Module):
     """The cheap path of an adaptive block for positions the predictor did not keep:
@@ -138,12 +47,6 @@ class FastPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(self.norm(x))
         return x if self.gamma is None else x * self.gamma
-
-
-def split_positions(score: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `num_keep` highest-scoring positions and the others, as indices (B, k) and (B, N - k)."""
-    order = score.argsort(dim=1, descending=True)
-    return order[:, :num_keep], order[:, num_keep:]
 
 
 def _flat_rows(index: torch.Tensor, num_positions: int) -> torch.Tensor:
@@ -164,7 +67,7 @@ def dense_targets(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
     return host.logits(features), host.distill_targets(features)
 
 
-class DynamicSpatial(nn.Module):
+class DynamicSpatial(SparseModel):
     """A hierarchical backbone (ConvNeXt or Swin from timm) with dynamic spatial sparsification.
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval mode
@@ -206,18 +109,9 @@ class DynamicSpatial(nn.Module):
                 for j in range(self.prune_locs[0], host.depth)
             }
         )
-        self.model_name = model_name or backbone.pretrained_cfg.get("architecture")
-        self.timm_kwargs = dict(timm_kwargs or {})
+        self._set_source(model_name, timm_kwargs)
 
     # -- properties ----------------------------------------------------------------------------
-
-    @property
-    def keep_ratio(self) -> float:
-        return self.config.keep_ratio
-
-    @property
-    def prune_locs(self) -> tuple[int, ...]:
-        return self.config.prune_locs
 
     @property
     def stage_ratios(self) -> tuple[float, ...]:
@@ -243,18 +137,6 @@ class DynamicSpatial(nn.Module):
         """Image pixels per position of the stage-3 map (its stride), for drawing decisions."""
         r = int(self.backbone.feature_info[self.host.sparse_stage]["reduction"])
         return r, r
-
-    @property
-    def embed_dim(self) -> int:
-        return self.host.embed_dim
-
-    @property
-    def num_classes(self) -> int:
-        return self.host.num_classes
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.backbone.pretrained_cfg
 
     def keep_counts(self, num_positions: Optional[int] = None) -> tuple[int, ...]:
         """Positions on the full path after each predictor, int(N * r_s)."""
@@ -482,11 +364,6 @@ class DynamicSpatial(nn.Module):
         logits = self.host.logits(self.host.final_norm(maps[-1]))
         return PrunedOutput(logits, record["kept"], record["scores"] if return_scores else None)
 
-    def forward(self, images: torch.Tensor) -> Union[torch.Tensor, DynamicViTOutput]:
-        if self.training:
-            return self.forward_masked(images)
-        return self.forward_pruned(images).logits
-
     # -- backbone interface (dense prediction) -------------------------------------------------
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -531,7 +408,3 @@ class DynamicSpatial(nn.Module):
             return out
         final = self.host.final_norm(maps[-1]) if len(maps) == num else maps[-1]
         return final, out
-
-
-# The models that sparsify a backbone (what commands accept in place of a dense timm model).
-SPARSE_MODELS = (DynamicViT, DynamicSpatial)

@@ -1,0 +1,160 @@
+"""`SparseModel`: what every sparse model shares, whatever its host family.
+
+A sparse model holds the unmodified dense `backbone`, a host (`dynamicvit.core.hosts`) that says how
+to drive it, a frozen settings object (`config`) and one `PredictionModule` per stage. Its forward
+takes the training path (tokens masked, `forward_masked`) in training mode and the inference path
+(tokens removed, `forward_pruned`) in eval mode. `DynamicViT` (token hosts: ViT, DeiT, LV-ViT) and
+`DynamicSpatial` (hierarchical hosts: ConvNeXt, Swin) are the two kinds; code that accepts "a sparse
+model" checks `isinstance(model, SparseModel)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+
+from . import layouts
+
+
+@dataclass
+class DynamicViTOutput:
+    """What the training path returns.
+
+    Attributes:
+        logits: classifier output, (B, num_classes) (a tuple for distilled DeiT in distilled training).
+        tokens: what token distillation compares per patch token (`Host.distill_targets`): the final
+            normed patch tokens (B, N, C) for ViTs, the aux-head logits (B, N, K) for LV-ViT, the final
+            normalized map (B, N4, C4) for ConvNeXt / Swin.
+        decisions: per-stage hard keep decisions with straight-through gradients, each (B, N).
+        mask: the final keep decision, (B, N), detached.
+        class_logits: what CE and the logit distillation train when it differs from `logits`
+            (`Host.class_logits`: LV-ViT's class head alone), else None.
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    decisions: list[torch.Tensor]
+    mask: torch.Tensor
+    class_logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class PrunedOutput:
+    """What the inference path returns.
+
+    Attributes:
+        logits: classifier output, (B, num_classes).
+        kept_indices: per stage, the kept patch tokens (positions, for DynamicSpatial) as indices into
+            the original grid (row-major, 0..N-1), each (B, k_s), in the order they sit in the sequence.
+        keep_scores: per stage (only when asked for), the predictor's log-probability of "keep" for
+            every original patch, (B, N), NaN where the token had been dropped at an earlier stage.
+    """
+
+    logits: torch.Tensor
+    kept_indices: list[torch.Tensor]
+    keep_scores: Optional[list[torch.Tensor]] = None
+
+
+class SparseModel(nn.Module):
+    """The base of `DynamicViT` and `DynamicSpatial`: a dense backbone, its host, settings and predictors.
+
+    Subclasses set `host`, `backbone`, `config` and `predictors` in their constructor and implement
+    `forward_masked`, `forward_pruned`, `set_keep_ratio`, `at_keep_ratio` and `settings`.
+
+    Attributes:
+        model_name, timm_kwargs: how to rebuild the backbone with timm (stored in checkpoints).
+    """
+
+    # Parameters a dense checkpoint does not have (they start fresh when dense weights are loaded).
+    new_parameter_prefixes: ClassVar[tuple[str, ...]] = ("predictors.",)
+
+    def _set_source(self, model_name: Optional[str], timm_kwargs: Optional[dict]) -> None:
+        self.model_name = model_name or self.backbone.pretrained_cfg.get("architecture")
+        self.timm_kwargs = dict(timm_kwargs or {})
+
+    # -- settings and geometry -------------------------------------------------------------------
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.config.keep_ratio
+
+    @property
+    def prune_locs(self) -> tuple[int, ...]:
+        return self.config.prune_locs
+
+    @property
+    def family(self) -> str:
+        """The host family: "vit", "lvvit", "convnext" or "swin"."""
+        return self.host.family
+
+    @property
+    def embed_dim(self) -> int:
+        return self.host.embed_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.host.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.host.in_chans
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.host.img_size)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.backbone.pretrained_cfg
+
+    def keep_counts(self) -> tuple[int, ...]:
+        """Tokens (positions) kept after each stage."""
+        return self.config.keep_counts(self.num_patches)
+
+    def set_keep_ratio(self, keep_ratio: float) -> None:
+        """Change how much each stage keeps; no retraining needed."""
+        raise NotImplementedError
+
+    def at_keep_ratio(self, keep_ratio: float) -> "SparseModel":
+        """A twin at `keep_ratio` that shares this model's backbone and every new module (no copy)."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What is needed to rebuild this model before loading its weights (stored in checkpoints)."""
+        raise NotImplementedError
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Our own keys load as in torch. Other layouts (timm / DeiT / LV-ViT dense weights, the authors'
+        sparse checkpoints), as `timm.create_model("dynamicvit_...", checkpoint_path=...)` passes them,
+        are mapped first (`layouts.load_foreign_state`: clear errors, NaN checks)."""
+        if any(k.startswith(("backbone.", *self.new_parameter_prefixes)) for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return layouts.load_foreign_state(self, state_dict, "the state dict")
+
+    # -- the two paths ---------------------------------------------------------------------------
+
+    def forward_masked(self, images: torch.Tensor, **kwargs) -> DynamicViTOutput:
+        raise NotImplementedError
+
+    def forward_pruned(self, images: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, **train_kwargs):
+        """Training mode: `forward_masked` (`train_kwargs`, e.g. this step's keep ratio); eval mode: the
+        logits of `forward_pruned` at the model's keep ratio, like any timm classifier.
+
+        Args:
+            x: images, (B, C, H, W).
+        """
+        if self.training:
+            return self.forward_masked(x, **train_kwargs)
+        return self.forward_pruned(x).logits
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The dense timm model inside a sparse model; any other model is its own backbone."""
+    return model.backbone if isinstance(model, SparseModel) else model
