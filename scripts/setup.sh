@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse ./.venv and install dynamicvit with what it needs. Sourced by demo.sh and test.sh.
+# Create or reuse ./.venv and install dynamicvit with every extra and the test tools. Sourced by demo.sh and test.sh.
 # Also installs the Fashion-MNIST files (Debian package dataset-fashion-mnist) when run as root.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,8 +20,9 @@ WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[setup] installing dynamicvit and its dependencies into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import dynamicvit, timm, torch, torchvision" || { echo "[setup] install failed" >&2; exit 1; }
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[all,test]" 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -c "import dynamicvit, timm, torch, torchvision, onnxruntime, matplotlib, transformers" \
+        || { echo "[setup] install failed" >&2; exit 1; }
     echo "$WANT" > "$STAMP"
 fi
 

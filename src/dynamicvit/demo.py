@@ -38,6 +38,7 @@ from .core.hosts import host_for
 from .core.settings import KeepRatioSampler
 from .data import build_dataset, resolve_dataset
 from .errors import CheckpointError, ConfigError
+from .extras import require
 from .evaluate import evaluate
 from .files import atomic_write
 from .runtime.bench import compare_throughput
@@ -515,10 +516,8 @@ def save_sweep_plot(
         label: what the trained model is (e.g. "elastic 0.4:1.0").
         single_ratio: {"source", "rows"}: the single-ratio model's sweep, drawn next to it.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "the demo's keep-ratio plot").use("Agg")
+    plt = require("matplotlib.pyplot", "the demo's keep-ratio plot")
 
     ratios = [r["keep_ratio"] for r in sweep]
     top1 = [r["top1"] for r in sweep]

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .core.base import SparseModel
 from .data import per_channel
 from .errors import ConfigError, DataError
+from .extras import require
 from .files import GENERATOR, PathLike, atomic_write
 from .progress import progress_bar
 
@@ -275,8 +276,7 @@ def fade_dropped(
 
 @lru_cache(maxsize=8)
 def _colormap(name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
+    colormaps = require("matplotlib", "drawing keep probabilities").colormaps
     return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
 
 

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.base import SparseModel
 from ..errors import ConfigError
+from ..extras import require
 from ..files import atomic_write
 from ..progress import progress_bar
 from ..weights.build import sparsify
@@ -487,10 +488,8 @@ def save_markdown(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
 
 def save_plot(rows: Sequence[dict], path: Union[str, os.PathLike]) -> Path:
     """Speed-up (one line per batch size) and GMACs against keep ratio, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "the benchmark plot").use("Agg")
+    plt = require("matplotlib.pyplot", "the benchmark plot")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

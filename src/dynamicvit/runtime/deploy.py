@@ -37,6 +37,7 @@ from ..core.base import backbone_of
 from ..core.vit import DynamicViT
 from ..data import preprocessing_config, resolve_dataset
 from ..errors import ConfigError, DataError, DynamicViTError
+from ..extras import require
 from ..files import PathLike, atomic_write
 from ..version import __version__
 from ..weights.formats import model_settings
@@ -115,7 +116,7 @@ def graph_metadata(model: nn.Module, *, class_names=None, preprocessing=None, ex
 
 def read_metadata(path: PathLike) -> dict:
     """The settings stored in an ONNX file by `export_onnx` (with `class_names`, None when absent)."""
-    import onnx
+    onnx = require("onnx", "reading an ONNX file")
 
     path = Path(path)
     if not path.is_file():
@@ -241,6 +242,8 @@ def export_onnx(
         ExportError: the export failed or ONNX Runtime disagrees with PyTorch (nothing is written).
     """
     path = Path(path)
+    for module in ("onnx", "onnxscript", "onnxruntime") if exporter == "dynamo" else ("onnx", "onnxruntime"):
+        require(module, "ONNX export")
     graph_model = _model_to_export(model, keep_ratio, dense)
     opset = _check_opset(opset, exporter)
     if path.exists() and not overwrite:
@@ -356,7 +359,7 @@ def _export(model: nn.Module, path: str, opset: int, exporter: str, outputs: lis
 
 
 def _write_metadata(path: str, metadata: dict[str, str]) -> None:
-    import onnx
+    onnx = require("onnx", "ONNX export")
 
     proto = onnx.load(path)
     for key, value in metadata.items():
@@ -448,7 +451,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
         super().__init__()
-        import onnxruntime as ort
+        ort = require("onnxruntime", "running an ONNX file")
 
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
@@ -496,8 +499,9 @@ def quantize_int8(path: PathLike, output: PathLike, *, overwrite: bool = False) 
     Only matrix products with a weight (a graph initializer) are quantized: the attention products of
     two activations stay fp32. Metadata is carried over with `"quantization": "int8-dynamic"` added.
     """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    onnx = require("onnx", "int8 quantization")
+    quantization = require("onnxruntime.quantization", "int8 quantization")
+    QuantType, quantize_dynamic = quantization.QuantType, quantization.quantize_dynamic
 
     path, output = Path(path), Path(output)
     if output.exists() and not overwrite:

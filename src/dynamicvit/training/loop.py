@@ -42,6 +42,7 @@ from ..data import (UnreadableImages, bad_images_error, build_dataset, check_ima
                     num_classes_of, resolve_dataset, square_img_size)
 from ..errors import CheckpointError, ConfigError, DataError, DynamicViTError, TrainingStopped
 from ..evaluate import evaluate
+from ..extras import MissingExtraError, require
 from ..files import RunLock, atomic_write, prepare_output_dir
 from ..progress import progress_bar
 from ..runtime.device import amp_dtype, autocast, resolve_device
@@ -346,9 +347,12 @@ class MetricsLog:
         output.mkdir(parents=True, exist_ok=True)
         self.file = open(output / "metrics.jsonl", "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(output / "tb"), purge_step=purge_step)
+            try:
+                writer = require("torch.utils.tensorboard", "TensorBoard logs").SummaryWriter
+            except MissingExtraError as e:  # metrics.jsonl still has every value
+                _logger.warning("%s; training goes on without them (--no-tensorboard silences this)", e)
+            else:
+                self.writer = writer(str(output / "tb"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
