@@ -22,7 +22,9 @@ WORKER = textwrap.dedent(
     import torch
     from torch.utils.data import TensorDataset
     from dynamicvit.training.config import TrainConfig
-    from dynamicvit.training.loop import build_models, seed_everything, train
+    from dynamicvit.training.loop import train
+    from dynamicvit.training.models import build_models
+    from dynamicvit.training.state import seed_everything
 
     teacher, out = sys.argv[1], sys.argv[2]
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ import dynamicvit
 from dynamicvit.errors import CheckpointError, ConfigError, UnsupportedModelError
 from dynamicvit.core.hosts import LVViTHost, host_for
 from dynamicvit.core.losses import DynamicViTLoss, token_kl_distill
-from dynamicvit.training.loop import load_dense, teacher_targets
+from dynamicvit.training.models import load_dense, teacher_targets
 
 # A tiny LV-ViT: 32 px images, patch 8 (stem to 16 px, projection 4x4): a 4x4 grid of 16 tokens.
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=10)

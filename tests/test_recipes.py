@@ -14,7 +14,8 @@ from dynamicvit.commands import train as train_cmd
 from dynamicvit.data import DatasetInfo, build_transform, eval_config
 from dynamicvit.errors import ConfigError
 from dynamicvit.training.config import RECIPES, TrainConfig
-from dynamicvit.training.loop import build_models, train
+from dynamicvit.training.loop import train
+from dynamicvit.training.models import build_models
 from test_train import config, synthetic
 
 # What the authors' README training command and main.py set, written out per recipe (ImageNet, 8 GPUs).

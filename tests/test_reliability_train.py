@@ -17,9 +17,11 @@ from torch.utils.data import Dataset
 
 import dynamicvit
 import dynamicvit.training.loop as train_mod
+import dynamicvit.training.state as state_mod
 from dynamicvit.cli import main
 from dynamicvit.errors import ConfigError, DataError, OutputError, TrainingStopped
 from dynamicvit.training.loop import train
+from dynamicvit.training.safety import ResumableSampler
 from test_train import MICRO, config, state, synthetic
 
 
@@ -108,7 +110,7 @@ def test_train_cli_refuses_an_earlier_run_in_one_line_and_takes_model_kwargs(tmp
 
 def test_stale_temp_files_are_removed_and_resumed_logs_do_not_repeat(tmp_path, monkeypatch):
     cfg = config(tmp_path, epochs=3, max_steps_per_epoch=2, log_every=1)
-    real_save = train_mod.save_checkpoint
+    real_save = state_mod.save_checkpoint
     saves = []
 
     def killed_during_second_write(path, ckpt):
@@ -118,13 +120,13 @@ def test_stale_temp_files_are_removed_and_resumed_logs_do_not_repeat(tmp_path, m
             raise KeyboardInterrupt
         real_save(path, ckpt)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", killed_during_second_write)
+    monkeypatch.setattr(state_mod, "save_checkpoint", killed_during_second_write)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, train_set=synthetic(16), val_set=None)
     out = Path(cfg.output)
     assert (out / ".last.pth.abc123.tmp").exists()
     assert metric_steps(out)[-1] == ("epoch", 4)  # logged, but its checkpoint never landed
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(state_mod, "save_checkpoint", real_save)
     train(config(tmp_path, epochs=3, max_steps_per_epoch=2, log_every=1, resume=True), train_set=synthetic(16), val_set=None)
     assert not list(out.glob(".*.tmp"))
     steps = metric_steps(out)
@@ -228,7 +230,7 @@ def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, signum)
     full = train(config(tmp_path, output=str(tmp_path / "full"), **common), train_set=data, val_set=val)
 
     # Which sample the sampler reads first in epoch 1's second batch: the signal comes mid-epoch.
-    order = list(train_mod.ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True))
+    order = list(ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True))
     with pytest.raises(TrainingStopped) as stopped:
         train(config(tmp_path, output=str(tmp_path / "split"), **common), train_set=SignalAt(data, order[8], signum), val_set=val)
     assert stopped.value.signum == signum
@@ -266,7 +268,7 @@ def test_no_room_for_two_checkpoints_fails_before_training(tmp_path, monkeypatch
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     cfg = config(tmp_path, epochs=1, max_steps_per_epoch=1)
     trained = []
-    monkeypatch.setattr(train_mod, "_train_epoch", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(train_mod, "run_epoch", lambda *a, **k: trained.append(1))
     with pytest.raises(OutputError, match=r"0\.1 MB free.*two checkpoints of this model \(\d+\.\d MB each\)"):
         train(cfg, train_set=synthetic(8), val_set=None)
     assert not trained and not (Path(cfg.output) / "last.pth").exists()

@@ -13,7 +13,8 @@ from dynamicvit.weights.build import create_backbone
 from dynamicvit.core.losses import DynamicSpatialLoss
 from dynamicvit.core.spatial import DynamicSpatial
 from dynamicvit.training.config import TrainConfig
-from dynamicvit.training.loop import _criterion, param_groups, train
+from dynamicvit.training.loop import train
+from dynamicvit.training.models import build_criterion, param_groups
 
 IMG = 96
 TINY = {
@@ -50,7 +51,7 @@ def test_fine_tuning_a_spatial_student_from_a_dense_teacher(tmp_path, name):
     row = result.history[0]
     assert row["val_top1"] is not None and "keep_ratio_stage3" in row
     # The objective is the hierarchical one; fast paths train with the predictors at the full lr.
-    assert isinstance(_criterion(model, cfg), DynamicSpatialLoss)
+    assert isinstance(build_criterion(model, cfg), DynamicSpatialLoss)
     groups = param_groups(model, 0.05, 0.01)
     new = {id(p) for g in groups if g["part"] == "predictors" for p in g["params"]}
     assert {id(p) for p in model.fast_paths.parameters()} <= new

@@ -10,13 +10,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import dynamicvit
-import dynamicvit.training.loop as train_mod
+import dynamicvit.training.state as state_mod
 from conftest import tiny_model
 from dynamicvit.errors import CheckpointError, ConfigError, DataError
 from dynamicvit.weights.build import create_backbone
 from dynamicvit.evaluate import evaluate
 from dynamicvit.training.config import TrainConfig
-from dynamicvit.training.loop import cosine_lr, freeze_tokens, keep_ratio_drift, param_groups, train
+from dynamicvit.training.loop import cosine_lr, train
+from dynamicvit.training.metrics import keep_ratio_drift
+from dynamicvit.training.models import build_models, freeze_tokens, param_groups
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -161,18 +163,18 @@ def test_frozen_backbone_then_trained_tokens_never(tmp_path):
         crashed["state"] = {k: v.clone() for k, v in ckpt["model"].items()}
         raise KeyboardInterrupt  # stop right after epoch 1
 
-    real_save = train_mod.save_checkpoint
-    train_mod.save_checkpoint = stop_after_first
+    real_save = state_mod.save_checkpoint
+    state_mod.save_checkpoint = stop_after_first
     try:
         with pytest.raises(KeyboardInterrupt):
             train(cfg, train_set=train_set, val_set=val_set)
     finally:
-        train_mod.save_checkpoint = real_save
+        state_mod.save_checkpoint = real_save
     after1 = crashed["state"]
     for k, v in teacher.items():
         assert torch.equal(after1["backbone." + k], v), f"{k} changed while the backbone was frozen"
-    train_mod.seed_everything(cfg.seed)
-    initial, _ = train_mod.build_models(cfg, {})  # the student train() starts from
+    state_mod.seed_everything(cfg.seed)
+    initial, _ = build_models(cfg, {})  # the student train() starts from
     moved = [k for k, v in initial.state_dict().items() if k.startswith("predictors.") and not torch.equal(v, after1[k])]
     assert moved, "the predictors did not train while the backbone was frozen"
 
@@ -191,7 +193,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     train_set, val_set = synthetic(24), synthetic(8, seed=1)
     full = train(config(tmp_path, output=str(tmp_path / "full"), **common), train_set=train_set, val_set=val_set)
 
-    real_save = train_mod.save_checkpoint
+    real_save = state_mod.save_checkpoint
     calls = []
 
     def crash_after_first_save(path, ckpt):
@@ -199,10 +201,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
         calls.append(path)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_save)
+    monkeypatch.setattr(state_mod, "save_checkpoint", crash_after_first_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(config(tmp_path, output=str(tmp_path / "split"), **common), train_set=train_set, val_set=val_set)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(state_mod, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "split" / "last.pth", weights_only=True)["epoch"] == 1
 
     resumed = train(config(tmp_path, output=str(tmp_path / "split"), resume=True, **common), train_set=train_set, val_set=val_set)
@@ -387,8 +389,8 @@ def _fine_tune_shipped_teacher(output: Path, seed: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_mod.seed_everything(seed)
-        untrained, _ = train_mod.build_models(cfg, {})
+        state_mod.seed_everything(seed)
+        untrained, _ = build_models(cfg, {})
         train_set = build_dataset("fashion-mnist", "train", subset=256 * cfg.batch_size, seed=seed)
         return train(cfg, train_set=train_set, val_set=None).model.eval(), untrained.eval()
     finally:

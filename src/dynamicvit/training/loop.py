@@ -1,69 +1,68 @@
-"""Training and evaluation: fine-tune a DynamicViT from a dense teacher, or train a dense ViT.
+"""The training loop: fine-tune a sparse model (DynamicViT, DynamicSpatial) from a dense teacher, or
+train a dense timm model.
 
-`train(cfg)` runs the whole recipe; its loop is written out in one place (`_fit`) so it can be read
-in one sitting: per-iteration warmup + cosine learning rate, autocast, gradient clipping, an optional
-EMA, evaluation under no_grad and a resumable checkpoint every epoch.
+`train(cfg)` is the table of contents; one `TrainState` carries the run from phase to phase:
+
+    state = setup(cfg, env, device)   # models, data, optimizer, precision, EMA; checked, nothing written
+    resume(state)                     # a checkpoint's weights, position and random state, or fresh seeds
+    open_run(state)                   # the run folder: room, config.json, metrics.jsonl
+    for epoch in ...:
+        run_epoch(state, epoch)       # train_step per batch, evaluation, a log line, last.pth
+    finish(state)                     # the final model file(s)
+
+Per-step warmup + cosine learning rate, autocast, gradient clipping, an optional EMA, evaluation under
+no_grad and a resumable checkpoint every epoch; SIGINT / SIGTERM stop at the next step with one.
 
 The DynamicViT objective follows the paper (see `dynamicvit.core.losses`): CE (soft targets under
 mixup/cutmix) + 2.0 * ratio + 0.5 * KL to the dense teacher + 0.5 * token distillation. The teacher
 is the dense model the student starts from, frozen and in eval mode, fed the same (mixed) images.
 
-Multi-GPU / multi-node: launch with torchrun; RANK, WORLD_SIZE and LOCAL_RANK select the process's
-share of the data (DistributedSampler) and its GPU; the model is wrapped in DistributedDataParallel;
-rank 0 alone logs, shows progress and writes files. `batch_size` is per process.
+Multi-GPU / multi-node: launch with torchrun; each process reads its share of the data
+(DistributedSampler) on its GPU; the model is wrapped in DistributedDataParallel; rank 0 alone logs,
+shows progress and writes files. `batch_size` is per process.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
-import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NoReturn, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import Dataset, Subset
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+from torch.utils.data import Dataset
 
-from ..core.base import SparseModel
-from ..core.hosts import Host, host_for
-from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
+from ..core.hosts import host_for
 from ..core.layouts import check_finite
+from ..core.losses import classification_loss
 from ..core.settings import KeepRatioSampler
-from ..core.spatial import DynamicSpatial, dense_targets
-from ..data import (UnreadableImages, bad_images_error, build_dataset, check_images, check_model_fits, drop_unreadable,
-                    num_classes_of, resolve_dataset, square_img_size)
-from ..errors import CheckpointError, ConfigError, DataError, DynamicViTError, TrainingStopped
+from ..core.spatial import DynamicSpatial
+from ..data import UnreadableImages, check_model_fits, num_classes_of, resolve_dataset, square_img_size
+from ..errors import DynamicViTError, TrainingStopped
 from ..evaluate import evaluate
-from ..extras import MissingExtraError, require
 from ..files import RunLock, atomic_write, prepare_output_dir
 from ..progress import progress_bar
-from ..runtime.device import amp_dtype, autocast, resolve_device
-from ..weights.build import create_backbone, load, sparsify
-from ..weights.formats import load_weights, model_settings, read_checkpoint, save_model
-from .config import REFERENCE_AUGMENT, REFERENCE_BATCH, REFERENCE_LR, TrainConfig
-from .safety import (
-    ResumableSampler,
-    StopRequest,
-    StopSafeLoader,
-    check_resume_settings,
-    check_room,
-    claim_run_folder,
-    clear_run,
-    trim_metrics,
-)
+from ..runtime.device import amp_dtype, autocast
+from ..weights.formats import read_checkpoint, save_model
+from .config import REFERENCE_BATCH, REFERENCE_LR, TrainConfig
+from .distributed import DistEnv, init_distributed
+from .loaders import build_datasets, build_loaders, check_all_images, readable, steps_per_epoch
+from .metrics import MetricsLog, format_row, keep_ratio_drift
+from .models import build_criterion, build_models, check_model_name, freeze_tokens, param_groups, teacher_targets
+from .safety import check_resume_settings, check_room, claim_run_folder, clear_run, trim_metrics
+from .state import (TrainState, load_checkpoint, restore_checkpoint, resume_path, seed_everything, set_rng_state,
+                    write_checkpoint)
 
 _logger = logging.getLogger(__name__)
-
-# Learnable tokens the reference does not train when fine-tuning (and never decays).
-FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
 
 
 @dataclass
@@ -85,297 +84,8 @@ class TrainResult:
     model: Optional[nn.Module] = None
 
 
-# -- distributed / device -----------------------------------------------------------------------
-
-
-@dataclass
-class DistEnv:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_spec: str) -> tuple[DistEnv, torch.device]:
-    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun).
-
-    The backend is NCCL on CUDA and gloo on the CPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv(), resolve_device(device_spec)
-    try:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    except (KeyError, ValueError):
-        raise ConfigError("WORLD_SIZE is set but RANK is missing; launch multi-process training with torchrun") from None
-    device = resolve_device(device_spec, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    initialized_here = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-        initialized_here = True
-    return DistEnv(rank, world, local_rank, initialized_here), device
-
-
-# -- models ---------------------------------------------------------------------------------------
-
-
-def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict, overrides: dict, role: str) -> nn.Module:
-    """A dense timm ViT from a checkpoint: ours (`save_model`/training) or plain timm/DeiT weights.
-
-    Args:
-        name: the timm architecture (needed only for plain weights, which carry no settings).
-        kwargs: timm arguments for plain weights (dataset defaults + user's).
-        overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
-        role: "teacher" or "initial weights", for messages.
-    """
-    checkpoint = read_checkpoint(path)
-    settings = checkpoint[1]
-    if settings is not None:
-        if settings.get("kind") != "dense":
-            raise ConfigError(
-                f"the {role} {path} is a DynamicViT; the {role} must be a dense model "
-                "(e.g. the model.safetensors of `dynamicvit train --dense`)"
-            )
-        if name is not None and settings.get("model_name") != name:
-            raise ConfigError(
-                f"the {role} {path} is a {settings.get('model_name')}, not a {name}; "
-                "drop --model or pass the matching architecture"
-            )
-    model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role, checkpoint=checkpoint)
-    if isinstance(model, SparseModel):
-        raise ConfigError(f"the {role} {path} holds prediction modules; the {role} must be a dense model")
-    return model
-
-
-def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn.Module]]:
-    """(model to train, frozen dense teacher or None).
-
-    Dense: a timm ViT from `init_checkpoint`, timm's pretrained weights or scratch.
-    DynamicViT: the teacher from `teacher` (or timm's pretrained model); the student is a copy of it
-    with fresh prediction modules, or is loaded from `init_checkpoint`.
-    """
-    if cfg.dense:
-        if cfg.init_checkpoint:
-            return load_dense(cfg.init_checkpoint, cfg.model, kwargs, cfg.timm_kwargs, "initial weights"), None
-        return create_backbone(_need_model(cfg), pretrained=cfg.pretrained, **kwargs), None
-
-    if cfg.teacher:
-        teacher = load_dense(cfg.teacher, cfg.model, kwargs, cfg.timm_kwargs, "teacher")
-    elif cfg.pretrained:
-        teacher = create_backbone(_need_model(cfg), pretrained=True, **kwargs)
-        default_classes = teacher.pretrained_cfg.get("num_classes")
-        if default_classes and default_classes != teacher.num_classes:
-            _logger.warning(
-                "the pretrained teacher's head was re-initialized for %d classes, so it teaches nothing: "
-                "train a dense teacher first (dynamicvit train --dense --pretrained ...) and pass it with --teacher",
-                teacher.num_classes,
-            )
-    else:
-        raise ConfigError(
-            "fine-tuning a DynamicViT needs a dense teacher: pass --teacher PATH (a dense checkpoint, e.g. the "
-            "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
-        )
-    teacher.eval().requires_grad_(False)
-    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped)
-    student.backbone.requires_grad_(True)
-    if cfg.predictor_keep_prior is not None:
-        for predictor in student.predictors:
-            predictor.reset_parameters(cfg.predictor_keep_prior)
-    if cfg.keep_ratios is not None:
-        if isinstance(student, DynamicSpatial):
-            raise ConfigError("--keep-ratios (elastic training) is for ViTs and LV-ViTs; ConvNeXt and Swin train at one --keep-ratio")
-        student.set_keep_ratio_range(KeepRatioSampler.parse(cfg.keep_ratios).range)
-        if not cfg.clip_grad:
-            _logger.warning(
-                "elastic training without gradient clipping: on the demo its loss jumped and, in one run, every "
-                "prediction module collapsed to keeping ~3%% of the tokens; --clip-grad 1.0 kept it smooth"
-            )
-    if cfg.init_checkpoint:
-        load_weights(student, cfg.init_checkpoint)
-    return student, teacher
-
-
-def _need_model(cfg: TrainConfig) -> str:
-    if not cfg.model:
-        raise ConfigError("no model given: pass --model NAME (a timm ViT, e.g. deit_small_patch16_224)")
-    return cfg.model
-
-
-def check_model_name(name: Optional[str]) -> None:
-    """Fail fast on an unknown timm name (before any data is read)."""
-    if name is None:
-        return
-    import timm
-
-    bare = name[len("dynamicvit_"):] if name.startswith("dynamicvit_") else name
-    if not timm.is_model(bare):
-        create_backbone(bare)  # raises UnsupportedModelError with suggestions
-
-
-def freeze_tokens(model: nn.Module) -> list[str]:
-    """Stop training the class/distillation/register tokens and the position embedding.
-
-    The reference recipe when fine-tuning a DynamicViT; a dense model (`--dense`, possibly trained from
-    scratch) trains them.
-    """
-    frozen = []
-    for name, p in model.named_parameters():
-        if name.split(".")[-1] in FROZEN_TOKENS:
-            p.requires_grad_(False)
-            frozen.append(name)
-    return frozen
-
-
-def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
-    """AdamW parameter groups: predictors at lr, backbone at lr * backbone_lr_scale.
-
-    Biases, norm weights, tokens and position embeddings (1-D or listed in the model's
-    `no_weight_decay`) get no weight decay. A dense model is all "backbone".
-    """
-    skip = set()
-    inner = getattr(model, "backbone", model)
-    if hasattr(inner, "no_weight_decay"):
-        skip = {n.split(".")[-1] for n in inner.no_weight_decay()}
-    groups: dict[tuple[str, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # New parameters (prediction modules; fast paths of ConvNeXt/Swin) train at the full lr from the start.
-        part = "predictors" if name.startswith(getattr(model, "new_parameter_prefixes", "predictors.")) else "backbone"
-        decay = p.ndim > 1 and name.split(".")[-1] not in skip
-        group = groups.setdefault(
-            (part, decay),
-            {
-                "params": [],
-                "part": part,
-                "lr_scale": 1.0 if part == "predictors" else backbone_lr_scale,
-                "weight_decay": weight_decay if decay else 0.0,
-            },
-        )
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from warmup_lr to base_lr, then half a cosine down to min_lr (per iteration)."""
-    if step < warmup_steps:
-        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# -- checkpoints and RNG ------------------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """Every random generator a step draws from (python, numpy for mixup, torch for Gumbel noise)."""
-    py = random.getstate()
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through a temporary file: a crash mid-write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint written by `save_checkpoint`."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"no training checkpoint at {path}; check --resume (default: <output>/last.pth)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means an unreadable file
-        raise CheckpointError(f"cannot read training checkpoint {path}: {type(e).__name__}; the file is corrupt or not ours") from None
-    needed = {"model", "optimizer", "epoch", "config"}
-    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise CheckpointError(
-            f"{path} is not a resumable training checkpoint (needs {sorted(needed)}); to start from its weights "
-            "pass it as --init-checkpoint instead of --resume"
-        )
-    return ckpt
-
-
-# -- metrics --------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """Metrics as JSON lines (<output>/metrics.jsonl) and TensorBoard scalars; a no-op off rank 0."""
-
-    def __init__(self, output: Path, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
-        """`purge_step`: TensorBoard drops events from this step on (a resume trains them again)."""
-        self.enabled = enabled
-        self.file = None
-        self.writer = None
-        if not enabled:
-            return
-        output.mkdir(parents=True, exist_ok=True)
-        self.file = open(output / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                writer = require("torch.utils.tensorboard", "TensorBoard logs").SummaryWriter
-            except MissingExtraError as e:  # metrics.jsonl still has every value
-                _logger.warning("%s; training goes on without them (--no-tensorboard silences this)", e)
-            else:
-                self.writer = writer(str(output / "tb"), purge_step=purge_step)
-
-    def log(self, kind: str, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(f"{kind}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-# -- training -------------------------------------------------------------------------------------
-
-
 def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None) -> TrainResult:
-    """Train a DynamicViT from a dense teacher (or a dense ViT when `cfg.dense`).
+    """Train a sparse model from a dense teacher (or a dense model when `cfg.dense`).
 
     Args:
         cfg: the settings.
@@ -393,34 +103,32 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Rank 0 writes the files; the lock keeps a second run out of the folder while this one lives.
         with RunLock(prepare_output_dir(cfg.output)) if env.is_main else nullcontext():
-            return _fit(cfg, env, device, train_set, val_set)
+            state = setup(cfg, env, device, train_set, val_set)
+            resume(state)
+            open_run(state)
+            try:
+                with state.stop.installed():  # SIGINT / SIGTERM: stop at the next step, with a checkpoint
+                    for epoch in range(state.start_epoch, cfg.epochs):
+                        run_epoch(state, epoch)
+            finally:
+                state.metrics.close()
+            return finish(state)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         if env.initialized_here:
             dist.destroy_process_group()
 
 
-def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_set) -> TrainResult:
-    log = _logger.info if env.is_main else (lambda *a, **k: None)
+# -- the phases -----------------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Optional[Dataset] = None,
+          val_set: Optional[Dataset] = None) -> TrainState:
+    """Models, data, optimizer, precision and EMA, the same on every rank. Names, files and the run
+    folder are checked first, before any data is read; nothing is written."""
     out = Path(cfg.output)
-
-    # 1. Fail fast on what the user can get wrong: names and files first, data next.
-    check_model_name(cfg.model)
-    for path in (cfg.teacher, cfg.init_checkpoint):
-        if path:
-            read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
-    resume_from = _resume_path(cfg, out)
-    clear_earlier = False
-    if env.is_main:  # an earlier run is continued or refused, never silently replaced
-        clear_earlier = claim_run_folder(out, resume_from, cfg.overwrite, resume_asked=cfg.resume not in (False, None, ""))
-    kwargs = dict(cfg.timm_kwargs)
-    info = None
-    if train_set is None:
-        info = resolve_dataset(cfg.dataset, cfg.data_dir)
-        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **kwargs}
-
-    # 2. Models: the same initialization on every rank (DDP broadcasts rank 0's anyway).
-    seed_everything(cfg.seed)
+    resume_from, clear_earlier, kwargs, info = _preflight(cfg, env, out, train_set)
+    seed_everything(cfg.seed)  # the same initialization on every rank (DDP broadcasts rank 0's anyway)
     model, teacher = build_models(cfg, kwargs)
     check_model_fits(model, info)
     frozen = [] if cfg.dense else freeze_tokens(model)
@@ -428,467 +136,360 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     if teacher is not None:
         teacher.to(device)
     img_size = square_img_size(model)
-
-    # 3. Data: each process reads its own share (DistributedSampler; a fixed shuffle per epoch).
-    if train_set is None:
+    if train_set is None:  # each process reads its own share: a DistributedSampler, a fixed shuffle per epoch
         train_set, val_set = build_datasets(cfg, info, img_size, model.pretrained_cfg)
     if cfg.bad_images == "abort":
-        _check_all_images(env, device, train=train_set, val=val_set)
+        check_all_images(env, device, train=train_set, val=val_set)
     sampler, train_loader, val_loader = build_loaders(cfg, env, device, train_set, val_set)
-    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size} per process "
-            f"({env.world_size} process(es)); lower --batch-size or use more images"
-        )
-
-    # 4. Optimizer, schedule, precision, EMA.
-    global_batch = cfg.batch_size * env.world_size
-    base_lr = cfg.lr if cfg.lr is not None else REFERENCE_LR * global_batch / REFERENCE_BATCH
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    groups = param_groups(model, cfg.weight_decay, 1.0 if cfg.dense else cfg.backbone_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999))
+    steps = steps_per_epoch(cfg, env, train_loader, train_set)
+    optimizer, schedule = _optimizer(cfg, env, model, steps)
     dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
-    criterion = None if cfg.dense else _criterion(model, cfg)
-    mixup_fn = None
+    mixup = None
     if cfg.mixing:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes_of(model))
-
-    # 5. Resume (at an epoch's end, or inside an epoch after a SIGTERM / SIGINT stop).
-    start_epoch, history = 0, []
-    resumed, step_in_epoch, partial = None, 0, None
-    if resume_from is not None:
-        resumed = load_checkpoint(resume_from)
-        _warn_config_changes(resumed["config"], cfg)
-        check_finite(resumed["model"], f"training checkpoint {resume_from}")
-        step_in_epoch, partial = int(resumed.get("step_in_epoch", 0)), resumed.get("partial")
-        if step_in_epoch:
-            check_resume_settings(resumed["config"], cfg.to_dict())
-        try:
-            model.load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{resume_from} does not match this run's model: {str(e).splitlines()[0]}") from None
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        start_epoch, history = int(resumed["epoch"]), list(resumed.get("history", []))
-        log("resuming from %s after epoch %d%s", resume_from, start_epoch,
-            f", step {step_in_epoch} of epoch {start_epoch + 1}" if step_in_epoch else "")
-
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
-        if resumed is not None and resumed.get("ema") is not None:
-            ema.module.load_state_dict(resumed["ema"])
-
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes_of(model))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None  # a copy of the model: before DDP wraps it
     net = model
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Per-rank random streams (Gumbel noise, mixup, augmentation); exact on resume for rank 0. Inside an
-    # epoch the state is restored once the epoch's batches are set up (that set-up draws a loader seed).
-    restore_rng = None
-    if resumed is not None and env.is_main and "rng" in resumed:
-        if step_in_epoch:
-            restore_rng = resumed["rng"]
-        else:
-            set_rng_state(resumed["rng"])
-    else:
-        seed_everything(cfg.seed + env.rank + 1000 * start_epoch)
-
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(
-        "training %s %s: %d trainable parameters, %d steps/epoch x %d epochs, global batch %d, lr %.3g%s, "
-        "device %s%s, amp %s",
-        "dense" if cfg.dense else type(model).__name__, getattr(model, "model_name", None) or cfg.model, n_params,
-        steps_per_epoch, cfg.epochs, global_batch, base_lr,
-        "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale:.4g}, frozen {cfg.freeze_backbone_epochs} epochs)",
-        device, f" x{env.world_size}" if env.distributed else "", str(dtype).replace("torch.", "") if dtype else "none",
+    return TrainState(
+        cfg=cfg, env=env, device=device, out=out,
+        model=model, net=net, teacher=teacher, frozen=frozen,
+        # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
+        teacher_host=host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None,
+        criterion=None if cfg.dense else build_criterion(model, cfg),
+        keys=["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"],
+        stages=0 if cfg.dense else len(model.prune_locs),
+        keep_sampler=None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios),
+        optimizer=optimizer, params=[p for g in optimizer.param_groups for p in g["params"]], schedule=schedule,
+        dtype=dtype, scaler=torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda"),
+        ema=ema, mixup=mixup,
+        sampler=sampler, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps,
+        resume_from=resume_from, clear_earlier=clear_earlier,
     )
-    if frozen:
-        log("not trained (reference recipe): %s", ", ".join(frozen))
-    if env.is_main and cfg.warmup_epochs >= cfg.epochs:
-        _logger.warning("warmup_epochs %s >= epochs %d: the learning rate never reaches %.3g", cfg.warmup_epochs, cfg.epochs, base_lr)
-    if env.is_main and not cfg.dense and cfg.freeze_backbone_epochs >= cfg.epochs:
-        _logger.warning("freeze_backbone_epochs %d >= epochs %d: only the prediction modules will train",
-                        cfg.freeze_backbone_epochs, cfg.epochs)
-    resume_step = 0 if resumed is None else int(resumed.get("step", start_epoch * steps_per_epoch))
-    if env.is_main:
-        check_room(out, model, cfg.ema)
-        if clear_earlier:
+
+
+def resume(state: TrainState) -> None:
+    """Continue the checkpoint `cfg.resume` names, at an epoch's end or inside an epoch (after a SIGINT /
+    SIGTERM stop): weights, optimizer, EMA, history and position. Then the random streams (Gumbel
+    noise, mixup, elastic keep ratios, augmentation): the checkpoint's on rank 0, else seeded per rank
+    and epoch."""
+    cfg, path, ckpt = state.cfg, state.resume_from, None
+    if path is not None:
+        ckpt = load_checkpoint(path)
+        _warn_config_changes(ckpt["config"], cfg)
+        check_finite(ckpt["model"], f"training checkpoint {path}")
+        state.step_in_epoch, state.partial = int(ckpt.get("step_in_epoch", 0)), ckpt.get("partial")
+        if state.step_in_epoch:
+            check_resume_settings(ckpt["config"], cfg.to_dict())
+            state.sampler.skip = state.step_in_epoch * cfg.batch_size  # the batches the checkpoint already trained
+        restore_checkpoint(state, ckpt, path)
+        state.start_epoch, state.history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        state.step = int(ckpt.get("step", state.start_epoch * state.steps_per_epoch))
+        _log(state, "resuming from %s after epoch %d%s", path, state.start_epoch,
+             f", step {state.step_in_epoch} of epoch {state.start_epoch + 1}" if state.step_in_epoch else "")
+    if ckpt is not None and state.env.is_main and "rng" in ckpt:
+        if state.step_in_epoch:  # restored once the epoch's batches are set up (that set-up draws a loader seed)
+            state.restore_rng = ckpt["rng"]
+        else:
+            set_rng_state(ckpt["rng"])
+    else:
+        seed_everything(cfg.seed + state.env.rank + 1000 * state.start_epoch)
+
+
+def open_run(state: TrainState) -> None:
+    """Describe the run; rank 0 checks the folder holds two checkpoints, clears an overwritten run, cuts
+    metrics.jsonl back to the checkpoint (the steps after it run again) and writes config.json."""
+    cfg, out = state.cfg, state.out
+    _describe(state)
+    if state.env.is_main:
+        check_room(out, state.model, cfg.ema)
+        if state.clear_earlier:
             clear_run(out)
-        dropped = trim_metrics(out / "metrics.jsonl", resume_step)  # steps after the checkpoint are trained again
+        dropped = trim_metrics(out / "metrics.jsonl", state.step)
         if dropped:
-            log("metrics.jsonl: dropped %d line(s) logged after the checkpoint (those steps run again)", dropped)
+            _log(state, "metrics.jsonl: dropped %d line(s) logged after the checkpoint (those steps run again)", dropped)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
-    metrics = MetricsLog(out, env.is_main, cfg.tensorboard, purge_step=resume_step + 1)
-    last = out / "last.pth"
+    state.metrics = MetricsLog(out, state.env.is_main, cfg.tensorboard, purge_step=state.step + 1)
 
-    def checkpoint(epochs_done: int, **position) -> None:
-        """Write last.pth (rank 0): weights, optimizer, EMA, RNG, history; `position` for a mid-epoch stop."""
-        if not env.is_main:
-            return
-        save_checkpoint(last, {
-            "model": model.state_dict(),
-            "dynamicvit": model_settings(model),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch": epochs_done,
-            "step": epochs_done * steps_per_epoch + position.get("step_in_epoch", 0),
-            "config": cfg.to_dict(),
-            "history": history,
-            "rng": rng_state(),
-            **position,
-        })
 
-    # 6. The loop. SIGINT / SIGTERM stop it at the next step with a checkpoint (`--resume` continues).
-    stop = StopRequest()
-    amp = cfg.amp if dtype else "none"
-    if step_in_epoch:
-        sampler.skip = step_in_epoch * cfg.batch_size  # the batches the checkpoint already trained
-    try:
-        with stop.installed():
-            for epoch in range(start_epoch, cfg.epochs):
-                sampler.set_epoch(epoch)
-                net.train()
-                freeze_backbone = not cfg.dense and epoch < cfg.freeze_backbone_epochs
-                row, position = _train_epoch(
-                    cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, train_loader,
-                    device, dtype, epoch, steps_per_epoch, freeze_backbone, metrics,
-                    schedule=dict(base_lr=base_lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_steps=warmup_steps, total_steps=total_steps),
-                    start=step_in_epoch, partial=partial, restore_rng=restore_rng, stop=stop,
-                )
-                step_in_epoch, partial, restore_rng = 0, None, None
-                if row is None:  # stopped inside the epoch
-                    checkpoint(epoch, **position)
-                    _stopped(stop, env, last, f"epoch {epoch + 1}, step {position['step_in_epoch']}")
-                stopping = stop.requested(env.distributed, device)
-                if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    if stopping:
-                        log("evaluation of epoch %d skipped: stopping", epoch + 1)
-                    else:
-                        try:
-                            row.update(_validate(model, ema, val_loader, device, amp, env.distributed))
-                        except Exception:
-                            # The epoch's training is worth keeping whatever broke the evaluation.
-                            history.append(row)
-                            checkpoint(epoch + 1)
-                            _logger.error("evaluation after epoch %d failed; the epoch's training is saved in %s "
-                                          "(--resume continues after it)", epoch + 1, last)
-                            raise
-                history.append(row)
-                metrics.log("epoch", (epoch + 1) * steps_per_epoch, row)
-                log("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(row))
-                checkpoint(epoch + 1)
-                if env.distributed:
-                    dist.barrier()
-                if stopping and epoch + 1 < cfg.epochs:
-                    _stopped(stop, env, last, f"the end of epoch {epoch + 1}")
-    finally:
-        metrics.close()
-    if env.is_main and not cfg.dense and history:
-        targets = getattr(model, "stage_ratios", None)  # ConvNeXt / Swin: r_s per predictor
-        if cfg.keep_ratios is not None:  # elastic: the kept fractions average over the ratios drawn
-            sampler = KeepRatioSampler.parse(cfg.keep_ratios)
-            targets = [sampler.expected_fraction(s) for s in range(1, len(model.prune_locs) + 1)]
-        for warning in keep_ratio_drift(history[-1], model.keep_ratio, targets=targets):
-            _logger.warning(warning)
-
-    # 7. The final model file(s), with the settings that made them.
-    model.eval()
-    final, ema_final = out / "model.safetensors", None
-    extra = {"train_config": cfg.to_dict(), "epochs_done": len(history), "final": history[-1] if history else None}
-    if env.is_main:
-        save_model(model, final, overwrite=True, extra=extra)
-        if ema is not None:
-            ema_final = save_model(ema.module, out / "model_ema.safetensors", overwrite=True, extra=extra)
-        log("saved %s%s", final, f" and {ema_final}" if ema_final else "")
-    elif ema is not None:
-        ema_final = out / "model_ema.safetensors"
+def run_epoch(state: TrainState, epoch: int) -> None:
+    """One epoch: its steps, evaluation (every `eval_every` epochs and after the last), a log line and
+    last.pth. A signal stops the run with a checkpoint: at the next step, or after the epoch's last."""
+    cfg, env = state.cfg, state.env
+    state.epoch = epoch
+    state.sampler.set_epoch(epoch)
+    state.net.train()
+    row = train_epoch(state, epoch)
+    if row is None:  # stopped inside the epoch, at step `state.step_in_epoch`
+        write_checkpoint(state, epoch, step_in_epoch=state.step_in_epoch, partial=state.partial)
+        _stopped(state, f"epoch {epoch + 1}, step {state.step_in_epoch}")
+    stopping = state.stop.requested(env.distributed, state.device)
+    if state.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if stopping:
+            _log(state, "evaluation of epoch %d skipped: stopping", epoch + 1)
+        else:
+            row.update(_validate(state, epoch, row))
+    state.history.append(row)
+    state.metrics.log("epoch", (epoch + 1) * state.steps_per_epoch, row)
+    _log(state, "epoch %d/%d: %s", epoch + 1, cfg.epochs, format_row(row))
+    write_checkpoint(state, epoch + 1)
     if env.distributed:
         dist.barrier()
-    return TrainResult(checkpoint=final, last=last, history=history, ema_checkpoint=ema_final, model=model)
+    if stopping and epoch + 1 < cfg.epochs:
+        _stopped(state, f"the end of epoch {epoch + 1}")
 
 
-def build_datasets(cfg: TrainConfig, info, img_size: int, pretrained_cfg: Optional[dict] = None) -> tuple[Dataset, Dataset]:
-    """Training and validation sets of `cfg.dataset` (through `dynamicvit.data`); validation images
-    are resized as the model's `pretrained_cfg` says (see `data.eval_config`)."""
-    augment = cfg.augment
-    if augment is None and info.name != "fashion-mnist":
-        augment = dict(REFERENCE_AUGMENT)
-    common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
-    train_set = build_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset, **common)
-    val_set = build_dataset(cfg.dataset, "val", subset=cfg.val_subset, pretrained_cfg=pretrained_cfg,
-                            crop_pct=cfg.eval_crop_pct, **common)
-    return train_set, val_set
-
-
-def build_loaders(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Dataset, val_set: Optional[Dataset]):
-    """(train sampler, train loader, validation loader or None); validation is sharded over the ranks."""
-    sampler = ResumableSampler(
-        train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    pin = device.type == "cuda"
-    train_loader = StopSafeLoader(
-        train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin,
-        drop_last=True, persistent_workers=cfg.num_workers > 0,
-    )
-    val_loader = None
-    if val_set is not None:
-        shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
-        val_loader = StopSafeLoader(shard, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
-    return sampler, train_loader, val_loader
-
-
-def _train_epoch(
-    cfg, env, net, model, teacher, criterion, optimizer, scaler, ema, mixup_fn, loader, device, dtype,
-    epoch, steps_per_epoch, freeze_backbone, metrics, schedule, *, start=0, partial=None, restore_rng=None,
-    stop: Optional[StopRequest] = None,
-) -> tuple[Optional[dict], Optional[dict]]:
-    """One epoch of optimization.
-
-    Args:
-        start, partial: continue a stopped epoch from step `start` with its running sums `partial`.
-        restore_rng: RNG state to restore once the batches are set up (a mid-epoch resume).
-        stop: ends the epoch early when a signal asked for it.
+def train_epoch(state: TrainState, epoch: int) -> Optional[dict]:
+    """The steps of one epoch (from `state.step_in_epoch` after a mid-epoch resume), logged every
+    `log_every` steps.
 
     Returns:
-        (the epoch's mean losses and realized keep ratios, None), or (None, the position to store in a
-        checkpoint) when `stop` ended the epoch early.
+        The epoch's row: mean losses, kept fraction per stage, last lr. None when a signal stopped the
+        epoch; `state.step_in_epoch` and `state.partial` then say where.
     """
-    keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
-    # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
-    teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
-    sampler = None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
-    stages = 0 if cfg.dense else len(model.prune_locs)
-    sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
+    cfg, steps = state.cfg, state.steps_per_epoch
+    start, partial, restore_rng = state.step_in_epoch, state.partial, state.restore_rng
+    state.step_in_epoch, state.partial, state.restore_rng = 0, None, None
+    sums = torch.zeros(len(state.keys) + state.stages, device=state.device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
     if partial:
-        sums, window = (torch.tensor(partial[k], device=device, dtype=sums.dtype) for k in ("sums", "window"))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    unreadable = UnreadableImages(loader.dataset, "training")
-    batches = iter(loader)
+        sums, window = (torch.tensor(partial[k], device=state.device, dtype=sums.dtype) for k in ("sums", "window"))
+    unreadable = UnreadableImages(state.train_loader.dataset, "training")
+    batches = iter(state.train_loader)  # draws the loader's seed from torch's RNG
     if restore_rng is not None:
-        set_rng_state(restore_rng)
-    bar = progress_bar(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       enabled=env.is_main and cfg.progress)
-    t0, lr = time.time(), 0.0
+        set_rng_state(restore_rng)  # a mid-epoch resume: the random state just after that draw
+    bar = progress_bar(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       enabled=state.env.is_main and cfg.progress)
+    t0 = time.time()
     for it, (x, y) in enumerate(batches, start=start):
-        if it >= steps_per_epoch:
+        if it >= steps:
             break
-        step = epoch * steps_per_epoch + it
-        lr = cosine_lr(step, **schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = 0.0 if freeze_backbone and g["part"] == "backbone" else lr * g["lr_scale"]
-
-        x, y = _readable(x, y, unreadable, mixup_fn is not None)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            x, y = mixup_fn(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
-        with autocast(device, dtype):
-            if teacher is None:
-                loss = classification_loss(net(x), y, cfg.smoothing)
-                terms = {"ce": loss.detach()}
-                keep = []
-            else:
-                with torch.no_grad():
-                    t_logits, t_tokens = teacher_targets(teacher, teacher_host, x)
-                # Elastic training: this step's keep ratio (python's RNG: per rank, restored on resume).
-                rho = sampler.sample(random) if sampler is not None else None
-                if rho is None:
-                    out = net(x)  # DynamicViTOutput: training path, tokens masked
-                    loss, terms = criterion(out, y, t_logits, t_tokens)
-                else:
-                    out = net(x, keep_ratio=rho)
-                    loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
-                keep = [d.detach().float().mean() for d in out.decisions]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model, step=step)
-
-        values = torch.stack([loss.detach().float()] + [terms[k].float() for k in keys[1:]] + keep)
+        state.step = epoch * steps + it
+        x, y = readable(x, y, unreadable, even=state.mixup is not None)
+        values = train_step(state, x, y)
         sums += values
         window += values
         bar.update(1)
-        if (it + 1) % cfg.log_every == 0 or it + 1 == steps_per_epoch:
-            n = (it % cfg.log_every) + 1
-            mean = (window / n).tolist()
-            window.zero_()
-            if not math.isfinite(mean[0]):
-                raise DynamicViTError(
-                    f"the loss is {mean[0]} at epoch {epoch + 1}, step {it + 1}; lower --lr, set --clip-grad 1.0 "
-                    "or use --amp bf16 / none"
-                )
-            row = dict(zip(keys, mean[: len(keys)]))
-            row.update({f"keep{s + 1}": r for s, r in enumerate(mean[len(keys):])})
-            row["lr"] = lr
-            metrics.log("train", step + 1, row)
-            postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{lr:.2e}"}
-            if stages:
-                postfix["keep"] = "/".join(f"{r:.2f}" for r in mean[len(keys):])
-            bar.set_postfix(postfix)
+        if (it + 1) % cfg.log_every == 0 or it + 1 == steps:
+            _log_steps(state, window, it, bar)
         # The last step of an epoch goes on to the end-of-epoch checkpoint instead.
-        if stop is not None and it + 1 < steps_per_epoch and stop.requested(env.distributed, device):
+        if it + 1 < steps and state.stop.requested(state.env.distributed, state.device):
             bar.close()
-            return None, {"step_in_epoch": it + 1, "partial": {"sums": sums.tolist(), "window": window.tolist()}}
+            state.step_in_epoch, state.partial = it + 1, {"sums": sums.tolist(), "window": window.tolist()}
+            return None
     bar.close()
-    steps = min(steps_per_epoch, len(loader))
+    return _epoch_row(state, epoch, sums, t0, unreadable)
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimization step (global step `state.step`) on images (B, C, H, W) and labels (B,).
+
+    Returns:
+        What the epoch averages: the loss, its terms after "loss" in `state.keys`, the kept fraction per stage.
+    """
+    cfg = state.cfg
+    state.lr = _set_lr(state)
+    x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
+    if state.mixup is not None:
+        x, y = state.mixup(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
+    with autocast(state.device, state.dtype):
+        if state.teacher is None:  # a dense model: cross-entropy alone
+            loss = classification_loss(state.net(x), y, cfg.smoothing)
+            terms, keep = {"ce": loss.detach()}, []
+        else:
+            with torch.no_grad():
+                t_logits, t_tokens = teacher_targets(state.teacher, state.teacher_host, x)
+            # Elastic training: this step's keep ratio, from python's RNG (per rank, restored on resume).
+            rho = {} if state.keep_sampler is None else {"keep_ratio": state.keep_sampler.sample(random)}
+            out = state.net(x, **rho)  # the training path: tokens masked (Gumbel-softmax), not removed
+            loss, terms = state.criterion(out, y, t_logits, t_tokens, **rho)
+            keep = [d.detach().float().mean() for d in out.decisions]  # the fraction kept at each stage
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if cfg.clip_grad:
+        state.scaler.unscale_(state.optimizer)  # clip the true gradients, not fp16-scaled ones
+        nn.utils.clip_grad_norm_(state.params, cfg.clip_grad)
+    state.scaler.step(state.optimizer)  # skips the update when fp16 gradients overflowed
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.step)
+    return torch.stack([loss.detach().float()] + [terms[k].float() for k in state.keys[1:]] + keep)
+
+
+def finish(state: TrainState) -> TrainResult:
+    """Warn about stages that missed their kept fraction; write the final model file(s), with the
+    settings that made them."""
+    cfg, env, model, out = state.cfg, state.env, state.model, state.out
+    if env.is_main and not cfg.dense and state.history:
+        targets = getattr(model, "stage_ratios", None)  # ConvNeXt / Swin: r_s per predictor
+        if state.keep_sampler is not None:  # elastic: the kept fractions average over the ratios drawn
+            targets = [state.keep_sampler.expected_fraction(s) for s in range(1, len(model.prune_locs) + 1)]
+        for warning in keep_ratio_drift(state.history[-1], model.keep_ratio, targets=targets):
+            _logger.warning(warning)
+    model.eval()
+    final, ema_final = out / "model.safetensors", None
+    extra = {"train_config": cfg.to_dict(), "epochs_done": len(state.history),
+             "final": state.history[-1] if state.history else None}
+    if env.is_main:
+        save_model(model, final, overwrite=True, extra=extra)
+        if state.ema is not None:
+            ema_final = save_model(state.ema.module, out / "model_ema.safetensors", overwrite=True, extra=extra)
+        _log(state, "saved %s%s", final, f" and {ema_final}" if ema_final else "")
+    elif state.ema is not None:
+        ema_final = out / "model_ema.safetensors"
     if env.distributed:
+        dist.barrier()
+    return TrainResult(checkpoint=final, last=state.last, history=state.history, ema_checkpoint=ema_final, model=model)
+
+
+# -- the schedule ---------------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from warmup_lr to base_lr, then half a cosine down to min_lr (per iteration)."""
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(cfg: TrainConfig, env: DistEnv, model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, dict]:
+    """AdamW over `param_groups`, and the `cosine_lr` schedule over every step of the run; the peak lr
+    is `cfg.lr`, or 1e-3 per 1024 images of global batch."""
+    base_lr = cfg.lr if cfg.lr is not None else REFERENCE_LR * cfg.batch_size * env.world_size / REFERENCE_BATCH
+    groups = param_groups(model, cfg.weight_decay, 1.0 if cfg.dense else cfg.backbone_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999))
+    schedule = dict(base_lr=base_lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+                    warmup_steps=round(cfg.warmup_epochs * steps), total_steps=cfg.epochs * steps)
+    return optimizer, schedule
+
+
+def _set_lr(state: TrainState) -> float:
+    """This step's lr on every parameter group, times the group's scale; the backbone's is 0 while frozen."""
+    lr = cosine_lr(state.step, **state.schedule)
+    frozen = not state.cfg.dense and state.epoch < state.cfg.freeze_backbone_epochs
+    for g in state.optimizer.param_groups:
+        g["lr"] = 0.0 if frozen and g["part"] == "backbone" else lr * g["lr_scale"]
+    return lr
+
+
+# -- the pieces of the phases ---------------------------------------------------------------------
+
+
+def _preflight(cfg: TrainConfig, env: DistEnv, out: Path, train_set: Optional[Dataset]):
+    """Fail fast on what a user can get wrong: names and files first, the run folder next.
+
+    Returns:
+        (the checkpoint to resume or None, whether an earlier run is to be cleared, the timm arguments,
+        the dataset's description or None when `train_set` is given).
+    """
+    check_model_name(cfg.model)
+    for path in (cfg.teacher, cfg.init_checkpoint):
+        if path:
+            read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
+    resume_from = resume_path(cfg, out)
+    clear_earlier = False
+    if env.is_main:  # an earlier run is continued or refused, never silently replaced
+        clear_earlier = claim_run_folder(out, resume_from, cfg.overwrite, resume_asked=cfg.resume not in (False, None, ""))
+    kwargs, info = dict(cfg.timm_kwargs), None
+    if train_set is None:
+        info = resolve_dataset(cfg.dataset, cfg.data_dir)
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **kwargs}
+    return resume_from, clear_earlier, kwargs, info
+
+
+def _describe(state: TrainState) -> None:
+    """The run in one log line (rank 0), and warnings for settings that leave part of it idle."""
+    cfg, env, model = state.cfg, state.env, state.model
+    if not env.is_main:
+        return
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base_lr, dtype = state.schedule["base_lr"], state.dtype
+    _logger.info(
+        "training %s %s: %d trainable parameters, %d steps/epoch x %d epochs, global batch %d, lr %.3g%s, "
+        "device %s%s, amp %s",
+        "dense" if cfg.dense else type(model).__name__, getattr(model, "model_name", None) or cfg.model, n_params,
+        state.steps_per_epoch, cfg.epochs, cfg.batch_size * env.world_size, base_lr,
+        "" if cfg.dense else f" (backbone x{cfg.backbone_lr_scale:.4g}, frozen {cfg.freeze_backbone_epochs} epochs)",
+        state.device, f" x{env.world_size}" if env.distributed else "", str(dtype).replace("torch.", "") if dtype else "none",
+    )
+    if state.frozen:
+        _logger.info("not trained (reference recipe): %s", ", ".join(state.frozen))
+    if cfg.warmup_epochs >= cfg.epochs:
+        _logger.warning("warmup_epochs %s >= epochs %d: the learning rate never reaches %.3g", cfg.warmup_epochs, cfg.epochs, base_lr)
+    if not cfg.dense and cfg.freeze_backbone_epochs >= cfg.epochs:
+        _logger.warning("freeze_backbone_epochs %d >= epochs %d: only the prediction modules will train",
+                        cfg.freeze_backbone_epochs, cfg.epochs)
+
+
+def _log_steps(state: TrainState, window: torch.Tensor, it: int, bar) -> None:
+    """The mean of the steps since the last line to metrics.jsonl and the progress bar (then `window`
+    restarts); a loss that is not finite stops the run."""
+    keys, n = state.keys, (it % state.cfg.log_every) + 1
+    mean = (window / n).tolist()
+    window.zero_()
+    if not math.isfinite(mean[0]):
+        raise DynamicViTError(
+            f"the loss is {mean[0]} at epoch {state.epoch + 1}, step {it + 1}; lower --lr, set --clip-grad 1.0 "
+            "or use --amp bf16 / none"
+        )
+    row = dict(zip(keys, mean[: len(keys)]))
+    row.update({f"keep{s + 1}": r for s, r in enumerate(mean[len(keys):])})
+    row["lr"] = state.lr
+    state.metrics.log("train", state.step + 1, row)
+    postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{state.lr:.2e}"}
+    if state.stages:
+        postfix["keep"] = "/".join(f"{r:.2f}" for r in mean[len(keys):])
+    bar.set_postfix(postfix)
+
+
+def _epoch_row(state: TrainState, epoch: int, sums: torch.Tensor, t0: float, unreadable: UnreadableImages) -> dict:
+    """The epoch's means over its steps (and over the ranks under DDP) as a history row."""
+    keys = state.keys
+    steps = min(state.steps_per_epoch, len(state.train_loader))
+    if state.env.distributed:
         dist.all_reduce(sums)
-        sums /= env.world_size
+        sums /= state.env.world_size
     mean = (sums / steps).tolist()
     row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in zip(keys, mean[: len(keys)])}}
     row.update({f"keep_ratio_stage{s + 1}": r for s, r in enumerate(mean[len(keys):])})
-    row.update({"lr": lr, "epoch_time_s": time.time() - t0})
+    row.update({"lr": state.lr, "epoch_time_s": time.time() - t0})
     if unreadable.count:
         row["unreadable_images"] = unreadable.count
-    return row, None
-
-
-def _readable(x: torch.Tensor, y: torch.Tensor, unreadable: UnreadableImages, even: bool):
-    """The batch without its unreadable images (reported by path); mixup/cutmix pair images, so `even`."""
-    x, y, bad = drop_unreadable(x, y)
-    if not bad:
-        return x, y
-    unreadable.note(bad)
-    if even and len(y) % 2:
-        x, y = x[:-1], y[:-1]
-    if not len(y):
-        raise DataError(
-            f"every image of a training batch was unreadable ({len(bad)} images); check the dataset, or pass "
-            "--bad-images abort to list them all before training"
-        )
-    return x, y
-
-
-def _validate(model, ema, loader, device, amp: str, distributed: bool) -> dict:
-    """Validation metrics of the model (and its EMA) as `val_*` / `val_ema_*` entries of an epoch's row."""
-    row = {}
-    for prefix, net in (("val_", model), ("val_ema_", ema.module if ema is not None else None)):
-        if net is not None:
-            val = evaluate(net, loader, device, amp, distributed=distributed)
-            # The counts of unreadable images and non-finite outputs only when there are some.
-            row.update({f"{prefix}{k}": v for k, v in val.items() if v or k not in ("non_finite", "unreadable")})
     return row
 
 
-def teacher_targets(teacher: nn.Module, host: Optional[Host], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen teacher's (logits, per-token targets) for the distillation terms.
+def _validate(state: TrainState, epoch: int, row: dict) -> dict:
+    """Validation metrics of the model (and its EMA) as `val_*` / `val_ema_*` entries of the epoch's row.
+    When evaluation fails, the epoch's training is saved first: it is worth keeping whatever broke."""
+    amp = state.cfg.amp if state.dtype else "none"
+    found = {}
+    try:
+        for prefix, net in (("val_", state.model), ("val_ema_", state.ema.module if state.ema is not None else None)):
+            if net is not None:
+                val = evaluate(net, state.val_loader, state.device, amp, distributed=state.env.distributed)
+                # The counts of unreadable images and non-finite outputs only when there are some.
+                found.update({f"{prefix}{k}": v for k, v in val.items() if v or k not in ("non_finite", "unreadable")})
+    except Exception:
+        state.history.append(row)
+        write_checkpoint(state, epoch + 1)
+        _logger.error("evaluation after epoch %d failed; the epoch's training is saved in %s "
+                      "(--resume continues after it)", epoch + 1, state.last)
+        raise
+    return found
 
-    Token hosts (ViT, LV-ViT): the logits the student's trained logits are compared with
-    (`Host.class_logits`, else `Host.logits`) and `Host.distill_targets` (final normed patch tokens for
-    ViTs, aux-head logits for LV-ViT). Hierarchical teachers (`host` None): logits and the final
-    normalized map, every position (`spatial.dense_targets`).
-    """
-    if host is None:
-        return dense_targets(teacher, x)
-    feats = host.model.forward_features(x)  # (B, P + N, C), normed
-    logits = host.class_logits(feats)
-    return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)
 
-
-def _stopped(stop: StopRequest, env: DistEnv, last: Path, where: str):
+def _stopped(state: TrainState, where: str) -> NoReturn:
     """Raise `TrainingStopped` (after the checkpoint at `where`), on every rank together."""
-    import signal
-
-    if env.distributed:
+    if state.env.distributed:
         dist.barrier()
-    signum = stop.signum or signal.SIGTERM
+    signum = state.stop.signum or signal.SIGTERM
     raise TrainingStopped(
-        f"stopped by {signal.Signals(signum).name} at {where}; checkpoint {last} (--resume continues from it)",
+        f"stopped by {signal.Signals(signum).name} at {where}; checkpoint {state.last} (--resume continues from it)",
         signum=signum,
-        checkpoint=last,
+        checkpoint=state.last,
     )
-
-
-def _check_all_images(env: DistEnv, device: torch.device, **datasets) -> None:
-    """`--bad-images abort`: read every image before training; any unreadable one stops the run."""
-    bad = []
-    for what, dataset in datasets.items():
-        if dataset is not None:
-            bad += check_images(dataset, what, env.rank, env.world_size)
-    total = len(bad)
-    if env.distributed:  # each rank read its share
-        count = torch.tensor([total], device=device)
-        dist.all_reduce(count)
-        total = int(count.item())
-    if total:
-        raise bad_images_error(bad, total)
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
-    distillation over all positions) for ConvNeXt / Swin."""
-    if isinstance(model, DynamicSpatial):
-        return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
-    return DynamicViTLoss(
-        model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
-        token_distill=model.host.token_distill,
-    )
-
-
-def keep_ratio_drift(
-    row: dict, keep_ratio: float, tolerance: float = 0.05, targets: Optional[Sequence[float]] = None
-) -> list[str]:
-    """Warnings for stages whose kept fraction in an epoch of training missed its target by more than
-    `tolerance`: rho^s, or `targets[s - 1]` (ConvNeXt / Swin: their own r_s; elastic training: the mean
-    of rho^s over the ratios drawn).
-
-    `targets` replaces rho^s per stage (elastic training: the mean of rho^s over the ratios drawn).
-
-    Inference keeps exactly int(N * rho^s) tokens per stage, so a model that kept more (or fewer) while
-    training meets token sets it was not trained on. The usual cause is a prediction module that
-    saturated at "keep every token": the straight-through Gumbel gradient then vanishes and the ratio
-    loss can no longer move it (the stage keeps as much as the one before it).
-    """
-    out = []
-    stage = 1
-    while f"keep_ratio_stage{stage}" in row:
-        realized = row[f"keep_ratio_stage{stage}"]
-        target = targets[stage - 1] if targets is not None else keep_ratio**stage
-        of = f"keep ratio {keep_ratio}^{stage}" if targets is None else "the mean of rho^s over the ratios drawn"
-        if abs(realized - target) > tolerance:
-            previous = row.get(f"keep_ratio_stage{stage - 1}", 1.0)
-            stuck = " and keeps every token the stage before kept" if stage > 1 and realized >= previous - 1e-3 else ""
-            out.append(
-                f"stage {stage} kept {realized:.3f} of the patch tokens in the last epoch, against {target:.3f} "
-                f"({of}){stuck}; at inference it keeps int(N * {target:.3f}) tokens, token sets "
-                "the model was not trained on. Train longer or raise --ratio-weight; if a stage keeps everything, "
-                "its prediction module saturated: lower --lr"
-            )
-        stage += 1
-    return out
-
-
-def _resume_path(cfg: TrainConfig, out: Path) -> Optional[Path]:
-    if cfg.resume is False or cfg.resume is None or cfg.resume == "":
-        return None
-    if cfg.resume is True or str(cfg.resume).lower() in ("true", "auto", "last"):
-        path = out / "last.pth"
-        if not path.exists():
-            _logger.info("no checkpoint to resume in %s; starting from scratch", out)
-            return None
-        return path
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such file; pass a last.pth written by `dynamicvit train`")
-    return path
 
 
 def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
@@ -898,10 +499,7 @@ def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
         _logger.warning("resuming with changed settings: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
-def _fmt(row: dict) -> str:
-    parts = []
-    for k, v in row.items():
-        if k == "epoch":
-            continue
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-    return ", ".join(parts)
+def _log(state: TrainState, msg: str, *args) -> None:
+    """An info line from rank 0 only."""
+    if state.env.is_main:
+        _logger.info(msg, *args)
