@@ -25,9 +25,10 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,7 @@ from .runtime.bench import compare_throughput
 from .runtime.device import resolve_device
 from .runtime.flops import count_macs
 from .training.config import TrainConfig
-from .training.loop import train
+from .training.loop import TrainResult, train
 from .version import __version__
 from .visualize import save_contact_sheet
 from .weights.build import load_model
@@ -75,7 +76,7 @@ SHIPPED_PRUNE_LOCS = (2, 3, 4)
 TARGET_MAX_TOP1_DROP = 0.5
 TARGET_MIN_MACS_REDUCTION = 0.30
 
-# The default recipe trains one model for every keep ratio in this range (issue 14).
+# The default recipe trains one model for every keep ratio in this range (small ratios drawn more often).
 ELASTIC_RANGE = "low:0.4:1.0"
 
 
@@ -87,26 +88,10 @@ class DemoConfig:
     The fine-tuning recipe is the reference one scaled to a short CPU run: the student starts from
     the teacher, predictors learn at `lr`, the backbone at `lr * backbone_lr_scale` from the first
     step (no frozen epochs), no mixup (a few epochs are too short for it to pay off), and a stronger
-    keep-ratio loss. The values come from full runs on the shipped teacher (88.97%), measured as the
-    top-1 drop at keep ratio 0.7 on the 10,000 test images (3 epochs unless said):
-    lr 1e-2 / backbone 5e-4: -1.30 (the last predictor saturated at "keep all", see
-    `train.keep_ratio_drift`); lr 3e-3 / backbone 5e-4: -0.82; 3e-3 / 1e-3: -0.40 and -0.91 (seeds 0, 1);
-    3e-3 / 2e-3: -1.77; 3e-3 / 1e-3 with ratio weight 20: -1.46; 3e-3 / 1e-3, 4 epochs: -0.31. All of
-    these started the predictors at PyTorch's default init; at the reference init with each stage
-    starting at its target keep fraction (`PredictionModule.reset_parameters`), 3e-3 / 1e-3 gave -0.28
-    in 3 epochs. Four epochs still fit the 15-minute budget and leave a margin for run-to-run noise.
-
-    Elastic training and fusion (issue 14), top-1 at keep ratios 1.0 / 0.7 / 0.5 / 0.4 on the 10,000
-    test images. Short trials, 1 epoch on 15,000 training images: single ratio 87.93 / 86.37 / 80.51 /
-    76.97; elastic 0.4:1.0 with the keep logits shifted to each step's ratio 87.81 / 86.07 / 81.98 /
-    75.76 (its stage 2 saturated); the same without the shift 88.11 / 85.55 / 80.21 / 76.22 (every step
-    keeps the same fraction); with the shift and fused tokens 88.10 / 87.23 / 81.13 / 77.83, with ratio
-    weight 25: 87.88 / 86.77 / 80.32 / 78.19, 50: 87.72 / 86.86 / 81.60 / 75.40 (noise of about a point,
-    no clear winner: 10 kept). Full runs, fused, ratio weight 10: 0.4:1.0, 4 epochs, no gradient
-    clipping: 88.66 / 88.12 / 86.93 / 84.71; 6 epochs, one thread: its predictors collapsed in epoch 2
-    (every stage kept ~3% of the tokens, loss 4.7); low:0.4:1.0, 6 epochs: no collapse but a loss that
-    kept jumping, 87.20 / 87.35 / 86.65 / 85.10; the same with gradients clipped to norm 1.0 (the
-    default): 89.13 / 88.89 / 88.72 / 87.75, a smooth loss, every target of issue 14 met.
+    keep-ratio loss. The default trains one model for every keep ratio (elastic, `ELASTIC_RANGE`), with
+    each stage's dropped tokens fused into one and the gradient norm clipped to 1.0. The trials that
+    chose these values, with their figures and commands, are in
+    docs/experiments/2026-11-26-demo-recipe.md.
     """
 
     output: str = "demo-output"  # folder for report.json, pictures and the fine-tuned model
@@ -248,6 +233,48 @@ def load_teacher(path: Path, info) -> nn.Module:
     return model.eval()
 
 
+@dataclass
+class DemoRun:
+    """What the demo has built and measured so far; `run_demo` fills it in step by step."""
+
+    cfg: DemoConfig
+    out: Path
+    device: torch.device
+    threads: int  # CPU threads for training, evaluation and timing
+    start: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part, for the report
+    # 1. The test set and the dense teacher.
+    info: Any = None  # the dataset's description (`data.resolve_dataset`)
+    test_set: Any = None
+    loader: Optional[DataLoader] = None
+    teacher_path: Optional[Path] = None
+    teacher: Optional[nn.Module] = None
+    img_size: int = 0
+    # 2. Fine-tuning.
+    train_cfg: Optional[TrainConfig] = None
+    result: Optional[TrainResult] = None  # result.model is the fine-tuned DynamicViT
+    single: Optional[nn.Module] = None  # the single-ratio model, with `compare_single_ratio`
+    # 3-5. Measurements, keyed "dense" / "dynamic".
+    evals: dict = field(default_factory=dict)
+    macs: dict = field(default_factory=dict)
+    bench: dict = field(default_factory=dict)
+    sweep: list[dict] = field(default_factory=list)
+    single_sweep: Optional[dict] = None
+
+    @property
+    def student(self) -> nn.Module:
+        return self.result.model
+
+    def step(self, i: int, text: str, steps: int = 6) -> None:
+        _logger.info("[%d/%d %5.0fs] %s", i, steps, time.perf_counter() - self.start, text)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - t0
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return the report (also written to `<output>/report.json`).
 
@@ -257,44 +284,71 @@ def run_demo(cfg: DemoConfig) -> dict:
     """
     cfg.validate()
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(cfg.output).expanduser()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    threads = torch.get_num_threads()
-    device = resolve_device(cfg.device)
-    steps = 6
+    run = DemoRun(cfg, Path(cfg.output).expanduser(), resolve_device(cfg.device), torch.get_num_threads(), start)
 
-    def step(i: int, text: str) -> None:
-        _logger.info("[%d/%d %5.0fs] %s", i, steps, time.perf_counter() - start, text)
+    run.step(1, "Fashion-MNIST test set and dense teacher")
+    load_test_set_and_teacher(run)  # a missing dataset or checkpoint fails before any work
+    prepare_output(run.out)
+    with run.timed("evaluate_teacher"):
+        run.evals["dense"] = evaluate(run.teacher, run.loader, run.device, progress=cfg.progress)
+    _logger.info("dense teacher: top-1 %.2f%% on %d test images", run.evals["dense"]["top1"], run.evals["dense"]["images"])
 
-    # 1. Data and teacher first: a missing dataset or checkpoint fails before any work.
-    step(1, "Fashion-MNIST test set and dense teacher")
-    info = resolve_dataset(DATASET)
-    test_set = build_dataset(DATASET, "val", data_dir=cfg.data_dir, download=cfg.download, subset=cfg.test_images, seed=cfg.seed)
-    t_path = teacher_path(cfg.teacher)
-    teacher = load_teacher(t_path, info).to(device)
-    img_size = int(host_for(teacher).img_size[0])
-    if img_size != info.img_size:
-        test_set = build_dataset(DATASET, "val", img_size=img_size, data_dir=cfg.data_dir, subset=cfg.test_images, seed=cfg.seed)
-    prune_locs = cfg.prune_locs or (SHIPPED_PRUNE_LOCS if cfg.teacher is None else None)
-    prepare_output(out)
-    loader = DataLoader(test_set, batch_size=500, shuffle=False, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0)
-    t0 = time.perf_counter()
-    dense_eval = evaluate(teacher, loader, device, progress=cfg.progress)
-    timings["evaluate_teacher"] = time.perf_counter() - t0
-    _logger.info("dense teacher: top-1 %.2f%% on %d test images", dense_eval["top1"], dense_eval["images"])
-
-    # 2. Fine-tune DynamicViT from the teacher with the project's training loop.
     how = f"over keep ratios {cfg.keep_ratios}" if cfg.keep_ratios else f"at keep ratio {cfg.keep_ratio}"
-    step(2, f"fine-tuning DynamicViT {how}{' with fused tokens' if cfg.fuse_dropped else ''} ({cfg.epochs} epoch(s))")
-    train_cfg = TrainConfig(
+    run.step(2, f"fine-tuning DynamicViT {how}{' with fused tokens' if cfg.fuse_dropped else ''} ({cfg.epochs} epoch(s))")
+    fine_tune(run)
+
+    run.step(3, f"evaluating DynamicViT on {run.evals['dense']['images']} test images")
+    with run.timed("evaluate_student"):
+        run.evals["dynamic"] = evaluate(run.student, run.loader, run.device, progress=cfg.progress)
+
+    run.step(4, f"counting MACs and timing both models (batch {cfg.bench_batch_size}, {run.threads} thread(s))")
+    run.macs = {"dense": count_macs(run.teacher), "dynamic": count_macs(run.student)}
+    with run.timed("benchmark"):
+        run.bench = compare_throughput(
+            {"dense": run.teacher, "dynamic": run.student}, (run.info.in_chans, run.img_size, run.img_size),
+            cfg.bench_batch_size, device=run.device, repeats=cfg.bench_repeats, warmup=2, threads=cfg.threads,
+            measure_memory=False, progress=cfg.progress,
+        )
+
+    run.step(5, f"keep-ratio sweep {', '.join(str(r) for r in cfg.sweep)}")
+    with run.timed("sweep"):
+        sweep_keep_ratios(run)
+
+    run.step(6, f"pictures and report in {run.out}")
+    report = build_report(run)
+    atomic_write(run.out / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    _logger.info("done in %.0f s", report["elapsed_s"])
+    return report
+
+
+def load_test_set_and_teacher(run: DemoRun) -> None:
+    """The Fashion-MNIST test set (at the teacher's input size) and its loader; the dense teacher."""
+    cfg = run.cfg
+    run.info = resolve_dataset(DATASET)
+    run.test_set = build_dataset(DATASET, "val", data_dir=cfg.data_dir, download=cfg.download, subset=cfg.test_images,
+                                 seed=cfg.seed)
+    run.teacher_path = teacher_path(cfg.teacher)
+    run.teacher = load_teacher(run.teacher_path, run.info).to(run.device)
+    run.img_size = int(host_for(run.teacher).img_size[0])
+    if run.img_size != run.info.img_size:
+        run.test_set = build_dataset(DATASET, "val", img_size=run.img_size, data_dir=cfg.data_dir, subset=cfg.test_images,
+                                     seed=cfg.seed)
+    run.loader = DataLoader(run.test_set, batch_size=500, shuffle=False, num_workers=cfg.num_workers,
+                            persistent_workers=cfg.num_workers > 0)
+
+
+def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.device) -> TrainConfig:
+    """The training settings of the demo's fine-tuning: the reference recipe scaled to a short CPU run
+    (see `DemoConfig`), validation on at most 2,000 test images after the last epoch."""
+    prune_locs = cfg.prune_locs or (SHIPPED_PRUNE_LOCS if cfg.teacher is None else None)
+    return TrainConfig(
         dataset=DATASET,
         data_dir=cfg.data_dir,
         download=cfg.download,
         output=str(out / FINETUNE_DIR),
-        teacher=str(t_path),
+        teacher=str(teacher),
         keep_ratio=cfg.keep_ratio,
         keep_ratios=cfg.keep_ratios,
         fuse_dropped=cfg.fuse_dropped,
@@ -320,53 +374,45 @@ def run_demo(cfg: DemoConfig) -> dict:
         progress=cfg.progress,
         tensorboard=False,
     )
-    t0 = time.perf_counter()
-    result = train(train_cfg)
-    timings["fine_tune"] = time.perf_counter() - t0
-    student = result.model.eval()
-    single = None
+
+
+def fine_tune(run: DemoRun) -> None:
+    """Fine-tune DynamicViT from the teacher with the project's training loop; with
+    `compare_single_ratio`, the single-ratio model (the paper's recipe) too."""
+    cfg = run.cfg
+    run.train_cfg = fine_tune_config(cfg, run.out, run.teacher_path, run.device)
+    with run.timed("fine_tune"):
+        run.result = train(run.train_cfg)
+    run.student.eval()
     if cfg.compare_single_ratio and (cfg.keep_ratios or cfg.fuse_dropped):
         _logger.info("fine-tuning the single-ratio model to compare (the paper's recipe at %s)", cfg.keep_ratio)
-        t0 = time.perf_counter()
         paper = DemoConfig.single_ratio()
-        single_cfg = dataclasses.replace(train_cfg, keep_ratios=None, fuse_dropped=paper.fuse_dropped, epochs=paper.epochs,
+        single_cfg = dataclasses.replace(run.train_cfg, keep_ratios=None, fuse_dropped=paper.fuse_dropped, epochs=paper.epochs,
                                          clip_grad=paper.clip_grad or None, eval_every=paper.epochs,
-                                         output=str(out / SINGLE_DIR))
-        single = train(single_cfg).model.eval()
-        timings["fine_tune_single_ratio"] = time.perf_counter() - t0
+                                         output=str(run.out / SINGLE_DIR))
+        with run.timed("fine_tune_single_ratio"):
+            run.single = train(single_cfg).model.eval()
 
-    # 3. Accuracy of the student on the same test images.
-    step(3, f"evaluating DynamicViT on {dense_eval['images']} test images")
-    t0 = time.perf_counter()
-    dyn_eval = evaluate(student, loader, device, progress=cfg.progress)
-    timings["evaluate_student"] = time.perf_counter() - t0
 
-    # 4. MACs and measured speed.
-    step(4, f"counting MACs and timing both models (batch {cfg.bench_batch_size}, {threads} thread(s))")
-    dense_macs, dyn_macs = count_macs(teacher), count_macs(student)
-    input_size = (info.in_chans, img_size, img_size)
-    t0 = time.perf_counter()
-    bench = compare_throughput(
-        {"dense": teacher, "dynamic": student}, input_size, cfg.bench_batch_size, device=device,
-        repeats=cfg.bench_repeats, warmup=2, threads=cfg.threads, measure_memory=False, progress=cfg.progress,
-    )
-    timings["benchmark"] = time.perf_counter() - t0
-
-    # 5. The fine-tuned model at other keep ratios (inference-time change, same weights).
-    step(5, f"keep-ratio sweep {', '.join(str(r) for r in cfg.sweep)}")
-    t0 = time.perf_counter()
-    sweep = keep_ratio_sweep(student, loader, device, cfg.sweep, evaluate, count_macs, progress=cfg.progress)
-    student.set_keep_ratio(cfg.keep_ratio)
-    if single is not None:
-        single_sweep = {"source": "fine-tuned in this run (--compare-single-ratio)",
-                        "rows": keep_ratio_sweep(single, loader, device, cfg.sweep, evaluate, count_macs, progress=cfg.progress)}
+def sweep_keep_ratios(run: DemoRun) -> None:
+    """The fine-tuned model at every keep ratio of `cfg.sweep` (same weights), next to the single-ratio
+    model's sweep: fine-tuned in this run, or the shipped measurement."""
+    cfg = run.cfg
+    run.sweep = keep_ratio_sweep(run.student, run.loader, run.device, cfg.sweep, evaluate, count_macs, progress=cfg.progress)
+    run.student.set_keep_ratio(cfg.keep_ratio)
+    if run.single is not None:
+        run.single_sweep = {"source": "fine-tuned in this run (--compare-single-ratio)",
+                            "rows": keep_ratio_sweep(run.single, run.loader, run.device, cfg.sweep, evaluate, count_macs,
+                                                     progress=cfg.progress)}
     else:
-        single_sweep = shipped_single_ratio_sweep(cfg, t_path, sweep)
-    timings["sweep"] = time.perf_counter() - t0
+        run.single_sweep = shipped_single_ratio_sweep(cfg, run.teacher_path, run.sweep)
 
-    # 6. Pictures and the report.
-    step(6, f"pictures and report in {out}")
-    sheet = draw_kept_tokens(student, test_set, out / SHEET, info, cfg.sheet_images, device)
+
+def comparison_rows(run: DemoRun) -> tuple[dict, dict]:
+    """The report's rows of the dense teacher and of the DynamicViT: accuracy, MACs, speed."""
+    cfg, student, bench = run.cfg, run.student, run.bench
+    dense_eval, dyn_eval = run.evals["dense"], run.evals["dynamic"]
+    dense_macs, dyn_macs = run.macs["dense"], run.macs["dynamic"]
     dense_row = {
         "top1": dense_eval["top1"], "top5": dense_eval["top5"], "loss": dense_eval["loss"],
         "gmacs": dense_macs.gmacs, "macs": dense_macs.total, "params": dense_macs.params,
@@ -380,23 +426,31 @@ def run_demo(cfg: DemoConfig) -> dict:
         "gmacs": dyn_macs.gmacs, "macs": dyn_macs.total, "predictor_macs": dyn_macs.predictor_macs,
         "params": dyn_macs.params,
         "images_per_s": bench["dynamic"].images_per_s, "latency_ms": bench["dynamic"].latency_ms,
-        "checkpoint": str(result.checkpoint),
+        "checkpoint": str(run.result.checkpoint),
     }
+    return dense_row, dyn_row
+
+
+def build_report(run: DemoRun) -> dict:
+    """The pictures (contact sheet, keep-ratio plot) and the report of the whole run."""
+    cfg, out, info = run.cfg, run.out, run.info
+    sheet = draw_kept_tokens(run.student, run.test_set, out / SHEET, info, cfg.sheet_images, run.device)
+    dense_row, dyn_row = comparison_rows(run)
     top1_drop = dense_row["top1"] - dyn_row["top1"]
     macs_reduction = 1.0 - dyn_row["gmacs"] / dense_row["gmacs"]
     label = f"elastic {cfg.keep_ratios}" if cfg.keep_ratios else f"single ratio {cfg.keep_ratio:g}"
     label += ", fused" if cfg.fuse_dropped else ""
-    plot = save_sweep_plot(sweep, dense_row, cfg.keep_ratio, out / SWEEP_PLOT, label=label, single_ratio=single_sweep)
-    report = {
+    plot = save_sweep_plot(run.sweep, dense_row, cfg.keep_ratio, out / SWEEP_PLOT, label=label, single_ratio=run.single_sweep)
+    return {
         "demo": "dynamicvit demo: dense ViT teacher vs DynamicViT on Fashion-MNIST",
         "quick": cfg.quick,
         "dataset": {
-            "name": DATASET, "test_images": dense_eval["images"], "full_test_set": cfg.test_images is None,
-            "train_images_per_epoch": _train_len(train_cfg),
-            "img_size": img_size, "in_chans": info.in_chans, "num_classes": info.num_classes,
+            "name": DATASET, "test_images": run.evals["dense"]["images"], "full_test_set": cfg.test_images is None,
+            "train_images_per_epoch": _train_len(run.train_cfg),
+            "img_size": run.img_size, "in_chans": info.in_chans, "num_classes": info.num_classes,
         },
-        "teacher": {"path": str(t_path), "model_name": getattr(teacher, "pretrained_cfg", {}).get("architecture"),
-                    "timm_kwargs": getattr(teacher, "dynamicvit_timm_kwargs", {})},
+        "teacher": {"path": str(run.teacher_path), "model_name": getattr(run.teacher, "pretrained_cfg", {}).get("architecture"),
+                    "timm_kwargs": getattr(run.teacher, "dynamicvit_timm_kwargs", {})},
         "dense": dense_row,
         "dynamic": dyn_row,
         "comparison": {
@@ -409,24 +463,17 @@ def run_demo(cfg: DemoConfig) -> dict:
                 "met": bool(top1_drop <= TARGET_MAX_TOP1_DROP and macs_reduction >= TARGET_MIN_MACS_REDUCTION),
             },
         },
-        "sweep": sweep,
-        "sweep_single_ratio": single_sweep,
-        "training": {
-            "config": train_cfg.to_dict(),
-            "history": result.history,
-            "seconds": timings["fine_tune"],
-        },
-        "benchmark": {"device": str(device), "threads": threads, "batch_size": cfg.bench_batch_size,
+        "sweep": run.sweep,
+        "sweep_single_ratio": run.single_sweep,
+        "training": {"config": run.train_cfg.to_dict(), "history": run.result.history, "seconds": run.timings["fine_tune"]},
+        "benchmark": {"device": str(run.device), "threads": run.threads, "batch_size": cfg.bench_batch_size,
                       "repeats": cfg.bench_repeats, "timing": "median of interleaved repetitions"},
         "pictures": {"kept_tokens": str(sheet), "keep_ratio_sweep": str(plot)},
         "settings": _jsonable(asdict(cfg)),
         "versions": {"dynamicvit": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "timings_s": timings,
-        "elapsed_s": time.perf_counter() - start,
+        "timings_s": run.timings,
+        "elapsed_s": time.perf_counter() - run.start,
     }
-    atomic_write(out / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    _logger.info("done in %.0f s", report["elapsed_s"])
-    return report
 
 
 def _train_len(train_cfg) -> int:
