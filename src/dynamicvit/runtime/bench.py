@@ -49,7 +49,7 @@ from ..weights.build import sparsify
 from . import deploy
 from .device import amp_dtype as resolve_amp
 from .device import autocast, device_name, num_threads, resolve_device, synchronize
-from .flops import count_macs, default_input_size
+from .flops import MacsReport, count_macs, default_input_size
 
 _logger = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def run_benchmark(
         keep_ratios: rho values; 1.0 means the dense model.
         batch_sizes: one timing round per batch size.
         input_size: (C, H, W); default the model's.
-        compile: the same as runtimes=("compile",) (kept for older callers).
+        compile: the same as runtimes=("compile",).
         runtimes: any of "torch", "compile", "onnxruntime".
         onnx_dir: where the ONNX files go (default: a temporary folder, removed afterwards).
         compile_mode: torch.compile mode of the "compile" runtime ("reduce-overhead": CUDA graphs on a GPU).
@@ -311,25 +311,14 @@ def run_benchmark(
         same runtime and batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings.
     """
     runtimes = _check_runtimes(["compile"] if compile and tuple(runtimes) == ("torch",) else runtimes)
-    ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
-    if 1.0 not in {float(r) for r in keep_ratios}:
-        _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
-    if not isinstance(base, SparseModel) and min(ratios) < 1.0:
-        base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
-    dense = base.backbone if isinstance(base, SparseModel) else base
-    models = {r: dense if r == 1.0 else base.at_keep_ratio(r) for r in ratios}
-    for m in models.values():
-        m.eval()
-    size = tuple(input_size or default_input_size(dense))
-    macs = {r: count_macs(m, size) for r, m in models.items()}
+    lineup = _Lineup.of(base, keep_ratios, input_size)
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     if "onnxruntime" in runtimes and (dev.type != "cpu" or amp_dtype is not None):
         raise ConfigError("--runtime onnxruntime is timed in fp32 on the CPU; use --device cpu and --amp none for it")
-
     settings = dict(
-        model=model_name or getattr(base, "model_name", None) or dense.pretrained_cfg.get("architecture"),
-        img_size=list(size[1:]),
+        model=model_name or getattr(lineup.base, "model_name", None) or lineup.dense.pretrained_cfg.get("architecture"),
+        img_size=list(lineup.size[1:]),
         device=str(dev),
         device_name=device_name(dev),
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
@@ -339,49 +328,89 @@ def run_benchmark(
         compile_mode=compile_mode if "compile" in runtimes else None,
         torch=torch.__version__,
     )
+    timing = dict(device=dev, repeats=repeats, warmup=warmup, amp_dtype=amp_dtype, threads=threads, progress=progress)
     rows = []
     with _onnx_folder(onnx_dir if "onnxruntime" in runtimes else None) as folder:
         runnable = {
             (rt, r): runtime_model(m, rt, onnx_path=folder / f"{_slug(r)}.onnx" if folder else None, threads=threads,
                                    compile_mode=compile_mode)
-            for rt in runtimes for r, m in models.items()
+            for rt in runtimes for r, m in lineup.models.items()
         }
         for bs in batch_sizes:
             _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
-            try:
-                results = compare_throughput(
-                    {_key(*k): m for k, m in runnable.items()}, size, bs, device=dev, repeats=repeats,
-                    warmup=warmup, amp_dtype=amp_dtype, threads=threads, measure_memory=False, progress=progress,
-                )
-            except Exception as e:
-                if "compile" in runtimes and not isinstance(e, ConfigError):
-                    raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without the compile runtime") from e
-                raise
-            x = torch.randn(bs, *size, device=dev)
-            for rt in runtimes:
-                base_rate = results[_key(rt, 1.0)].images_per_s
-                for r in ratios:
-                    res, m = results[_key(rt, r)], models[r]
-                    measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
-                    with num_threads(threads):
-                        peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
-                    rows.append(dict(
-                        runtime=rt,
-                        keep_ratio=r,
-                        batch_size=bs,
-                        images_per_s=res.images_per_s,
-                        latency_ms=res.latency_ms,
-                        latency_ms_per_image=res.latency_ms / bs,
-                        speedup=res.images_per_s / base_rate,
-                        gmacs=macs[r].gmacs,
-                        macs_ratio=macs[r].total / macs[1.0].total,
-                        params=macs[r].params,
-                        peak_memory_mb=peak,
-                        keep_counts=list(m.keep_counts()) if isinstance(m, SparseModel) else [],
-                        times_ms=res.times_ms,
-                        compile=rt == "compile",
-                        **settings,
-                    ))
+            results = _time_together(runnable, lineup.size, bs, compiled="compile" in runtimes, **timing)
+            rows += _rows(lineup, runnable, results, runtimes, bs, timing, settings)
+    return rows
+
+
+@dataclass
+class _Lineup:
+    """The models a keep-ratio sweep times: one per ratio, 1.0 being the dense model, with their MACs."""
+
+    base: nn.Module  # the sparse model whose prediction modules every ratio shares (or the dense model alone)
+    dense: nn.Module
+    ratios: list[float]  # descending, 1.0 first
+    models: dict[float, nn.Module]
+    macs: dict[float, MacsReport]
+    size: tuple[int, ...]  # (C, H, W)
+
+    @classmethod
+    def of(cls, base: nn.Module, keep_ratios: Sequence[float], input_size: Optional[Sequence[int]]) -> "_Lineup":
+        ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
+        if 1.0 not in {float(r) for r in keep_ratios}:
+            _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
+        if not isinstance(base, SparseModel) and min(ratios) < 1.0:
+            base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
+        dense = base.backbone if isinstance(base, SparseModel) else base
+        models = {r: dense if r == 1.0 else base.at_keep_ratio(r) for r in ratios}
+        for m in models.values():
+            m.eval()
+        size = tuple(input_size or default_input_size(dense))
+        return cls(base, dense, ratios, models, {r: count_macs(m, size) for r, m in models.items()}, size)
+
+
+def _time_together(runnable: dict, size: tuple[int, ...], batch_size: int, compiled: bool, **timing) -> dict[str, BenchResult]:
+    """`compare_throughput` of every (runtime, keep ratio) model at one batch size; a failing
+    torch.compile is one line."""
+    try:
+        return compare_throughput({_key(*k): m for k, m in runnable.items()}, size, batch_size,
+                                  measure_memory=False, **timing)
+    except Exception as e:
+        if compiled and not isinstance(e, ConfigError):
+            raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without the compile runtime") from e
+        raise
+
+
+def _rows(lineup: _Lineup, runnable: dict, results: dict, runtimes: Sequence[str], batch_size: int, timing: dict,
+          settings: dict) -> list[dict]:
+    """The rows of one batch size: speed against the same runtime's dense model, MACs, peak memory."""
+    dev, amp_dtype, threads = timing["device"], timing["amp_dtype"], timing["threads"]
+    x = torch.randn(batch_size, *lineup.size, device=dev)
+    rows = []
+    for rt in runtimes:
+        base_rate = results[_key(rt, 1.0)].images_per_s
+        for r in lineup.ratios:
+            res, m, macs = results[_key(rt, r)], lineup.models[r], lineup.macs
+            measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
+            with num_threads(threads):
+                peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
+            rows.append(dict(
+                runtime=rt,
+                keep_ratio=r,
+                batch_size=batch_size,
+                images_per_s=res.images_per_s,
+                latency_ms=res.latency_ms,
+                latency_ms_per_image=res.latency_ms / batch_size,
+                speedup=res.images_per_s / base_rate,
+                gmacs=macs[r].gmacs,
+                macs_ratio=macs[r].total / macs[1.0].total,
+                params=macs[r].params,
+                peak_memory_mb=peak,
+                keep_counts=list(m.keep_counts()) if isinstance(m, SparseModel) else [],
+                times_ms=res.times_ms,
+                compile=rt == "compile",
+                **settings,
+            ))
     return rows
 
 
