@@ -67,8 +67,8 @@ DEMO_FILES = (REPORT, SHEET, SWEEP_PLOT, FINETUNE_DIR, SINGLE_DIR)
 MARKER = ".dynamicvit-demo"
 
 # Where the shipped 6-block teacher is pruned: the evenly spaced default (1, 3, 4) prunes after a
-# single block; letting two blocks mix the tokens first cost 2.4 instead of 3.7 points of top-1 in a
-# one-epoch trial, for 33% instead of 39% fewer MACs.
+# single block; letting two blocks mix the tokens first loses less top-1 for a somewhat smaller MAC
+# saving (docs/experiments/2026-11-26-demo-recipe.md).
 SHIPPED_PRUNE_LOCS = (2, 3, 4)
 
 # The demo's claim: DynamicViT at keep ratio 0.7 within this many points of the teacher's top-1,

@@ -71,11 +71,12 @@ RECIPES: dict[str, dict] = {
     "lvvit-s": {**_REFERENCE_RECIPE, "model": "lvvit_s", "prune_locs": [4, 8, 12], "timm_kwargs": {"drop_path_rate": 0.0}},
     "lvvit-m": {**_REFERENCE_RECIPE, "model": "lvvit_m", "prune_locs": [5, 10, 15], "timm_kwargs": {"drop_path_rate": 0.0}},
 }
-# Hierarchical models (shared/reference/spatial.md): CE + 10 * ratio + 0.5 KL + 0.5 feature MSE; the
+# Hierarchical models (docs/spatial.md): CE + 10 * ratio + 0.5 KL + 0.5 feature MSE; the
 # predictors and fast paths at the full lr, the pretrained backbone at 0.01x and frozen for 5 epochs;
 # 120 epochs; peak lr 4e-3 at an effective batch of 4096, which is the default scaling (1e-3 per 1024
 # images), so `lr` stays unset; AdamW, weight decay 0.05, cosine, RandAugment, mixup 0.8 / cutmix 1.0,
-# label smoothing 0.1, EMA. Predictor locations come from the spec's table (the factory's default).
+# label smoothing 0.1, EMA. Predictor locations come from
+# the table in docs/spatial.md (the factory's default).
 _SPATIAL_RECIPE = {
     "keep_ratio": 0.7,
     "epochs": 120,
@@ -96,7 +97,7 @@ RECIPES.update({
     "convnext-b": {**_SPATIAL_RECIPE, "model": "convnext_base", "timm_kwargs": {"drop_path_rate": 0.5}},
     "swin-t": {**_SPATIAL_RECIPE, "model": "swin_tiny_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.2}},
     "swin-s": {**_SPATIAL_RECIPE, "model": "swin_small_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.2}},
-    # The spec names 0.5 for ConvNeXt-B only; Swin-B's own fine-tuning setting is 0.5 as well.
+    # docs/spatial.md names 0.5 for ConvNeXt-B only; Swin-B's own fine-tuning setting is 0.5 as well.
     "swin-b": {**_SPATIAL_RECIPE, "model": "swin_base_patch4_window7_224", "timm_kwargs": {"drop_path_rate": 0.5}},
 })
 
@@ -122,8 +123,14 @@ def apply_recipe(values: dict) -> dict:
 class TrainConfig:
     """Everything a training run needs; loadable from YAML/JSON and the command line.
 
-    The defaults are the reference recipe (ImageNet, DeiT-S); a run on a small dataset will want
-    fewer epochs and a larger learning rate.
+    The optimization and objective defaults are the reference DeiT-S recipe (`RECIPES["deit-s"]`) but
+    for five settings: the warmup starts at `warmup_lr` 1e-6 (reference 0), `amp` is "auto" (reference:
+    full precision), `ema` is off (reference: on, with `ema_decay` 0.9999 where the default here is
+    0.9998), and fresh prediction modules start at keep probability rho^s (reference
+    `predictor_keep_prior` 0.5). `lr` unset scales with the global batch (1e-3 per 1024 images), which
+    is the reference's 1e-3 at its global batch of 1024 only. `--recipe deit-s` gives the reference
+    exactly. The default dataset is Fashion-MNIST; a run on a small dataset will want fewer epochs and
+    a larger learning rate.
     """
 
     # What to train.
