@@ -3,7 +3,7 @@ train a dense timm model.
 
 `train(cfg)` is the table of contents; one `TrainState` carries the run from phase to phase:
 
-    state = setup(cfg, env, device)   # models, data, optimizer, precision, EMA; checked, nothing written
+    state = setup(cfg, env, device)   # names and files checked; models, data, optimizer, precision, EMA
     resume(state)                     # a checkpoint's weights, position and random state, or fresh seeds
     open_run(state)                   # the run folder: room, config.json, metrics.jsonl
     for epoch in ...:
@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
 def setup(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Optional[Dataset] = None,
           val_set: Optional[Dataset] = None) -> TrainState:
     """Models, data, optimizer, precision and EMA, the same on every rank. Names, files and the run
-    folder are checked first, before any data is read; nothing is written."""
+    folder are checked first, before any data is read; no file of the run is written yet."""
     out = Path(cfg.output)
     resume_from, clear_earlier, kwargs, info = _preflight(cfg, env, out, train_set)
     seed_everything(cfg.seed)  # the same initialization on every rank (DDP broadcasts rank 0's anyway)
