@@ -1,5 +1,5 @@
-"""The documentation pages: every example runs (or is parsed, or says why not), every link resolves,
-and no text in the project narrates its history.
+"""The documentation pages (docs/ and benchmarks/README.md): every example runs (or is parsed, or says
+why not), every link resolves, and no text in the project narrates its history.
 
 Examples follow the fence words of tests/doc_examples.py. The history check scans README.md, docs/,
 the sources, benchmarks/ and scripts/ for issue numbers, commit hashes, "earlier release" and pointers
@@ -14,10 +14,11 @@ from doc_examples import NOT_CODE, ROOT, RUNNABLE, check, examples, params
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
-MARKDOWN = [ROOT / "README.md", *PAGES, ROOT / "benchmarks" / "README.md"]
+BENCHMARKS = ROOT / "benchmarks" / "README.md"
+MARKDOWN = [ROOT / "README.md", *PAGES, BENCHMARKS]
 
 
-@pytest.mark.parametrize("example", params(PAGES))
+@pytest.mark.parametrize("example", params([*PAGES, BENCHMARKS]))
 def test_docs_example(example, tmp_path, monkeypatch):
     check(example, tmp_path, monkeypatch)
 
