@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU table of issue 11 in one run (benchmarks/gpu_table.py): dense timm DeiT-S / DeiT-B against
+# The GPU table in one run (benchmarks/gpu_table.py): dense timm DeiT-S / DeiT-B against
 # DynamicViT at keep ratio 0.7, eager (bf16 autocast, bf16 weights), torch.compile, CUDA graphs,
 # batch 256 and 1, timm's and the fast patch embedding, the training step, the free-predictor bound.
 #
-#   benchmarks/gpu.sh                    # on a GPU machine, from anywhere; ~5 minutes on one H100
+#   benchmarks/gpu.sh                    # on a GPU machine, from anywhere; --budget-s caps it at 5 minutes
 #   benchmarks/gpu.sh --device cpu       # dry run at tiny sizes (checks the plumbing, not speed)
 #   OUT=results benchmarks/gpu.sh        # where gpu_table.md / gpu_table.json go (default: gpu-results)
 #

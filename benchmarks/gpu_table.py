@@ -1,4 +1,4 @@
-"""The GPU table of issue 11 in one run: dense timm DeiT against DynamicViT, inference and training.
+"""The GPU table in one run: dense timm DeiT against DynamicViT, inference and training.
 
 Rows (random weights: with fixed token counts per stage, speed does not depend on them):
 - DeiT-S batch `--batch` (256): bf16 autocast and bf16 weights, each with timm's patch embedding in
@@ -18,7 +18,7 @@ Protocol: every model of a row group is built once, warmed up, then timed in `--
 interleaved round-robin (starting model rotating), each round `--inner` calls between two CUDA
 events; the median round gives the time per call. Inference under torch.inference_mode.
 
-    PYTHONPATH=src python benchmarks/gpu_table.py                 # on a GPU, ~5 minutes on one H100
+    PYTHONPATH=src python benchmarks/gpu_table.py                 # on a GPU; --budget-s caps it at 5 minutes
     PYTHONPATH=src python benchmarks/gpu_table.py --device cpu    # dry run at tiny sizes (the plumbing, not speed)
 
 Prints the Markdown table; --output DIR also writes gpu_table.md and gpu_table.json (every timing).

@@ -5,7 +5,8 @@ DynamicSpatial, and `selection_check` compares its predictors' choices with rand
 object-first and background-first ones on the 10,000 test items (each at a fixed spot).
 
 On plain Fashion-MNIST (the item fills the image) the fine-tuned spatial models are indifferent to
-which positions take the full path (README, hierarchical models); this is the control experiment.
+which positions take the full path (docs/experiments/2026-11-27-spatial-fashion-mnist.md); this is the
+control experiment (docs/experiments/2026-11-27-spatial-canvas.md).
 
     python benchmarks/spatial_canvas.py [--output runs/spatial-canvas] [--keep-ratios 0.7,0.5]
         [--teacher-epochs 4 | --teacher FILE] [--student-epochs 2] [--threads 2]

@@ -1,6 +1,6 @@
 """Speed of DynamicSpatial (ConvNeXt-T, Swin-T) against the dense timm models, with the MACs per stage.
 
-Issue 13's target: at keep ratio 0.7 on the CPU at batch 32, the dynamic model is faster than the
+The target: at keep ratio 0.7 on the CPU at batch 32, the dynamic model is faster than the
 dense one by at least the MACs ratio minus 10% (speed-up >= dense MACs / dynamic MACs - 0.10).
 All models of one backbone are timed in one process with interleaved repetitions
 (`dynamicvit.runtime.bench.compare_throughput`); random weights (the positions per stage are fixed by the
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--prune-locs", default=None, help="predictor locations in stage 3 (default: the spec's table)")
+    p.add_argument("--prune-locs", default=None, help="predictor locations in stage 3 (default: the authors' table)")
     p.add_argument("--model-kwargs", default="{}", help="extra timm kwargs as JSON (tiny checks)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     return p.parse_args(argv)

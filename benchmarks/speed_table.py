@@ -1,7 +1,7 @@
-"""Reproduce the README's speed table: DeiT-S, 224 px, fp32, 2 CPU threads, batch 32 and batch 1.
+"""The DeiT-S speed table of docs/results.md: 224 px, fp32, 2 CPU threads, batch 32 and batch 1.
 
 Dense timm DeiT-S against DynamicViT at keep ratios 0.9 / 0.8 / 0.7, all timed in one process with
-interleaved repetitions (see `dynamicvit.bench`). Random weights: speed does not depend on them
+interleaved repetitions (see `dynamicvit.runtime.bench`). Random weights: speed does not depend on them
 (pass --checkpoint to time trained weights). Prints a Markdown table; --output DIR also writes the
 full rows (JSON), the long-form table and a plot.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import timm, torch
 
 import dynamicvit
-from dynamicvit.checkpoint import read_checkpoint
+from dynamicvit.weights.formats import read_checkpoint
 
 src, asset, args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 _, settings = read_checkpoint(src)

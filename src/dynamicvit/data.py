@@ -127,7 +127,7 @@ def resolve_dataset(spec: PathLike, data_dir: Optional[PathLike] = None) -> Data
         data_dir: for an ImageFolder tree given as "imagefolder", its root.
 
     Raises:
-        DataError: the spec names no known dataset, or the folder does not have the expected layout.
+        DataError: `spec` names no known dataset, or the folder does not have the expected layout.
     """
     if is_fashion_mnist(spec):
         return FASHION_MNIST

@@ -1,7 +1,7 @@
 """`dynamicvit predict`: classify image files and folders with a DynamicViT (or its ONNX export).
 
 Runtimes (`--runtime`): `onnxruntime` (the default where it applies: the fastest on a CPU at batch 1,
-see the README), `eager` (PyTorch as is), `compile` (`dynamicvit.compile`, also `--compile`). With
+see docs/deployment.md), `eager` (PyTorch as is), `compile` (`dynamicvit.compile`, also `--compile`). With
 `--checkpoint` and the ONNX Runtime, the checkpoint is exported once (verified against PyTorch) into
 the cache (`$DYNAMICVIT_CACHE/onnx`, default ~/.cache/dynamicvit/onnx) and reused by later runs.
 

@@ -13,7 +13,7 @@ class_logits`) with CE and the logit KL; the combined prediction is what inferen
 Reference weights: 2.0 / 0.5 / 0.5 for DeiT and LV-ViT alike. Shapes: B batch, N patch tokens, C width,
 K classes.
 
-Hierarchical models (`DynamicSpatial`, spec: shared/reference/spatial.md) use `DynamicSpatialLoss`:
+Hierarchical models (`DynamicSpatial`, docs/spatial.md) use `DynamicSpatialLoss`:
 the ratio term pulls predictor s toward its own r_s (decisions not hierarchical), weight 10.0, and the
 feature term compares the final normalized maps over all positions.
 Every term is computed in fp32, whatever the autocast dtype of its inputs.
@@ -215,7 +215,7 @@ class DynamicViTLoss(nn.Module):
 
 
 class DynamicSpatialLoss(nn.Module):
-    """The objective of hierarchical models (spatial.md): CE + 10 * ratio + 0.5 * KL + 0.5 * feature MSE.
+    """The objective of hierarchical models (docs/spatial.md): CE + 10 * ratio + 0.5 * KL + 0.5 * feature MSE.
 
     Called like `DynamicViTLoss` with the student's training output of a `DynamicSpatial` (its
     `tokens` are the final normalized feature map, (B, N4, C4)), the targets, and the teacher's logits

@@ -216,10 +216,10 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     Why the row max over all keys and the eps, although they distort rows in which a dropped key
     dominates by more than ~14 nats (the kept terms fall below eps and the row flattens): the exact
     derivative with respect to a dropped g_j grows like exp(A_ij - max over kept keys), 1e9 and more
-    in models with peaked attention, and drowns every other loss term. eps bounds it. A variant
-    with an exact forward (max over kept keys) and this gradient was measured too: its predictors
-    learned worse (measured in an earlier release by the rank correlation of keep score and patch
-    content), as forward and gradient then disagree. Elsewhere the result equals the exact masked softmax to ~1e-6.
+    in models with peaked attention, and drowns every other loss term. eps bounds it. An exact
+    forward (max over kept keys) with this bounded gradient lets forward and gradient disagree, and
+    its predictors learn worse (a lower rank correlation between keep score and patch content).
+    Elsewhere the result equals the exact masked softmax to ~1e-6.
 
     Args:
         attn: attention logits, (B, H, M, M).

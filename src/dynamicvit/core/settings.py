@@ -223,7 +223,7 @@ RATIO_STEP = 0.2  # r_s = rho - 0.2 * s (the authors' schedule)
 
 
 def default_stage_ratios(keep_ratio: float, num_stages: int) -> tuple[float, ...]:
-    """The spec's per-stage keep ratios r = (rho, rho - 0.2, rho - 0.4, ...), rounded so 0.7 - 0.4 is 0.3."""
+    """The authors' per-stage keep ratios r = (rho, rho - 0.2, rho - 0.4, ...), rounded so 0.7 - 0.4 is 0.3."""
     return tuple(round(keep_ratio - RATIO_STEP * s, 6) for s in range(num_stages))
 
 

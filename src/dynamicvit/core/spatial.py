@@ -1,15 +1,15 @@
 """DynamicSpatial: dynamic spatial sparsification of hierarchical backbones (ConvNeXt, Swin).
 
-The journal version of DynamicViT (Rao et al., T-PAMI 2023; the spec is
-`shared/reference/spatial.md`). The maps keep every position, so the model stays a backbone for
-dense prediction; what changes is how much each position costs in the third stage:
+The journal version of DynamicViT (Rao et al., T-PAMI 2023), written up in docs/spatial.md. The maps
+keep every position, so the model stays a backbone for dense prediction; what changes is how much each
+position costs in the third stage:
 - before the blocks in `prune_locs` a `PredictionModule` scores every position of the map;
   decisions are not hierarchical: stage s keeps int(N * r_s) positions, r = (rho, rho - 0.2, ...);
 - from the first predictor on every block is *adaptive*: its spatial mixer runs on the whole map,
   its feed-forward part (FFN) on the kept positions, a cheap `FastPath` (LN -> Linear) on the rest.
 
 Training path (`forward_masked`): two full-size streams x1 (FFN) and x2 (fast path) and hard
-straight-through Gumbel decisions m, with the spec's equations per block (see `_adaptive_masked`).
+straight-through Gumbel decisions m, with the authors' equations per block (see `_adaptive_masked`).
 Inference path (`forward_pruned`): per predictor, the top-k positions go through the FFN, gathered,
 the rest through the fast path; both are scattered back into the full map.
 
@@ -271,7 +271,7 @@ class DynamicSpatial(SparseModel):
     def _adaptive_masked(
         self, j: int, x1: torch.Tensor, x2: torch.Tensor, m: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adaptive block j on the two streams (the spec's training equations):
+        """Adaptive block j on the two streams (the authors' training equations, docs/spatial.md):
 
             y = mix(x1 * m + x2 * (1 - m))
             a = y * m + x1 * (1 - m);   b = y * (1 - m) + x2 * m

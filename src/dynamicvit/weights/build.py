@@ -76,7 +76,7 @@ def create_model(
             tokens. ConvNeXt/Swin: predictor s sends int(N * r_s) positions of the stage-3 map through the
             full FFN, r = (rho, rho - 0.2, ...).
         prune_locs: ViTs: blocks before which to prune (default: the checkpoint's, else three evenly spaced
-            stages). ConvNeXt/Swin: block indices inside stage 3 (default: the spec's table).
+            stages). ConvNeXt/Swin: block indices inside stage 3 (default: the authors' table, docs/spatial.md).
         stage_ratios: ConvNeXt/Swin only: explicit r_s per predictor instead of rho - 0.2 s.
         restart_streams: ConvNeXt/Swin only: see `SpatialConfig.restart_streams`.
         fuse_dropped: ViTs only: fold each stage's dropped tokens into one extra token instead of

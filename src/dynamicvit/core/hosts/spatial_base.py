@@ -33,7 +33,7 @@ class SpatialHost:
     fast_path_layer_scale: ClassVar[Optional[float]] = None
     # LayerNorm eps of the prediction modules in the authors' release.
     predictor_norm_eps: ClassVar[float] = 1e-5
-    # Predictor locations of the spec's table, by (stage depths, stage widths).
+    # The authors' predictor locations, by (stage depths, stage widths) (table in docs/spatial.md).
     default_locs: ClassVar[dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, ...]]] = {}
 
     def __init__(self, model: nn.Module):
@@ -98,12 +98,12 @@ class SpatialHost:
         raise NotImplementedError
 
     def prune_locs(self) -> tuple[int, ...]:
-        """The predictor locations of the spec's table for this model; a clear error otherwise."""
+        """The authors' predictor locations for this model; a clear error for depths and widths they did not publish."""
         key = (self.depths, self.widths)
         if key not in self.default_locs:
             raise ConfigError(
                 f"{type(self.model).__name__} with depths {list(self.depths)} and widths {list(self.widths)} has no "
-                f"default predictor locations (the spec's table covers the published {self.family} models); pass "
+                f"default predictor locations (the authors' table covers the published {self.family} models); pass "
                 f"prune_locs explicitly: block indices inside stage {self.sparse_stage + 1}, in 0..{self.depth - 1}"
             )
         return self.default_locs[key]
