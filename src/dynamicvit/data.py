@@ -270,8 +270,8 @@ def eval_config(
 
     - `whole_image` (Fashion-MNIST: whole objects on a blank field): resized to the input size, no crop.
     - From 384 px on, the whole image is warped to the input size without a crop.
-    - Below, the shorter side is resized to size / crop_pct and the center cropped (DeiT's pretrained
-      config: crop 0.875, bicubic, so 256 -> 224).
+    - Below, the shorter side is resized to size / crop_pct and the center cropped (the reference
+      recipe's crop 0.875, bicubic: 256 -> 224; DeiT-S's timm config says 0.9).
 
     Args:
         input_size: (C, H, W) of the model.

@@ -180,7 +180,7 @@ class TrainConfig:
     augment: Optional[dict] = None  # timm create_transform arguments for training images; None: RandAugment
     # rand-m9-mstd0.5-inc1 + random erasing 0.25 ("pixel") for ImageFolder data, light crops/flips for Fashion-MNIST
     eval_crop_pct: Optional[float] = None  # ImageFolder evaluation: resize to img_size / crop_pct, center crop;
-    # None: the model's pretrained config (DeiT: 0.875 bicubic, 256 -> 224); 384 px and up: the whole image warped
+    # None: the model's pretrained config (DeiT-S: 0.9, bicubic, 248 -> 224); 384 px and up: the whole image warped
 
     # Precision and averaging.
     amp: str = "auto"  # "auto" (bf16, else fp16, on CUDA; none elsewhere), "none", "bf16", "fp16"
