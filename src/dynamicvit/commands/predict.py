@@ -121,7 +121,7 @@ def _classify(args, runner: "Runner", files: list, failed: list, out_names: Opti
     """Results for `files` in batches (printed as they come unless --json); unreadable images and images
     with non-finite outputs are added to `failed`. Returns (results, images with non-finite outputs)."""
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # the class progress_bar uses: its write() moves that bar
 
     from .. import visualize as vis
     from ..errors import DataError
