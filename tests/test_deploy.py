@@ -23,6 +23,7 @@ def test_onnx_graph_matches_pytorch_at_several_batch_sizes(tmp_path, exporter):
     model = tiny_model(keep_ratio=0.6).eval()
     result = deploy.export_onnx(model, tmp_path / "m.onnx", exporter=exporter)
     assert result.verification.passed and result.verification.batch_sizes == [1, 4]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # one self-contained file, no external data
     assert result.verification.max_abs_diff <= 1e-4 and result.verification.top1_agreement == 1.0
     # The batch axis is symbolic, and top-k and gather are in the graph.
     graph = onnx.load(str(result.path)).graph
@@ -152,6 +153,7 @@ def test_int8_quantization_keeps_predictions_and_metadata(tmp_path):
     assert "MatMul" in ops
     assert deploy.read_metadata(int8)["quantization"] == "int8-dynamic"
     assert int8.stat().st_size < 0.6 * fp32.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dynamicvit"
 
 # Bottom to top. The first name after `dynamicvit.` decides a module's layer.
 LAYERS = (
-    ("errors", "version", "files", "progress", "extras"),  # foundations: no model, no tensor code
+    ("errors", "version", "files", "progress", "extras", "text"),  # foundations: no model, no tensor code
     ("core",),  # the method: settings, math, hosts, the two model classes, losses
     ("weights",),  # checkpoint files and the three ways to get a model
     ("data",),  # datasets and the one evaluation transform

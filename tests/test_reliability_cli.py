@@ -222,3 +222,52 @@ def test_a_closed_output_pipe_is_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(info, "run", reader_went_away)
     code, _, err = run_cli(capsys, "info")
     assert code == 141 and err == ""
+
+
+# -- training config files and evaluation batches that do not fit ---------------------------------
+
+
+@pytest.mark.parametrize("content, words", [
+    ("model: vit_tiny_patch16_224\nepochs: 2\ndataset: caf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+    (b"model: vit_tiny_patch16_224\ntimm_kwargs: {pretrained: true}\n", "timm_kwargs may not set pretrained"),
+    (b"timm_kwargs:\n  checkpoint_path: /etc/passwd\n", "timm_kwargs may not set checkpoint_path"),
+])
+def test_a_config_file_that_cannot_be_used_is_one_line(tmp_path, capsys, content, words):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "train", "--config", path, "--output", tmp_path / "out")
+    assert code == 2 and words in one_error_line(err, "train"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_timm_kwargs_that_would_download_are_refused_in_a_config():
+    from dynamicvit.errors import ConfigError
+    from dynamicvit.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"timm_kwargs may not set pretrained: use the setting `pretrained: true`"):
+        TrainConfig.from_dict({"model": "vit_tiny_patch16_224", "timm_kwargs": {"pretrained": True}})
+
+
+@pytest.mark.parametrize("message", [
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "98784247808 bytes. Error code 12 (Cannot allocate memory)",
+    "CUDA out of memory. Tried to allocate 90.00 GiB. GPU 0 has a total capacity of 139.72 GiB",
+])
+def test_eval_out_of_memory_names_the_batch_size_to_lower(tmp_path, capsys, monkeypatch, message):
+    import dynamicvit.evaluate
+
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        (root / "val" / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "val" / label / "0.png")
+    ckpt = dynamicvit.save_model(tiny_model(num_classes=2), tmp_path / "m.safetensors")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(dynamicvit.evaluate, "evaluate", out_of_memory)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--dataset", root, "--batch-size", "100000",
+                           "--num-workers", "0", "--device", "cpu")
+    line = one_error_line(err, "eval")
+    assert code == 2 and "out of memory evaluating batches of 100000 images" in line
+    assert "lower --batch-size, e.g. --batch-size 12500" in line

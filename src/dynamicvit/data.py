@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,8 @@ from torch.utils.data import Dataset, Subset
 from .core.hosts import any_host
 from .errors import ConfigError, DataError
 from .files import PathLike, atomic_write
+from .text import short_repr
+from .weights.formats import MAX_IMAGE_SIDE, is_int, is_number
 
 _logger = logging.getLogger(__name__)
 
@@ -334,6 +336,57 @@ def preprocessing_config(
     std = per_channel(base["std"] if std is None else std, C, "std")
     return eval_config((C, H, W), mean, std, pretrained_cfg=backbone.pretrained_cfg, crop_pct=crop_pct,
                        whole_image=whole_image and crop_pct is None)
+
+
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+IMAGE_CHANNELS = (1, 3)  # images are read as grayscale or RGB (`visualize.load_image`)
+
+
+def check_eval_config(config: Any, where: str) -> dict:
+    """Check an `eval_config` read from a file before a transform is built from it.
+
+    Every value must have its type; the normalization is finite with std > 0, one value per channel;
+    sizes are bounded: at most `MAX_IMAGE_SIDE` pixels a side, also for the resize before the crop
+    (size / crop_pct), so that a crafted file cannot make a transform allocate gigabytes.
+
+    Returns:
+        The checked config (the keys of `eval_config`, plain Python values).
+
+    Raises:
+        ConfigError: naming `where`, the value and what was expected.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} is {short_repr(config)}; expected an object with input_size, mean and std")
+    C, H, W = check_input_size(config.get("input_size"), f"{where}: input_size")
+    checked: dict[str, Any] = {"input_size": [C, H, W]}
+    for key in ("mean", "std"):
+        values = config.get(key)
+        ok = isinstance(values, list) and len(values) == C and all(is_number(v) for v in values)
+        if not ok or (key == "std" and min(values) <= 0):
+            raise ConfigError(f"{where}: {key} is {short_repr(values)}; expected {C} finite number(s)"
+                              + (" greater than 0" if key == "std" else ""))
+        checked[key] = [float(v) for v in values]
+    crop = config.get("crop_pct", 1.0)
+    if not is_number(crop) or not 0 < crop <= 1 or max(H, W) / crop > MAX_IMAGE_SIDE:
+        raise ConfigError(f"{where}: crop_pct is {short_repr(crop)}; expected a number in (0, 1] that keeps the "
+                          f"resized image within {MAX_IMAGE_SIDE} pixels a side")
+    checked["crop_pct"] = float(crop)
+    for key, allowed, default in (("crop_mode", CROP_MODES, "center"), ("interpolation", INTERPOLATIONS, "bicubic")):
+        value = config.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key} is {short_repr(value)}; expected one of {', '.join(allowed)}")
+        checked[key] = value
+    return checked
+
+
+def check_input_size(size: Any, where: str) -> tuple[int, int, int]:
+    """(C, H, W) with C in `IMAGE_CHANNELS` and 1 <= H, W <= `MAX_IMAGE_SIDE`, else `ConfigError`."""
+    if (not isinstance(size, list) or len(size) != 3 or not all(is_int(v) for v in size)
+            or size[0] not in IMAGE_CHANNELS or not all(1 <= v <= MAX_IMAGE_SIDE for v in size[1:])):
+        raise ConfigError(f"{where} is {short_repr(size)}; expected [channels, height, width] with 1 or 3 channels "
+                          f"and sides of 1 to {MAX_IMAGE_SIDE} pixels")
+    return tuple(size)
 
 
 def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:

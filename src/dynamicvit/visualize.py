@@ -33,7 +33,7 @@ from .core.base import SparseModel
 from .data import per_channel
 from .errors import ConfigError, DataError
 from .extras import require
-from .files import GENERATOR, PathLike, atomic_write
+from .files import GENERATOR, PathLike, atomic_write, describe_os_error
 from .progress import progress_bar
 
 FADE_COLOR = (255, 255, 255)
@@ -684,26 +684,65 @@ def write_html(
 
 
 def find_images(inputs: Sequence[PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files and folders (recursively, sorted, hidden files skipped) into candidate files.
+    """Expand files and folders (recursively, sorted, hidden files and folders skipped) into candidate files.
+
+    Nothing is dropped silently: what cannot be read is returned with the reason, as a missing file is.
 
     Returns:
-        (files, skipped): skipped holds (path, reason) for inputs that do not exist.
+        (files, skipped): skipped holds (path, reason) for inputs that do not exist, folders without
+        files, sub-folders that cannot be listed, broken symbolic links, links to folders (not
+        followed: no loops) and entries that are not regular files (a pipe would block the reader).
     """
     files, skipped = [], []
     for p in map(Path, inputs):
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-            if not found:
+        if p.is_dir():  # a link to a folder named on the command line is followed
+            before = len(skipped)
+            found = _files_under(p, skipped)
+            if not found and len(skipped) == before:
                 skipped.append((p, "the folder holds no files"))
             files += found
-        elif p.exists():
+        elif p.is_file():
             files.append(p)
         else:
-            skipped.append((p, "no such file or folder"))
+            skipped.append((p, _why_not_a_file(p)))
     return files, skipped
+
+
+def _files_under(root: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Regular files under `root` (links to files included), sorted; what cannot be read goes to `skipped`."""
+    found, folders, problems = [], [root], []
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as e:
+            problems.append((folder, f"cannot list the folder ({describe_os_error(e)})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                elif entry.is_file():  # follows a link to a file
+                    found.append(path)
+                else:
+                    problems.append((path, _why_not_a_file(path)))
+            except OSError as e:
+                problems.append((path, describe_os_error(e)))
+    skipped += sorted(problems)
+    return sorted(found)
+
+
+def _why_not_a_file(path: Path) -> str:
+    if path.is_symlink():
+        if not path.exists():
+            return "a broken symbolic link (its target is missing)"
+        if path.is_dir():
+            return "a link to a folder, not followed; name the folder itself to include it"
+    if not path.exists():
+        return "no such file or folder"
+    return "not a regular file (a pipe, socket or device)"
 
 
 def load_image(path: PathLike, transform, in_chans: int) -> torch.Tensor:

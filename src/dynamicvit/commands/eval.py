@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from ..core.base import SparseModel
     from ..core.hosts import any_host
     from ..data import bad_images_error, build_dataset, check_images, check_model_fits, resolve_dataset, square_img_size
-    from ..evaluate import evaluate
     from ..runtime.device import resolve_device
     from ..weights.build import load
 
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             from ..runtime.deploy import compile as compile_model
 
             runnable = compile_model(model.eval())
-        metrics = evaluate(runnable, loader, device, args.amp, progress=not args.json)
+        metrics = _evaluate_or_hint(args, runnable, loader, device)
         model.cpu()
         rows.append({
             "keep_ratio": ratio,
@@ -112,6 +111,26 @@ def run(args: argparse.Namespace) -> int:
     if rows[0]["gmacs"] is None:
         print("MACs unavailable: dynamicvit.runtime.flops is not installed")
     return 0
+
+
+# How CUDA, MPS and the CPU allocator say that an allocation failed.
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _evaluate_or_hint(args, model, loader, device) -> dict:
+    """`evaluate`, with running out of memory (a batch too large for the device) turned into one line
+    that says how to fix it."""
+    from ..evaluate import evaluate
+
+    try:
+        return evaluate(model, loader, device, args.amp, progress=not args.json)
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        text = str(e).strip()
+        if not isinstance(e, MemoryError) and not any(words in text for words in OUT_OF_MEMORY):
+            raise
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise ConfigError(f"out of memory evaluating batches of {args.batch_size} images on {device} ({first}); "
+                          f"lower --batch-size, e.g. --batch-size {max(1, args.batch_size // 8)}") from None
 
 
 def _count_macs(model, input_size):

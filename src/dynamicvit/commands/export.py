@@ -43,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..core.base import backbone_of
-    from ..core.vit import DynamicViT
+    from ..core.base import SparseModel, backbone_of
     from ..data import preprocessing_config
     from ..errors import ConfigError
     from ..runtime import deploy
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
     num_classes = backbone_of(model).num_classes
     class_names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
-    dense = args.dense or (args.keep_ratio is None and not isinstance(model, DynamicViT))
+    dense = args.dense or (args.keep_ratio is None and not isinstance(model, SparseModel))
     result = deploy.export_onnx(
         model, output, keep_ratio=args.keep_ratio, opset=args.opset, dense=dense, class_names=class_names,
         preprocessing=preprocessing_config(model, train_dataset), overwrite=args.overwrite,
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"export": result.to_dict()}
     if not args.json:
         meta = result.metadata
-        what = f"keep ratio {meta['keep_ratio']}, tokens kept {meta['keep_counts']}" if meta.get("kind") == "dynamicvit" else "dense"
+        what = deploy.sparsity_summary(meta)
         print(f"wrote {result.path} ({meta['model_name']}, {what}, opset {result.opset}, {args.exporter} exporter)")
         if result.verification is not None:
             print(result.verification.summary())

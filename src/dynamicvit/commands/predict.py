@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import OutputNames, prepare_output_dir
-from ._common import model_kwargs
+from ..text import printable
+from ._common import json_text, model_kwargs
 
 HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
 
@@ -69,10 +70,10 @@ class Runner:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     from .. import visualize as vis
     from ..errors import ConfigError, DataError
+    from ..files import check_output_dir
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")
@@ -83,23 +84,54 @@ def run(args: argparse.Namespace) -> int:
     runtime = "compile" if args.compile else args.runtime
     if args.compile and args.runtime not in ("auto", "compile"):
         raise ConfigError(f"--compile and --runtime {args.runtime} contradict each other; give one")
+    if args.show_tokens:
+        check_output_dir(args.show_tokens, "--show-tokens")  # before a model is loaded or exported
     runner = _onnx_runner(args, Path(args.onnx)) if args.onnx else _torch_runner(args, runtime)
     if args.show_tokens and runner.masks is None:
-        raise ConfigError("--show-tokens needs a DynamicViT: this model is dense, so it keeps every token")
+        raise ConfigError("--show-tokens needs a sparse model (DynamicViT, DynamicSpatial): this model is dense, "
+                          "so it keeps every token")
     _logger.info("%s", runner.description)
 
     files, missing = vis.find_images(args.inputs)
     failed = [(str(p), why) for p, why in missing]
     for path, why in failed:
-        _logger.warning("skipping %s: %s", path, why)
-    transform = _transform(runner.preprocessing)
-    in_chans = runner.preprocessing["input_size"][0]
+        _logger.warning("skipping %s: %s", printable(path), why)
     out_dir = prepare_output_dir(args.show_tokens, "--show-tokens") if args.show_tokens else None
     # Pictures take free names: never an input image, never a file this command did not write.
     out_names = OutputNames(out_dir, inputs=files, is_ours=vis.is_our_file) if out_dir is not None else None
+    results, non_finite = _classify(args, runner, files, failed, out_names)
+
+    if args.json:
+        print(json_text({"model": runner.description, "runtime": runner.runtime, "results": results,
+                         "skipped": [{"file": f, "error": e} for f, e in failed], "non_finite": non_finite}))
+    if not results and not failed:
+        raise DataError(f"no image files found in {', '.join(map(printable, args.inputs))}")
+    summary = f"classified {len(results)} image(s)"
+    if failed:
+        summary += f", skipped {len(failed)} (see warnings)"
+    if non_finite:
+        summary += f"; {non_finite} of the skipped gave non-finite outputs (NaN or Inf): the model or its input is broken"
+    if out_dir is not None and results:
+        summary += f"; kept-token pictures in {printable(str(out_dir))}"
+    print(summary, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _classify(args, runner: "Runner", files: list, failed: list, out_names: Optional[OutputNames]) -> tuple[list, int]:
+    """Results for `files` in batches (printed as they come unless --json); unreadable images and images
+    with non-finite outputs are added to `failed`. Returns (results, images with non-finite outputs)."""
+    import torch
+    from tqdm.auto import tqdm  # the class progress_bar uses: its write() moves that bar
+
+    from .. import visualize as vis
+    from ..errors import DataError
+    from ..progress import progress_bar
+
+    transform = _transform(runner.preprocessing)
+    in_chans = runner.preprocessing["input_size"][0]
     show_bar = any(Path(p).is_dir() for p in args.inputs) and not args.json
-    results = []
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not show_bar, file=sys.stderr)
+    results, non_finite = [], 0
+    bar = progress_bar(total=len(files), desc="predict", unit="img", enabled=show_bar)
     for chunk in _chunks(files, args.batch_size):
         names, tensors = [], []
         for path in chunk:
@@ -108,37 +140,40 @@ def run(args: argparse.Namespace) -> int:
                 names.append(str(path))
             except DataError as e:
                 failed.append((str(path), str(e)))
-                _logger.warning("skipping %s", e)
+                _logger.warning("skipping %s", printable(str(e)))
         bar.update(len(chunk))
         if not tensors:
             continue
         x = torch.stack(tensors)
         with torch.inference_mode():
             logits = runner.predict(x).float().cpu()
-        probs = logits.softmax(-1)
-        top = probs.topk(min(args.top_k, probs.shape[-1]), dim=-1)
-        for i, name in enumerate(names):
-            preds = [
-                {"class": int(c), "name": _name(runner.class_names, int(c)), "probability": float(p)}
-                for p, c in zip(top.values[i], top.indices[i])
-            ]
-            results.append({"file": name, "predictions": preds})
-            if not args.json:  # as they come, above the progress bar
-                bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds), file=sys.stdout)
-        if out_dir is not None:
-            _draw(runner, x, names, results[-len(names):], out_names, len(results) - len(names))
+        finite = logits.isfinite().all(-1)
+        for name in (n for n, ok in zip(names, finite) if not ok):
+            failed.append((name, NON_FINITE))
+            _logger.warning("skipping %s: %s", printable(name), NON_FINITE)
+        non_finite += int((~finite).sum())
+        batch = [_prediction(name, p, runner.class_names, args.top_k) for name, p, ok in
+                 zip(names, logits.softmax(-1), finite) if ok]
+        results += batch
+        if not args.json:  # as they come, above the progress bar (tqdm.write moves a bar on a terminal)
+            for r in batch:
+                tqdm.write(f"{printable(r['file'])}: " + ", ".join(
+                    f"{p['name']} {p['probability']:.1%}" for p in r["predictions"]), file=sys.stdout)
+        if out_names is not None and batch:
+            _draw(runner, x[finite], [r["file"] for r in batch], batch, out_names, len(results) - len(batch))
     bar.close()
+    return results, non_finite
 
-    if args.json:
-        print(json.dumps({"model": runner.description, "runtime": runner.runtime, "results": results,
-                          "skipped": [{"file": f, "error": e} for f, e in failed]}, indent=2))
-    if not results and not failed:
-        raise DataError(f"no image files found in {', '.join(args.inputs)}")
-    summary = f"classified {len(results)} image(s)" + (f", skipped {len(failed)} (see warnings)" if failed else "")
-    if out_dir is not None and results:
-        summary += f"; kept-token pictures in {out_dir}"
-    print(summary, file=sys.stderr)
-    return 1 if failed else 0
+
+NON_FINITE = "the model's output for this image is not finite (NaN or Inf); no prediction"
+
+
+def _prediction(name: str, probs, class_names: Optional[list], top_k: int) -> dict:
+    top = probs.topk(min(top_k, probs.shape[-1]))
+    return {"file": name, "predictions": [
+        {"class": int(c), "name": _name(class_names, int(c)), "probability": float(p)}
+        for p, c in zip(top.values, top.indices)
+    ]}
 
 
 # -- runtimes -----------------------------------------------------------------------------------
@@ -162,8 +197,7 @@ def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
     def masks(x):
         return _masks_from_kept(session.run(x), kept_names, meta)
 
-    kind = (f"keep ratio {meta.get('keep_ratio')}, tokens kept {meta.get('keep_counts')}"
-            if meta.get("kind") == "dynamicvit" else "dense")
+    kind = deploy.sparsity_summary(meta)
     return Runner("onnxruntime", session, masks if kept_names else None, meta["preprocessing"],
                   meta.get("class_names"), description or f"{meta.get('model_name')} ({kind}) in ONNX Runtime from {path}")
 
@@ -171,8 +205,7 @@ def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
 def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import visualize as vis
-    from ..core.base import backbone_of
-    from ..core.vit import DynamicViT
+    from ..core.base import SparseModel, backbone_of
     from ..data import preprocessing_config
     from ..runtime import deploy
     from ..runtime.device import resolve_device
@@ -193,17 +226,19 @@ def _torch_runner(args, runtime: str) -> Runner:
         _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
         model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
     if args.keep_ratio is not None:
-        if not isinstance(model, DynamicViT):
+        if not isinstance(model, SparseModel):
             from ..errors import ConfigError
 
-            raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a DynamicViT")
+            raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a sparse model "
+                              "(DynamicViT, DynamicSpatial)")
         model.set_keep_ratio(args.keep_ratio)
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
     num_classes = backbone_of(model).num_classes
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     preprocessing = preprocessing_config(model, train_dataset)
-    kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
+    sparse = isinstance(model, SparseModel)
+    kind = deploy.sparsity_summary(deploy.sparsity_settings(model))
     source = args.checkpoint or f"{args.model} (random weights)"
 
     if runtime == "auto":
@@ -213,16 +248,16 @@ def _torch_runner(args, runtime: str) -> Runner:
             from ..errors import ConfigError
 
             raise ConfigError("--runtime onnxruntime runs on the CPU here; drop --device or use --runtime eager")
+        description = f"{model.model_name if sparse else source} ({kind}) in ONNX Runtime, exported from {source} to "
         if args.checkpoint:
-            path = _cached_export(model, args, names, preprocessing)
+            runner = _cached_runner(model, args, names, preprocessing, description)
         else:  # random weights: nothing worth caching; the folder lives as long as the process
             folder = tempfile.TemporaryDirectory(prefix="dynamicvit-predict-")
             atexit.register(folder.cleanup)
             path = deploy.export_onnx(model, Path(folder.name) / "model.onnx", class_names=names,
                                       preprocessing=preprocessing).path
-        runner = _onnx_runner(args, path, f"{model.model_name if isinstance(model, DynamicViT) else source} "
-                                          f"({kind}) in ONNX Runtime, exported from {source} to {path}")
-        if isinstance(model, DynamicViT):  # pictures from PyTorch: they also show the keep probabilities
+            runner = _onnx_runner(args, path, f"{description}{path}")
+        if sparse:  # pictures from PyTorch: they also show the keep probabilities
             runner.masks = lambda x: vis.kept_token_masks(model, x)
         return runner
 
@@ -235,16 +270,38 @@ def _torch_runner(args, runtime: str) -> Runner:
     def masks(x):
         return vis.kept_token_masks(model, x.to(device))
 
-    return Runner(runtime, predict, masks if isinstance(model, DynamicViT) else None, preprocessing, names,
+    return Runner(runtime, predict, masks if sparse else None, preprocessing, names,
                   f"{source} ({kind}) in PyTorch ({runtime}, {device})")
 
 
-def _cached_export(model, args, class_names, preprocessing) -> Path:
-    """The checkpoint exported to ONNX once, verified, and kept in the cache under a key of its content."""
+def _cached_runner(model, args, class_names, preprocessing, description: str) -> Runner:
+    """ONNX Runtime on the checkpoint's cache entry: exported once (verified against PyTorch) and reused;
+    an entry that cannot be loaded any more (truncated, damaged) is reported and exported again."""
+    from ..errors import ConfigError, OutputError
+    from ..runtime import deploy
+
+    path = _cache_entry(model, args)
+    if path.is_file():
+        try:
+            return _onnx_runner(args, path, f"{description}{path}")
+        except ConfigError as e:
+            _logger.warning("the cached ONNX export is damaged (%s); exporting %s again. If this repeats, delete the "
+                            "cache folder %s", e, args.checkpoint, path.parent)
+    _logger.info("exporting %s to ONNX once (verified against PyTorch): %s", args.checkpoint, path)
+    try:
+        deploy.export_onnx(model, path, class_names=class_names, preprocessing=preprocessing, overwrite=True,
+                           extra_metadata={"source": str(args.checkpoint)})
+    except OutputError as e:
+        raise OutputError(f"{e}. The ONNX export is cached in {path.parent}: set DYNAMICVIT_CACHE to a writable "
+                          "folder, or run without an export: --runtime eager") from None
+    return _onnx_runner(args, path, f"{description}{path}")
+
+
+def _cache_entry(model, args) -> Path:
+    """The cache file of the checkpoint's export: named by a digest of its content and what shapes the graph."""
     import torch
 
     from ..data import cache_dir
-    from ..runtime import deploy
     from ..version import __version__
 
     digest = hashlib.sha256()
@@ -253,12 +310,7 @@ def _cached_export(model, args, class_names, preprocessing) -> Path:
             digest.update(block)
     digest.update(json.dumps([getattr(model, "keep_ratio", 1.0), args.model_kwargs, __version__, torch.__version__],
                              sort_keys=True, default=str).encode())
-    path = cache_dir() / "onnx" / f"{Path(args.checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
-    if not path.is_file():
-        _logger.info("exporting %s to ONNX once (verified against PyTorch): %s", args.checkpoint, path)
-        deploy.export_onnx(model, path, class_names=class_names, preprocessing=preprocessing,
-                           extra_metadata={"source": str(args.checkpoint)})
-    return path
+    return cache_dir() / "onnx" / f"{Path(args.checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -143,6 +143,15 @@ class SparseModel(nn.Module):
     def forward_pruned(self, images: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
         raise NotImplementedError
 
+    def empty_output(self, images: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
+        """The inference path's output for a batch of no images, as timm and ONNX Runtime give it:
+        logits (0, num_classes), kept indices (0, k_s) (some hosts' layers cannot reshape an empty batch)."""
+        param = next(self.parameters())
+        logits = images.new_zeros(0, self.num_classes, dtype=param.dtype)
+        kept = [torch.zeros(0, k, dtype=torch.long, device=images.device) for k in self.keep_counts()]
+        scores = [images.new_zeros(0, self.num_patches, dtype=param.dtype) for _ in kept] if return_scores else None
+        return PrunedOutput(logits, kept, scores)
+
     def forward(self, x: torch.Tensor, **train_kwargs):
         """Training mode: `forward_masked` (`train_kwargs`, e.g. this step's keep ratio); eval mode: the
         logits of `forward_pruned` at the model's keep ratio, like any timm classifier.

@@ -360,6 +360,8 @@ class DynamicSpatial(SparseModel):
             logits; kept_indices: per predictor, the positions (row-major in the stage-3 map) that
             took the full path, (B, k_s); keep_scores when asked for.
         """
+        if images.shape[0] == 0:
+            return self.empty_output(images, return_scores)
         maps, record = self._run(images, masked=False, kept=kept, return_scores=return_scores)
         logits = self.host.logits(self.host.final_norm(maps[-1]))
         return PrunedOutput(logits, record["kept"], record["scores"] if return_scores else None)

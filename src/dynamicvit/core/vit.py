@@ -222,6 +222,8 @@ class DynamicViT(SparseModel):
             x: images, (B, C, H, W).
             return_scores: also return each stage's keep log-probabilities on the original grid.
         """
+        if x.shape[0] == 0:
+            return self.empty_output(x, return_scores)
         host = self.host
         x = host.embed(x)
         B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches

@@ -15,16 +15,19 @@ whole as a CUDA graph: token-merging methods whose token count depends on the da
 - `compile`: `torch.compile` of the inference path with a dynamic batch dimension.
 
 ONNX graph interface: input `images` (B, C, H, W) float32; output `logits` (B, num_classes) and, for a
-DynamicViT, `kept_tokens_<s>` (B, k_s) int64 per stage (kept patches as indices into the row-major grid).
+sparse model, `kept_tokens_<s>` (B, k_s) int64 per stage (kept patches, or for ConvNeXt / Swin the
+positions of the stage-3 map on the full path, as indices into the row-major grid).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
 import math
 import warnings
+from glob import escape as glob_escape
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -33,14 +36,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.base import backbone_of
-from ..core.vit import DynamicViT
-from ..data import preprocessing_config, resolve_dataset
-from ..errors import ConfigError, DataError, DynamicViTError
+from ..core.base import SparseModel, backbone_of
+from ..data import FASHION_MNIST, check_eval_config, check_input_size, is_fashion_mnist, preprocessing_config
+from ..errors import ConfigError, DynamicViTError
 from ..extras import require
 from ..files import PathLike, atomic_write
+from ..text import printable, short_repr
 from ..version import __version__
-from ..weights.formats import model_settings
+from ..weights.formats import is_int, is_number, model_settings
 from .flops import default_input_size
 
 _logger = logging.getLogger(__name__)
@@ -62,6 +65,9 @@ FP32_ATOL = 1e-4
 # and ONNX Runtime may break the tie the other way than PyTorch (it happens with untrained, nearly
 # uniform prediction modules). Such images are reported and left out of the logits comparison.
 SCORE_TIE = 1e-4
+# Bounds for what a file's metadata states: a crafted file must not make predict allocate or print without end.
+MAX_CLASSES = 1_000_000
+MAX_NAME_LENGTH = 1000  # characters of a class or model name
 
 
 class ExportError(DynamicViTError):
@@ -82,25 +88,40 @@ def default_class_names(model: nn.Module) -> Optional[list[str]]:
 
 
 def checkpoint_class_names(settings: Optional[dict], num_classes: int) -> Optional[list[str]]:
-    """Class names a checkpoint knows: stored ones, or those of the dataset it was trained on."""
+    """Class names a checkpoint knows, made printable (`text.printable`): stored ones, or those of the
+    dataset it was trained on when that is known by its name (Fashion-MNIST). A folder named in a
+    checkpoint is never read: the file may come from anyone, the folder may be anyone's."""
     extra = (settings or {}).get("extra") or {}
     names = extra.get("class_names")
     if names is None:
         dataset = (extra.get("train_config") or {}).get("dataset")
-        if dataset:
-            try:
-                names = list(resolve_dataset(dataset).classes) or None
-            except DataError:  # an ImageFolder that is not on this machine any more
-                names = None
-    return list(names) if names and len(names) == num_classes else None
+        names = FASHION_MNIST.classes if dataset and is_fashion_mnist(dataset) else None
+    if not names or len(names) != num_classes:
+        return None
+    return [printable(str(n)[:MAX_NAME_LENGTH]) for n in names]
+
+
+def sparsity_settings(model: nn.Module) -> dict:
+    """A model's settings (`model_settings`) with, for a sparse model, its kept counts and grid."""
+    settings = model_settings(model)
+    if isinstance(model, SparseModel):
+        settings.update(keep_counts=list(model.keep_counts()), num_patches=model.num_patches,
+                        grid_size=list(model.grid_size))
+    return settings
+
+
+def sparsity_summary(settings: dict) -> str:
+    """`keep ratio 0.7, tokens kept [34, 24, 16]` for `sparsity_settings` (or an ONNX file's metadata);
+    ConvNeXt / Swin keep every position and send the kept ones through the full path; `dense` otherwise."""
+    if settings.get("kind") != "dynamicvit" or "keep_counts" not in settings:
+        return "dense"
+    kept = "positions on the full path" if "stage_ratios" in settings else "tokens kept"
+    return f"keep ratio {settings.get('keep_ratio')}, {kept} {settings['keep_counts']}"
 
 
 def graph_metadata(model: nn.Module, *, class_names=None, preprocessing=None, extra=None) -> dict[str, str]:
     """The ONNX metadata_props of an exported model: JSON settings, keep ratio, class names."""
-    settings = model_settings(model)
-    if isinstance(model, DynamicViT):
-        settings.update(keep_counts=list(model.keep_counts()), num_patches=model.num_patches,
-                        grid_size=list(model.grid_size))
+    settings = sparsity_settings(model)
     settings.update(
         input_size=list(default_input_size(model)),
         num_classes=backbone_of(model).num_classes,
@@ -115,7 +136,8 @@ def graph_metadata(model: nn.Module, *, class_names=None, preprocessing=None, ex
 
 
 def read_metadata(path: PathLike) -> dict:
-    """The settings stored in an ONNX file by `export_onnx` (with `class_names`, None when absent)."""
+    """The settings stored in an ONNX file by `export_onnx` (with `class_names`, None when absent), checked
+    (`check_metadata`); a file without dynamicvit metadata gives `{"class_names": ...}` alone."""
     onnx = require("onnx", "reading an ONNX file")
 
     path = Path(path)
@@ -125,10 +147,115 @@ def read_metadata(path: PathLike) -> dict:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for a bad file
         raise ConfigError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    settings = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
-    settings["class_names"] = json.loads(props[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in props else None
+    return check_metadata({p.key: p.value for p in model.metadata_props}, path, *_graph_shapes(model.graph))
+
+
+def check_metadata(
+    props: dict[str, str], path: PathLike, graph_input: Optional[list] = None, graph_outputs: Optional[dict] = None
+) -> dict:
+    """Parse and check the dynamicvit metadata of an ONNX file before anything is built from it.
+
+    Every value must have its type and stay within bounds, and agree with the graph: the input size
+    with the graph's input, the class count with its logits, the kept counts with its kept-token
+    outputs. Names are made printable (`text.printable`): no escape sequence reaches a terminal.
+
+    Args:
+        props: the file's metadata_props.
+        graph_input: the dims of the graph's image input (None for one without a fixed size).
+        graph_outputs: {output name: dims}.
+
+    Raises:
+        ConfigError: one line naming the file, the value and what was expected.
+    """
+    where = f"{path}: the dynamicvit metadata"
+    graph_outputs = graph_outputs or {}
+    logits = (graph_outputs.get(LOGITS_NAME) or [None])[-1]  # the graph's class count, if fixed
+    settings = _json_prop(props, METADATA_KEY, f"{where} ({METADATA_KEY})", dict) or {}
+    if settings:
+        kept_outputs = sum(1 for name in graph_outputs if name.startswith(KEPT_NAME.format("")))
+        _check_graph_settings(settings, where, graph_input, logits, kept_outputs)
+    names = _json_prop(props, CLASS_NAMES_KEY, f"{where} ({CLASS_NAMES_KEY})", list)
+    if names is not None:
+        num_classes = settings.get("num_classes", logits)
+        if not all(isinstance(n, str) for n in names) or (num_classes is not None and len(names) != num_classes):
+            raise ConfigError(f"{where}: class_names is {short_repr(names)}; expected {num_classes or 'one'} name(s) "
+                              "for the classes the graph predicts")
+        names = [printable(n[:MAX_NAME_LENGTH]) for n in names]
+    settings["class_names"] = names
     return settings
+
+
+def _json_prop(props: dict[str, str], key: str, where: str, kind: type):
+    if key not in props:
+        return None
+    try:
+        value = json.loads(props[key])
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where} is not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e}); "
+                          "the file is damaged: export the model again with `dynamicvit export`") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} is {short_repr(value)}; expected a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def _check_graph_settings(
+    settings: dict, where: str, graph_input: Optional[list], logits: Optional[int], kept_outputs: int
+) -> None:
+    """The values of `settings` that predict, export and the runtimes use, in place (strings made printable)."""
+    for key in ("model_name", "source", "family"):
+        if key in settings:
+            if not isinstance(settings[key], str):
+                raise ConfigError(f"{where}: {key} is {short_repr(settings[key])}; expected a name")
+            settings[key] = printable(settings[key][:MAX_NAME_LENGTH])
+    if settings.get("kind", "dense") not in ("dynamicvit", "dense"):
+        raise ConfigError(f"{where}: kind is {short_repr(settings.get('kind'))}; expected dynamicvit or dense")
+    if "preprocessing" in settings:
+        settings["preprocessing"] = check_eval_config(settings["preprocessing"], f"{where}: preprocessing")
+    preprocessed = settings.get("preprocessing", {}).get("input_size")
+    size = settings.get("input_size", preprocessed)
+    if size is not None:
+        size = list(check_input_size(size, f"{where}: input_size"))
+        graph = (graph_input or [None])[1:]
+        if preprocessed not in (None, size) or any(g not in (None, v) for g, v in zip(graph, size)):
+            raise ConfigError(f"{where}: input_size {size} disagrees with the preprocessing or the graph's input "
+                              f"{graph_input}; the file is damaged: export the model again")
+        settings["input_size"] = size
+    num_classes = settings.get("num_classes")
+    if num_classes is not None and (not is_int(num_classes) or not 1 <= num_classes <= MAX_CLASSES
+                                    or logits not in (None, num_classes)):
+        raise ConfigError(f"{where}: num_classes is {short_repr(num_classes)}; expected the graph's class count "
+                          f"({logits if logits is not None else f'1 to {MAX_CLASSES}'})")
+    if settings.get("kind") == "dynamicvit":
+        _check_kept(settings, where, size, kept_outputs)
+
+
+def _check_kept(settings: dict, where: str, size: Optional[list], kept_outputs: int) -> None:
+    """keep_ratio, and where the graph has kept-token outputs, the grid and the counts that draw them."""
+    ratio = settings.get("keep_ratio")
+    if not is_number(ratio) or not 0 < ratio <= 1:
+        raise ConfigError(f"{where}: keep_ratio is {short_repr(ratio)}; expected a number in (0, 1]")
+    if not kept_outputs:
+        return
+    grid, counts = settings.get("grid_size"), settings.get("keep_counts")
+    if size is None:
+        raise ConfigError(f"{where} has no input_size; the file is damaged: export the model again")
+    H, W = size[1:]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(is_int(g) and g >= 1 for g in grid)
+            and grid[0] <= H and grid[1] <= W):
+        raise ConfigError(f"{where}: grid_size is {short_repr(grid)}; expected [rows, columns] of at most the "
+                          f"input size {[H, W]}")
+    if not (isinstance(counts, list) and len(counts) == kept_outputs
+            and all(is_int(k) and 1 <= k <= grid[0] * grid[1] for k in counts)):
+        raise ConfigError(f"{where}: keep_counts is {short_repr(counts)}; expected {kept_outputs} count(s) of 1 to "
+                          f"{grid[0] * grid[1]} (the graph's kept-token outputs)")
+
+
+def _graph_shapes(graph) -> tuple[Optional[list], dict[str, list]]:
+    """(dims of the first input, {output name: dims}); a dimension without a fixed size is None."""
+    def dims(value_info) -> list:
+        return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+    return (dims(graph.input[0]) if graph.input else None), {o.name: dims(o) for o in graph.output}
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -191,14 +318,14 @@ class ExportResult:
 
 
 class _InferenceGraph(nn.Module):
-    """What is exported: images -> (logits, kept tokens of each stage) for a DynamicViT, logits otherwise."""
+    """What is exported: images -> (logits, kept tokens of each stage) for a sparse model, logits otherwise."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor):
-        if isinstance(self.model, DynamicViT):
+        if isinstance(self.model, SparseModel):
             out = self.model.forward_pruned(images)
             return (out.logits, *out.kept_indices)
         return self.model(images)
@@ -223,7 +350,7 @@ def export_onnx(
     """Export the inference path as one ONNX graph with a dynamic batch axis, and check it.
 
     Args:
-        model: a DynamicViT (exported with tokens removed) or a dense timm ViT, in eval mode, fp32, on the CPU.
+        model: a sparse model (exported with tokens removed) or a dense timm model, in eval mode, fp32, on the CPU.
         path: the .onnx file to write; an existing file is an error unless `overwrite`.
         keep_ratio: export at this keep ratio (the model itself is not changed); default the model's.
         opset: ONNX opset (default 18).
@@ -261,15 +388,16 @@ def export_onnx(
         extra={"exporter": exporter, "opset": opset, **(extra_metadata or {})},
     )
     outputs = [LOGITS_NAME]
-    if isinstance(graph_model, DynamicViT):
+    if isinstance(graph_model, SparseModel):
         outputs += [KEPT_NAME.format(s + 1) for s in range(len(graph_model.prune_locs))]
 
     verification = None
 
     def write(tmp: str) -> None:
         nonlocal verification
-        _export(graph_model, tmp, opset, exporter, outputs)
-        _write_metadata(tmp, metadata)
+        with _companions_removed(tmp):
+            _export(graph_model, tmp, opset, exporter, outputs)
+            _write_metadata(tmp, metadata)  # one self-contained file: the weights are stored inside
         if verify:
             verification = verify_onnx(graph_model, tmp, verify_batch_sizes, atol)
             if not verification.passed:
@@ -292,7 +420,7 @@ def _model_to_export(model: nn.Module, keep_ratio: Optional[float], dense: bool)
         raise ConfigError(f"dense=True exports every token; it cannot be combined with keep_ratio={keep_ratio}")
     if dense or (keep_ratio is not None and keep_ratio >= 1.0):
         return backbone_of(model)
-    if not isinstance(model, DynamicViT):
+    if not isinstance(model, SparseModel):
         if keep_ratio is not None:
             raise ConfigError(
                 f"{type(model).__name__} is a dense model without trained prediction modules, so it cannot be "
@@ -344,6 +472,8 @@ def _export(model: nn.Module, path: str, opset: int, exporter: str, outputs: lis
     kwargs = dict(input_names=[INPUT_NAME], output_names=outputs, opset_version=opset, dynamo=exporter == "dynamo")
     if exporter == "dynamo":
         kwargs.update(dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=65536)}}, verbose=False)
+        if "external_data" in inspect.signature(torch.onnx.export).parameters:
+            kwargs["external_data"] = False  # the weights inside the graph file, not in a `<file>.data` beside it
     else:
         kwargs.update(dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     try:
@@ -387,7 +517,7 @@ def verify_onnx(
         x = torch.randn(bs, *shape, generator=gen)
         got = session.run(x)
         with torch.no_grad():
-            if isinstance(model, DynamicViT):
+            if isinstance(model, SparseModel):
                 out = model.forward_pruned(x)
                 ref_logits, ref_kept = out.logits, out.kept_indices
                 margins = stage_margins(model, x)  # (B, S)
@@ -419,7 +549,7 @@ def verify_onnx(
 
 
 @torch.no_grad()
-def stage_margins(model: DynamicViT, x: torch.Tensor) -> torch.Tensor:
+def stage_margins(model: SparseModel, x: torch.Tensor) -> torch.Tensor:
     """Per image and stage, the gap between the last kept and the first dropped patch score, (B, S).
 
     A small gap means the kept set is decided by rounding. Scores are the keep log-probabilities of the
@@ -508,22 +638,25 @@ def quantize_int8(path: PathLike, output: PathLike, *, overwrite: bool = False) 
         raise ConfigError(f"{output} already exists; choose another path or pass overwrite=True (--overwrite)")
     if output.resolve() == path.resolve():
         raise ConfigError(f"the int8 model would replace its source {path}; give another output path")
+    read_metadata(path)  # refuse damaged metadata before carrying it over
     proto = onnx.load(str(path))
     weights = {t.name for t in proto.graph.initializer}
     linear = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     if not linear:
         raise ConfigError(f"{path} has no linear layers with constant weights to quantize")
 
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY in meta:
+        settings = json.loads(meta[METADATA_KEY])
+        settings["quantization"] = "int8-dynamic"
+        meta[METADATA_KEY] = json.dumps(settings)
+
     def write(tmp: str) -> None:
-        with _quiet():
-            quantize_dynamic(str(path), tmp, weight_type=QuantType.QInt8, nodes_to_quantize=linear,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if METADATA_KEY in meta:
-            settings = json.loads(meta[METADATA_KEY])
-            settings["quantization"] = "int8-dynamic"
-            meta[METADATA_KEY] = json.dumps(settings)
-        _write_metadata(tmp, meta)
+        with _companions_removed(tmp):
+            with _quiet():
+                quantize_dynamic(str(path), tmp, weight_type=QuantType.QInt8, nodes_to_quantize=linear,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+            _write_metadata(tmp, meta)
 
     atomic_write(output, write)
     return output
@@ -549,7 +682,7 @@ def compile(
     launches. On the CPU that mode behaves like "default".
 
     Args:
-        model: a DynamicViT or a dense timm model, in eval mode.
+        model: a sparse model or a dense timm model, in eval mode.
         mode: torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
         dynamic: compile with a symbolic batch size, so other batch sizes reuse the code (PyTorch
             still compiles batch size 1 separately: it specializes sizes 0 and 1).
@@ -566,6 +699,20 @@ def compile(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _companions_removed(tmp: str):
+    """Remove the files a writer puts beside the temporary file `tmp` (an exporter's or the quantizer's
+    `<tmp>.data` external weights, ...) once the block ends, whether it succeeded or failed. Only names
+    that start with `tmp`'s own (unique) name: another process's temporaries in the folder stay."""
+    tmp_path = Path(tmp)
+    try:
+        yield
+    finally:
+        for other in tmp_path.parent.glob(glob_escape(tmp_path.name) + "?*"):
+            with contextlib.suppress(OSError):
+                other.unlink()
 
 
 @contextlib.contextmanager

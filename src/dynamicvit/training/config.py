@@ -263,6 +263,9 @@ class TrainConfig:
         need(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be >= 1")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1")
         need(isinstance(self.timm_kwargs, dict), f"timm_kwargs must be a mapping, got {self.timm_kwargs!r}")
+        reserved = sorted(set(self.timm_kwargs) & set(RESERVED_TIMM_KWARGS))
+        need(not reserved, f"timm_kwargs may not set {', '.join(reserved)}: "
+             + "; ".join(RESERVED_TIMM_KWARGS[k] for k in reserved))
         need(self.recipe is None or self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         need(self.predictor_keep_prior is None or 0 < self.predictor_keep_prior < 1,
              f"predictor_keep_prior must be in (0, 1) (or None for rho), got {self.predictor_keep_prior}")
@@ -283,6 +286,17 @@ class TrainConfig:
     @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+
+# timm arguments that training sets itself, or that would make timm download or open files: a config names
+# them through their own settings instead.
+RESERVED_TIMM_KWARGS = {
+    "pretrained": "use the setting `pretrained: true` (--pretrained), timm's pretrained dense model as the teacher",
+    "checkpoint_path": "use `teacher` or `init_checkpoint` (--teacher, --init-checkpoint) for weights to start from",
+    "pretrained_cfg": "name the model with `model` and its size with `timm_kwargs: {img_size: ...}`",
+    "pretrained_cfg_overlay": "name the model with `model` and its size with `timm_kwargs: {img_size: ...}`",
+    "cache_dir": "set HF_HOME or TORCH_HOME for where timm keeps its downloads",
+}
 
 
 def _coerce(name: str, value, kind: str):
@@ -310,7 +324,13 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass a YAML or JSON file of training settings")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text)

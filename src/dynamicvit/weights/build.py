@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 from ..core.base import SparseModel
@@ -21,6 +22,7 @@ from ..core.spatial import DynamicSpatial
 from ..core.vit import DynamicViT
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..files import PathLike
+from ..text import printable
 from .formats import load_weights, read_checkpoint, settings_win
 
 # Architectures registered with timm as `dynamicvit_<name>` on `import dynamicvit`.
@@ -100,11 +102,17 @@ def create_model(
                     "asked for; drop the argument (the checkpoint's setting is used)"
                 )
             fuse_dropped = stored
-    backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
-    model = _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, bool(fuse_dropped))
-    if checkpoint is not None:
-        load_weights(model, checkpoint_path, checkpoint)
+
+    def build() -> Union[DynamicViT, DynamicSpatial]:
+        backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
+        return _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, bool(fuse_dropped))
+
+    if checkpoint is None:
+        return build()
+    # timm arguments from the file's settings: built as they would be for `load_model`
+    model = build() if checkpoint[1] is None else built_from_settings(checkpoint_path, checkpoint[0], build)
+    load_weights(model, checkpoint_path, checkpoint)
     return model
 
 
@@ -134,19 +142,25 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
         )
     _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
     if settings.get("kind") == "dense":
-        model = create_backbone(settings["model_name"], **kwargs)  # ConvNeXt's img_size goes to its config
+        # ConvNeXt's img_size goes to its config
+        model = built_from_settings(path, state, lambda: create_backbone(settings["model_name"], **kwargs))
         load_state(model, filter_dense_state(state, model), source=f"checkpoint {path}")
         return model
-    model = create_model(
-        settings["model_name"],
-        keep_ratio=settings["keep_ratio"],
-        prune_locs=settings["prune_locs"],
-        **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
-        fuse_dropped=bool(settings.get("fuse_dropped", False)),
-        **kwargs,
-    )
-    if settings.get("keep_ratio_range"):
-        model.set_keep_ratio_range(settings["keep_ratio_range"])
+
+    def build() -> nn.Module:
+        model = create_model(
+            settings["model_name"],
+            keep_ratio=settings["keep_ratio"],
+            prune_locs=settings["prune_locs"],
+            **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
+            fuse_dropped=bool(settings.get("fuse_dropped", False)),
+            **kwargs,
+        )
+        if settings.get("keep_ratio_range"):
+            model.set_keep_ratio_range(settings["keep_ratio_range"])
+        return model
+
+    model = built_from_settings(path, state, build)
     state, _ = to_own_keys(state, model.backbone)
     load_state(model, state, source=f"checkpoint {path}")
     return model
@@ -203,6 +217,40 @@ def load(
 
 
 DEFAULT_KEEP_RATIO = 0.7
+# How many more values than a file's tensors hold a model built from its settings may have (fresh modules,
+# a position embedding resized on request) before the settings count as describing another model.
+SIZE_SLACK = 2**24
+
+
+def built_from_settings(path: PathLike, state: dict, build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()`, for a model whose settings come from the file `path` (holding the tensors `state`).
+
+    It is built on the meta device first (shapes only, no memory): settings that describe a model far
+    larger than the file's weights (an image size of 100000, a width of millions) are refused before
+    anything is allocated. Whatever timm, torch or our own checks raise on the settings becomes one
+    `CheckpointError` naming the file.
+    """
+    held = sum(t.numel() for t in state.values())
+    try:
+        with torch.device("meta"):
+            shapes = build()
+        needed = sum(p.numel() for p in shapes.parameters()) + sum(b.numel() for b in shapes.buffers())
+        if needed > 2 * held + SIZE_SLACK:
+            raise CheckpointError(
+                f"the settings stored in {path} describe a model of {needed:,} values, but the file holds {held:,}; "
+                "the settings are damaged. To use its weights, name the architecture: "
+                "dynamicvit.create_model(NAME, checkpoint_path=PATH)"
+            )
+        return build()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - timm and torch raise many types on values they cannot build
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(
+            f"the settings stored in {path} do not build a model ({type(e).__name__}: {printable(first)}); the "
+            "file is damaged or written by a newer dynamicvit. To use its weights, name the architecture: "
+            "dynamicvit.create_model(NAME, checkpoint_path=PATH)"
+        ) from None
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:

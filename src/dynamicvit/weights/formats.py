@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -30,11 +31,16 @@ from ..core.base import SparseModel
 from ..core.layouts import load_foreign_state
 from ..errors import CheckpointError
 from ..files import PathLike, atomic_write
+from ..text import short_repr
 
 _logger = logging.getLogger(__name__)
 
 METADATA_KEY = "dynamicvit"
 FORMAT_VERSION = 1
+# The largest image side a file may ask for (settings' img_size, an ONNX file's input size): beyond any
+# timm model's, and small enough that a crafted file cannot make a transform or a model allocate gigabytes.
+MAX_IMAGE_SIDE = 4096
+MAX_DEPTH = 1000  # blocks in a model (timm's deepest have about 100)
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -156,7 +162,10 @@ def check_settings(raw: Any, path: PathLike) -> dict:
     """Parse and check the settings stored in a checkpoint before anything is built from them.
 
     The model name must be a timm architecture (no hub or local-folder source), `timm_kwargs` may hold
-    only `ARCHITECTURE_KWARGS` with plain values, and the sparsity settings must have their types.
+    only `ARCHITECTURE_KWARGS` with plain finite values (an image size of at most `MAX_IMAGE_SIDE`),
+    the sparsity settings and the parts of `extra` that are used (class names, training dataset) must
+    have their types. Whether the values build a model of the file's size is checked when it is built
+    (`weights.build`).
 
     Raises:
         CheckpointError: naming the file and what is wrong with its settings.
@@ -164,54 +173,115 @@ def check_settings(raw: Any, path: PathLike) -> dict:
     import timm
 
     where = f"the settings stored in {path}"
+    settings = _parse(raw, where)
+    if settings.get("kind", "dynamicvit") not in KINDS:
+        raise CheckpointError(f"{where} name an unknown kind {short_repr(settings.get('kind'))} (expected one of {KINDS})")
+    version = settings.get("format_version", FORMAT_VERSION)
+    if not is_int(version) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{where} have format version {short_repr(version)}; this dynamicvit reads up to "
+                              f"{FORMAT_VERSION}, upgrade it")
+    name = settings.get("model_name")
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise CheckpointError(
+            f"{where} name the model {short_repr(name)}, which is not a timm architecture here; to use the weights, "
+            "name the architecture: dynamicvit.create_model(NAME, checkpoint_path=PATH)"
+        )
+    _check_kwargs(settings.get("timm_kwargs", {}), where)
+    if settings.get("kind", "dynamicvit") == "dynamicvit":
+        _check_sparsity(settings, where)
+    _check_extra(settings.get("extra"), where)
+    return settings
+
+
+def _parse(raw: Any, where: str) -> dict:
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
             raise CheckpointError(
-                f"{where} are not valid JSON ({e}); the file is damaged. To use its weights, name the architecture: "
+                f"{where} are not valid JSON ({why}); the file is damaged. To use its weights, name the architecture: "
                 "dynamicvit.create_model(NAME, checkpoint_path=PATH)"
             ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where} are a {type(raw).__name__}, not a mapping; the file is damaged or not ours")
-    settings = dict(raw)
-    if settings.get("kind", "dynamicvit") not in KINDS:
-        raise CheckpointError(f"{where} name an unknown kind {settings.get('kind')!r} (expected one of {KINDS})")
-    version = settings.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{where} have format version {version!r}; this dynamicvit reads up to {FORMAT_VERSION}, "
-                              "upgrade it")
-    name = settings.get("model_name")
-    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
-        raise CheckpointError(
-            f"{where} name the model {name!r}, which is not a timm architecture here; to use the weights, name the "
-            "architecture: dynamicvit.create_model(NAME, checkpoint_path=PATH)"
-        )
-    kwargs = settings.get("timm_kwargs", {})
+    return dict(raw)
+
+
+def _check_kwargs(kwargs: Any, where: str) -> None:
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{where} hold timm_kwargs of type {type(kwargs).__name__}, not a mapping")
     refused = sorted(k for k in kwargs if k not in ARCHITECTURE_KWARGS)
     if refused:
         raise CheckpointError(
-            f"{where} hold timm arguments that are not architecture settings: {refused}; refused, since they could "
-            "make timm download weights or open files. Pass what you need yourself, e.g. load_model(path, **kwargs)"
+            f"{where} hold timm arguments that are not architecture settings: {short_repr(refused)}; refused, since "
+            "they could make timm download weights or open files. Pass what you need yourself, e.g. load_model(path, **kwargs)"
         )
     odd = sorted(k for k, v in kwargs.items() if not _plain(v))
     if odd:
-        raise CheckpointError(f"{where} hold timm arguments with values that are not numbers, strings or lists: {odd}")
-    if settings.get("kind", "dynamicvit") == "dynamicvit":
-        ratio, locs = settings.get("keep_ratio"), settings.get("prune_locs")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise CheckpointError(f"{where} hold keep_ratio {ratio!r}; expected a number")
-        if not isinstance(locs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in locs):
-            raise CheckpointError(f"{where} hold prune_locs {locs!r}; expected a list of block indices")
-    return settings
+        raise CheckpointError(f"{where} hold timm arguments with values that are not finite numbers, strings or "
+                              f"flat lists: {odd}")
+    size = kwargs.get("img_size")
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
+    if size is not None and not all(is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in sides):
+        raise CheckpointError(f"{where} hold img_size {short_repr(size)}; expected a size (or [height, width]) of 1 "
+                              f"to {MAX_IMAGE_SIDE} pixels")
+    # Blocks are Python objects even on the meta device: their number is bounded before anything is built.
+    depth = kwargs.get("depth", 0)
+    depths = kwargs.get("depths") if isinstance(kwargs.get("depths"), list) else [0]
+    if not all(is_int(d) and 0 <= d <= MAX_DEPTH for d in [depth, *depths]) or sum(depths) > MAX_DEPTH:
+        raise CheckpointError(f"{where} hold depth {short_repr(depth)} / depths {short_repr(kwargs.get('depths'))}; "
+                              f"expected at most {MAX_DEPTH} blocks")
+
+
+def _check_sparsity(settings: dict, where: str) -> None:
+    ratio, locs = settings.get("keep_ratio"), settings.get("prune_locs")
+    if not is_number(ratio) or not 0 < ratio <= 1:
+        raise CheckpointError(f"{where} hold keep_ratio {short_repr(ratio)}; expected a number in (0, 1]")
+    if not isinstance(locs, list) or not all(is_int(i) for i in locs):
+        raise CheckpointError(f"{where} hold prune_locs {short_repr(locs)}; expected a list of block indices")
+    for key, ok, expected in (
+        ("stage_ratios", lambda v: isinstance(v, list) and all(is_number(r) for r in v), "a list of numbers"),
+        ("keep_ratio_range", lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(r) for r in v),
+         "[low, high]"),
+        ("restart_streams", lambda v: isinstance(v, bool), "true or false"),
+        ("fuse_dropped", lambda v: isinstance(v, bool), "true or false"),
+    ):
+        if settings.get(key) is not None and not ok(settings[key]):
+            raise CheckpointError(f"{where} hold {key} {short_repr(settings[key])}; expected {expected}")
+
+
+def _check_extra(extra: Any, where: str) -> None:
+    """The parts of `extra` that commands use; the rest is the writer's record and stays as it is."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{where} hold extra {short_repr(extra)}; expected an object")
+    names = extra.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{where} hold class_names {short_repr(names)}; expected a list of strings")
+    config = extra.get("train_config")
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{where} hold train_config {short_repr(config)}; expected an object")
+    dataset = (config or {}).get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise CheckpointError(f"{where} hold train_config.dataset {short_repr(dataset)}; expected a name")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool (Python's JSON reads NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, str)) or is_number(value):
         return True
-    return isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+    return isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, str)) or is_number(v) for v in value)
 
 
 def _settings_or_none(raw: Any, path: PathLike, bad_settings: str) -> Optional[dict]:
