@@ -178,6 +178,16 @@ def test_timm_registry_and_sparsify_share_weights():
     assert wrapped.backbone.blocks[0].attn.qkv.weight is dense.blocks[0].attn.qkv.weight
 
 
+def test_a_stage_keeps_at_least_one_patch_token():
+    """int(64 * 0.2^3) = 0: the last stage keeps one token instead of none, on both paths."""
+    model = tiny_model(keep_ratio=0.2).eval()
+    assert model.keep_counts() == (12, 2, 1)
+    x = _images(model)
+    with torch.no_grad():
+        out = model.forward_pruned(x)
+    assert [i.shape[1] for i in out.kept_indices] == [12, 2, 1] and torch.isfinite(out.logits).all()
+
+
 def test_default_prune_locs_follow_the_paper():
     assert dynamicvit.create_model("deit_small_patch16_224").prune_locs == (3, 6, 9)
     assert dynamicvit.create_model("deit_small_patch16_224").keep_counts() == (137, 96, 67)
@@ -194,7 +204,6 @@ def test_default_prune_locs_follow_the_paper():
         (dict(prune_locs=[3, 2]), "not sorted"),
         (dict(prune_locs=[2, 2]), "repeats"),
         (dict(prune_locs=[]), "empty"),
-        (dict(keep_ratio=0.2), "keeps zero"),
     ],
 )
 def test_validation_errors(kwargs, message):

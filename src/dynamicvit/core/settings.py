@@ -26,8 +26,11 @@ def default_prune_locs(depth: int, num_stages: int = 3) -> tuple[int, ...]:
 
 
 def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:
-    """Patch tokens kept after each stage: int(N * rho ** s), as the reference computes it."""
-    return tuple(int(num_patches * keep_ratio ** s) for s in range(1, num_stages + 1))
+    """Patch tokens kept after each stage: int(N * rho ** s), as the reference computes it, and at least
+    one: at low budgets (rho = 0.25 on a 7 x 7 grid gives int(0.77) at stage 3) the last stages keep a
+    single patch token rather than none, which the heads that pool patch tokens (LV-ViT's aux head,
+    average pooling) and merged tokens need."""
+    return tuple(max(1, int(num_patches * keep_ratio ** s)) for s in range(1, num_stages + 1))
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,6 @@ class SparsityConfig:
             raise ConfigError(
                 f"prune_locs {list(locs)} has block indices {bad} out of range: the model has {depth} "
                 f"blocks, so each location must be in 1..{depth - 1} (pruning happens before that block)"
-            )
-        counts = self.keep_counts(num_patches)
-        if counts and counts[-1] < 1:
-            stage = next(s for s, k in enumerate(counts) if k < 1)
-            min_ratio = (1.0 / num_patches) ** (1.0 / (stage + 1))
-            raise ConfigError(
-                f"keep_ratio {self.keep_ratio} keeps zero of the {num_patches} patch tokens at stage "
-                f"{stage + 1} (int({num_patches} * {self.keep_ratio}^{stage + 1}) = 0); use a keep ratio "
-                f"of at least {math.ceil(min_ratio * 1000) / 1000} or fewer stages"
             )
 
 

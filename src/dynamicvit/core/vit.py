@@ -135,7 +135,6 @@ class DynamicViT(SparseModel):
             raise ConfigError(f"keep_ratio_range must be (low, high), got {keep_ratio_range!r}") from None
         if low > high:
             raise ConfigError(f"keep_ratio_range ({low}, {high}) is empty; give (low, high) with low <= high")
-        self._config_at(low)  # raises when the smallest ratio keeps no token at some stage
         self.keep_ratio_range = (low, high)
 
     def _config_at(self, keep_ratio: float) -> SparsityConfig:
