@@ -32,15 +32,16 @@ def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, model.host.in_chans, h, w)
 
 
-# Every invariant holds with the dropped tokens fused into one extra token too.
-VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS]
+# Every invariant holds with the dropped tokens fused into one extra token, or merged into the kept
+# ones, too.
+VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS] + [f"{v}+merged" for v in VARIANTS]
 
 
 @pytest.fixture(params=VARIANT_IDS, ids=VARIANT_IDS)
 def variant(request) -> DynamicViT:
-    key, fused, _ = request.param.partition("+fused")
+    key, _, home = request.param.partition("+")
     name, kw = VARIANTS[key]
-    return tiny_model(name, fuse_dropped=bool(fused), **kw).eval()
+    return tiny_model(name, fuse_dropped=home == "fused", merge_dropped=home == "merged", **kw).eval()
 
 
 def test_keep_ratio_one_reproduces_timm(variant):
@@ -90,11 +91,7 @@ def test_token_counts_per_stage_and_prefix_tokens_kept(variant):
     assert [t.shape[1] for t in seen] == expected
     # The prefix tokens entering each pruning block are the very tokens that left the block before.
     outputs = [None]
-    with torch.no_grad():
-        hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in variant.backbone.blocks]
-        variant.forward_pruned(x)
-        for h in hooks:
-            h.remove()
+    pruned_with_block_inputs(variant, x, outputs)
     for loc in variant.prune_locs:
         torch.testing.assert_close(seen[loc][:, :P], outputs[loc][:, :P])
     # Kept indices: right count, unique, in range, nested across stages.
@@ -204,6 +201,7 @@ def test_default_prune_locs_follow_the_paper():
         (dict(prune_locs=[3, 2]), "not sorted"),
         (dict(prune_locs=[2, 2]), "repeats"),
         (dict(prune_locs=[]), "empty"),
+        (dict(fuse_dropped=True, merge_dropped=True), "choose one"),
     ],
 )
 def test_validation_errors(kwargs, message):

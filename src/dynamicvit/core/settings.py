@@ -43,11 +43,17 @@ class SparsityConfig:
         fuse_dropped: fold the tokens each stage drops into one extra token (their average weighted
             by the predictor's keep probability) that the remaining blocks process like a kept one,
             instead of discarding them. False is the paper's method.
+        merge_dropped: add each token a stage drops into its most similar kept token (cosine
+            similarity of the features) as a size-weighted average; the sizes are carried through
+            the later stages and attention is proportional to them (log size as a bias on each
+            key). Excludes `fuse_dropped`: once every dropped token lives on in a kept one, nothing
+            is left to fold.
     """
 
     keep_ratio: float = 0.7
     prune_locs: tuple[int, ...] = (3, 6, 9)
     fuse_dropped: bool = False
+    merge_dropped: bool = False
 
     @classmethod
     def create(
@@ -57,12 +63,19 @@ class SparsityConfig:
         depth: int,
         num_patches: int,
         fuse_dropped: bool = False,
+        merge_dropped: bool = False,
     ) -> "SparsityConfig":
         """Validate the settings against a model of `depth` blocks and `num_patches` patch tokens."""
         locs = default_prune_locs(depth) if prune_locs is None else _as_locs(prune_locs)
-        if not isinstance(fuse_dropped, bool):
-            raise ConfigError(f"fuse_dropped must be True or False, got {fuse_dropped!r}")
-        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped)
+        for name, value in (("fuse_dropped", fuse_dropped), ("merge_dropped", merge_dropped)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
+        if fuse_dropped and merge_dropped:
+            raise ConfigError(
+                "fuse_dropped and merge_dropped are two homes for the dropped tokens (one fused token, or the most "
+                "similar kept token); choose one"
+            )
+        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped, merge_dropped=merge_dropped)
         cfg.validate(depth, num_patches)
         return cfg
 

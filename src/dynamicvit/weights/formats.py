@@ -205,6 +205,12 @@ def check_settings(raw: Any, path: PathLike) -> dict:
             raise CheckpointError(f"{where} hold keep_ratio {ratio!r}; expected a number")
         if not isinstance(locs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in locs):
             raise CheckpointError(f"{where} hold prune_locs {locs!r}; expected a list of block indices")
+        for flag in ("fuse_dropped", "merge_dropped"):
+            if not isinstance(settings.get(flag, False), bool):
+                raise CheckpointError(f"{where} hold {flag} {settings[flag]!r}; expected true or false")
+        if settings.get("fuse_dropped") and settings.get("merge_dropped"):
+            raise CheckpointError(f"{where} set both fuse_dropped and merge_dropped, which exclude each other; "
+                                  "the file is damaged or not ours")
     return settings
 
 
