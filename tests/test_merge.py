@@ -304,6 +304,29 @@ def test_bad_merge_settings_in_a_checkpoint_are_refused(settings, message):
         check_settings({**base, **settings}, "model.safetensors")
 
 
+def test_visualize_shows_where_the_dropped_tokens_went(tmp_path):
+    from dynamicvit.visualize import kept_token_masks, merge_outlines, save_contact_sheet, stage_titles
+
+    model = tiny_model(keep_ratio=0.5, merge_dropped=True).eval()
+    x = _x(model, batch=2)
+    masks = kept_token_masks(model, x)
+    assert masks.merged_into.shape == (2, 3, 8, 8) and masks.merged and not masks.fused
+    # Every patch's holder is a kept patch of that stage.
+    for s in range(3):
+        kept = masks.masks[0, s].reshape(-1)
+        assert kept[masks.merged_into[0, s].reshape(-1)].all()
+    assert stage_titles(masks.keep_counts, 64, merged=True)[1] == "stage 1: 32/64 + merged"
+    # Outlines run between patches with different holders, and nowhere else.
+    holder = masks.merged_into[0, 0]
+    edges = merge_outlines(holder, model.patch_size, (32, 32))
+    assert edges[3, 0] == (holder[0, 0] != holder[1, 0]) and edges[0, 3] == (holder[0, 0] != holder[0, 1])
+    assert not edges[1:3, 1:3].any()  # inside a patch
+    assert kept_token_masks(tiny_model(keep_ratio=0.5), x).merged_into is None
+    path = save_contact_sheet(model, x, tmp_path / "sheet.png", mean=(0.5,), std=(0.5,))
+    assert Path(path).stat().st_size > 0
+    assert masks[1].merged_into.shape == (1, 3, 8, 8)
+
+
 # -- low budgets ----------------------------------------------------------------------------------
 
 
@@ -327,3 +350,27 @@ def test_keep_ratio_quarter_on_the_demo_grid_and_elastic_training_over_the_whole
     model.set_keep_ratio(0.25)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def test_train_and_demo_take_merge_dropped():
+    import argparse
+
+    from dynamicvit.commands import demo as demo_cmd, train as train_cmd
+    from dynamicvit.demo import DemoConfig
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    cfg = train_cmd.config_from_args(parser.parse_args(["--keep-ratios", "low:0.25:1.0", "--merge-dropped"]))
+    assert cfg.merge_dropped is True and cfg.fuse_dropped is False
+    with pytest.raises(ConfigError, match="choose one"):
+        train_cmd.config_from_args(parser.parse_args(["--merge-dropped", "--fuse-dropped"]))
+    parser = argparse.ArgumentParser()
+    demo_cmd.add_arguments(parser)
+    args = parser.parse_args(["--merge-dropped"])
+    cfg = DemoConfig(keep_ratios=args.keep_ratios, fuse_dropped=args.fuse_dropped, merge_dropped=args.merge_dropped)
+    assert cfg.merge_dropped and not cfg.fuse_dropped  # merging replaces the recipe's fusion
+    with pytest.raises(ConfigError, match="choose one"):
+        DemoConfig(fuse_dropped=True, merge_dropped=True).validate()

@@ -188,7 +188,8 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
             "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
         )
     teacher.eval().requires_grad_(False)
-    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped)
+    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped,
+                       merge_dropped=cfg.merge_dropped)
     student.backbone.requires_grad_(True)
     if cfg.predictor_keep_prior is not None:
         for predictor in student.predictors:
