@@ -374,3 +374,28 @@ def test_train_and_demo_take_merge_dropped():
     assert cfg.merge_dropped and not cfg.fuse_dropped  # merging replaces the recipe's fusion
     with pytest.raises(ConfigError, match="choose one"):
         DemoConfig(fuse_dropped=True, merge_dropped=True).validate()
+
+
+def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):
+    """flops, bench and visualize read a merged model's file and keep it merged (export: above)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dynamicvit import cli
+
+    model = tiny_model(keep_ratio=0.5, merge_dropped=True).eval()
+    path = dynamicvit.save_model(model, tmp_path / "merged.safetensors")
+    assert cli.main(["flops", "--checkpoint", str(path), "--keep-ratio", "0.7", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    twin = model.at_keep_ratio(0.7)
+    assert report["macs"] == count_macs(twin).total and report["by_kind_gmacs"]["scatter"] > 0
+    assert cli.main(["bench", "--checkpoint", str(path), "--keep-ratios", "0.5", "--batch-size", "2", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1", "--device", "cpu", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert rows[-1]["keep_ratio"] == 0.5 and rows[-1]["gmacs"] == count_macs(model).gmacs
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    assert cli.main(["visualize", "--checkpoint", str(path), "--output", str(tmp_path / "pics"), str(tmp_path / "in")]) == 0
+    assert list((tmp_path / "pics").glob("*.png"))
