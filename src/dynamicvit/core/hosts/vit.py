@@ -143,19 +143,31 @@ def masked_attention(
             a policy attention is always fused: `size_bias` is an ordinary float mask.
         sizes: (B, M), how many original tokens each token holds; None: one each.
     """
-    B, M, C = x.shape
-    H, D = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = attention_heads(attn, x)
     if policy is None or fused:
-        bias = size_bias(sizes, q.dtype) if policy is None else policy_bias(policy, q.dtype, sizes)
+        if policy is not None:
+            bias = policy_bias(policy, q.dtype, sizes)
+        else:
+            bias = None if sizes is None else size_bias(sizes, q.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )  # (B, H, M, D)
     else:
         a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
         x = attn.attn_drop(masked_softmax(a, policy, sizes)) @ v
-    x = x.transpose(1, 2).reshape(B, M, H * D)
-    x = attn.norm(x)
+    return attention_output(attn, x)
+
+
+def attention_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of a timm `Attention` (its qkv projection and q/k norms), (B, H, M, D) each."""
+    B, M, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, M, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The heads' outputs (B, H, M, D) -> (B, M, C) through the module's output norm, projection and dropout."""
+    B, H, M, D = x.shape
+    x = attn.norm(x.transpose(1, 2).reshape(B, M, H * D))
     return attn.proj_drop(attn.proj(x))
