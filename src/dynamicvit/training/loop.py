@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..core.base import SparseModel
 from ..core.hosts import Host, host_for
-from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
+from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, LogitDistillLoss, classification_loss
 from ..core.layouts import check_finite
 from ..core.settings import KeepRatioSampler
 from ..core.spatial import DynamicSpatial, dense_targets
@@ -208,6 +208,13 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
     return student, teacher
 
 
+def _given_models(student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A caller's (student, teacher) for `train(models=...)`: the teacher frozen, the student trainable."""
+    teacher.eval().requires_grad_(False)
+    student.requires_grad_(True)
+    return student, teacher
+
+
 def _need_model(cfg: TrainConfig) -> str:
     if not cfg.model:
         raise ConfigError("no model given: pass --model NAME (a timm ViT, e.g. deit_small_patch16_224)")
@@ -375,13 +382,23 @@ class MetricsLog:
 # -- training -------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    train_set: Optional[Dataset] = None,
+    val_set: Optional[Dataset] = None,
+    models: Optional[tuple[nn.Module, nn.Module]] = None,
+) -> TrainResult:
     """Train a DynamicViT from a dense teacher (or a dense ViT when `cfg.dense`).
 
     Args:
         cfg: the settings.
         train_set, val_set: datasets of (image tensor, label) to use instead of `cfg.dataset`; the
             model's timm arguments (num_classes, in_chans, img_size) then come from `cfg.timm_kwargs`.
+        models: (student, dense teacher) to train instead of the ones `cfg` builds. A student that is
+            not a sparse model is a classifier whose training forward returns logits (e.g. a
+            token-merging baseline): it learns CE + distill_weight * KL to the teacher's logits
+            (`LogitDistillLoss`), with the same optimizer, schedule, augmentation and clipping.
 
     Returns:
         The final model file, the last resumable checkpoint and the per-epoch history.
@@ -394,14 +411,14 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Rank 0 writes the files; the lock keeps a second run out of the folder while this one lives.
         with RunLock(prepare_output_dir(cfg.output)) if env.is_main else nullcontext():
-            return _fit(cfg, env, device, train_set, val_set)
+            return _fit(cfg, env, device, train_set, val_set, models)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         if env.initialized_here:
             dist.destroy_process_group()
 
 
-def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_set) -> TrainResult:
+def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_set, models=None) -> TrainResult:
     log = _logger.info if env.is_main else (lambda *a, **k: None)
     out = Path(cfg.output)
 
@@ -422,7 +439,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
 
     # 2. Models: the same initialization on every rank (DDP broadcasts rank 0's anyway).
     seed_everything(cfg.seed)
-    model, teacher = build_models(cfg, kwargs)
+    model, teacher = build_models(cfg, kwargs) if models is None else _given_models(*models)
     check_model_fits(model, info)
     frozen = [] if cfg.dense else freeze_tokens(model)
     model.to(device)
@@ -594,7 +611,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
                     _stopped(stop, env, last, f"the end of epoch {epoch + 1}")
     finally:
         metrics.close()
-    if env.is_main and not cfg.dense and history:
+    if env.is_main and isinstance(model, SparseModel) and history:
         targets = getattr(model, "stage_ratios", None)  # ConvNeXt / Swin: r_s per predictor
         if cfg.keep_ratios is not None:  # elastic: the kept fractions average over the ratios drawn
             sampler = KeepRatioSampler.parse(cfg.keep_ratios)
@@ -664,11 +681,12 @@ def _train_epoch(
         (the epoch's mean losses and realized keep ratios, None), or (None, the position to store in a
         checkpoint) when `stop` ended the epoch early.
     """
-    keys = ["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"]
+    sparse = isinstance(model, SparseModel)  # else a plain classifier: dense, or distilled (`train(models=...)`)
+    keys = ["loss", "ce", "ratio", "kl", "token"] if sparse else ["loss", "ce"] if teacher is None else ["loss", "ce", "kl"]
     # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
     teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
-    sampler = None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
-    stages = 0 if cfg.dense else len(model.prune_locs)
+    sampler = None if not sparse or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
+    stages = len(model.prune_locs) if sparse else 0
     sums = torch.zeros(len(keys) + stages, device=device)  # running sums since the epoch began
     window = torch.zeros_like(sums)  # since the last log line
     if partial:
@@ -709,7 +727,7 @@ def _train_epoch(
                 else:
                     out = net(x, keep_ratio=rho)
                     loss, terms = criterion(out, y, t_logits, t_tokens, keep_ratio=rho)
-                keep = [d.detach().float().mean() for d in out.decisions]
+                keep = [d.detach().float().mean() for d in out.decisions] if sparse else []
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -836,6 +854,8 @@ def _check_all_images(env: DistEnv, device: torch.device, **datasets) -> None:
 def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
     distillation over all positions) for ConvNeXt / Swin."""
+    if not isinstance(model, SparseModel):  # a plain classifier distilled from the teacher
+        return LogitDistillLoss(cfg.distill_weight, cfg.smoothing)
     if isinstance(model, DynamicSpatial):
         return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
     return DynamicViTLoss(
