@@ -251,6 +251,50 @@ def load_teacher(path: Path, info) -> nn.Module:
     return model.eval()
 
 
+def fine_tune_config(
+    cfg: DemoConfig, teacher: Path, output: Path, prune_locs: Optional[Sequence[int]], device: torch.device
+) -> TrainConfig:
+    """The demo's fine-tuning recipe as training settings: the student starts from `teacher`, no frozen
+    epochs, no mixup, the learning rates, warmup, clipping and keep-ratio weight of `cfg`.
+
+    Args:
+        output: the training run's folder.
+        prune_locs: blocks before which to prune; None: three evenly spaced stages.
+    """
+    return TrainConfig(
+        dataset=DATASET,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        output=str(output),
+        teacher=str(teacher),
+        keep_ratio=cfg.keep_ratio,
+        keep_ratios=cfg.keep_ratios,
+        fuse_dropped=cfg.fuse_dropped,
+        merge_dropped=cfg.merge_dropped,
+        prune_locs=list(prune_locs) if prune_locs else None,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        backbone_lr_scale=cfg.backbone_lr_scale,
+        freeze_backbone_epochs=0,
+        warmup_epochs=cfg.warmup_epochs,
+        ratio_weight=cfg.ratio_weight,
+        clip_grad=cfg.clip_grad or None,
+        min_lr=1e-6,
+        mixup=0.0,
+        cutmix=0.0,
+        subset=cfg.train_images,
+        val_subset=min(2000, cfg.test_images or 2000),
+        eval_every=cfg.epochs,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+        device=str(device),
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        tensorboard=False,
+    )
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return the report (also written to `<output>/report.json`).
 
@@ -293,38 +337,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     how = f"over keep ratios {cfg.keep_ratios}" if cfg.keep_ratios else f"at keep ratio {cfg.keep_ratio}"
     home = " with fused tokens" if cfg.fuse_dropped else " with merged tokens" if cfg.merge_dropped else ""
     step(2, f"fine-tuning DynamicViT {how}{home} ({cfg.epochs} epoch(s))")
-    train_cfg = TrainConfig(
-        dataset=DATASET,
-        data_dir=cfg.data_dir,
-        download=cfg.download,
-        output=str(out / FINETUNE_DIR),
-        teacher=str(t_path),
-        keep_ratio=cfg.keep_ratio,
-        keep_ratios=cfg.keep_ratios,
-        fuse_dropped=cfg.fuse_dropped,
-        merge_dropped=cfg.merge_dropped,
-        prune_locs=list(prune_locs) if prune_locs else None,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        backbone_lr_scale=cfg.backbone_lr_scale,
-        freeze_backbone_epochs=0,
-        warmup_epochs=cfg.warmup_epochs,
-        ratio_weight=cfg.ratio_weight,
-        clip_grad=cfg.clip_grad or None,
-        min_lr=1e-6,
-        mixup=0.0,
-        cutmix=0.0,
-        subset=cfg.train_images,
-        val_subset=min(2000, cfg.test_images or 2000),
-        eval_every=cfg.epochs,
-        max_steps_per_epoch=cfg.max_steps_per_epoch,
-        device=str(device),
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        progress=cfg.progress,
-        tensorboard=False,
-    )
+    train_cfg = fine_tune_config(cfg, t_path, out / FINETUNE_DIR, prune_locs, device)
     t0 = time.perf_counter()
     result = train(train_cfg)
     timings["fine_tune"] = time.perf_counter() - t0
