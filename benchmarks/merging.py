@@ -98,6 +98,10 @@ class TokenMergingViT(nn.Module):
         return self.backbone.pretrained_cfg
 
     @property
+    def model_name(self) -> str:
+        return self.backbone.pretrained_cfg.get("architecture")
+
+    @property
     def dynamicvit_timm_kwargs(self) -> dict:
         return getattr(self.backbone, "dynamicvit_timm_kwargs", getattr(self.backbone, "_model_args", {}))
 

@@ -225,6 +225,18 @@ def test_merged_into_follows_every_patch_to_the_token_that_holds_it():
     assert tiny_model(keep_ratio=0.5).eval().forward_pruned(x, return_scores=True).merged_into is None
 
 
+def test_the_fused_masked_attention_takes_the_sizes_too():
+    """With the training path's fused kernel (`fused_masked_attention`) the paths still agree."""
+    from dynamicvit.runtime.speedups import fused_masked_attention
+
+    model = fused_masked_attention(tiny_model(keep_ratio=0.5, merge_dropped=True).eval())
+    x = _x(model)
+    with torch.no_grad():
+        pruned = model.forward_pruned(x)
+        masked = model.forward_masked(x, decisions=_masks(model, pruned.kept_indices))
+    torch.testing.assert_close(masked.logits, pruned.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_training_path_samples_and_merges_with_gradient_into_the_predictors():
     model = tiny_model(keep_ratio=0.5, merge_dropped=True).train()
     out = model(_x(model, batch=4), keep_ratio=0.4)

@@ -186,3 +186,14 @@ def test_the_loop_distills_a_plain_classifier_with_ce_and_kl(tmp_path, monkeypat
     assert changed and "cls_token" not in changed and "pos_embed" not in changed  # frozen, as for DynamicViT
     assert all(not p.requires_grad for p in teacher.parameters())
     assert type(dynamicvit.load_model(result.checkpoint)) is type(teacher)
+
+
+def test_frontier_finds_the_keep_ratio_of_an_equal_budget():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    model = dynamicvit.create_model("vit_tiny_patch16_224", keep_ratio=0.7, merge_dropped=True, **tiny_kwargs())
+    target = count_macs(model.at_keep_ratio(0.5)).total
+    rho, macs = frontier.equal_budget(model, target, 0.01)
+    assert abs(macs / target - 1) <= 0.01 and macs == count_macs(model.at_keep_ratio(rho)).total
+    assert frontier.equal_budget(model, target // 10, 0.01) is None  # below anything a keep ratio reaches
