@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r-values", type=int_list, default=list(R_VALUES), metavar="R,R,...", help="budgets: the baseline at these r")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest relative MAC difference of an equal budget")
     p.add_argument("--teacher", default=None, help="dense teacher checkpoint (default: the demo's)")
+    p.add_argument("--prune-locs", type=int_list, default=None, metavar="I,J,K",
+                   help="the variants' stages (default: the demo's, 2,3,4 for its teacher; the lowest budget they "
+                        "reach is set by the blocks before the first stage: 6.8 M MACs at rho 0.2 with 2,3,4)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the demo's elastic recipe, 6)")
     p.add_argument("--train-images", type=int, default=None, help="fine-tune on a random subset (default: all 60,000)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on a subset (default: all 10,000)")
@@ -112,7 +115,7 @@ def fine_tuned(path: Path, retrain: bool, fit) -> torch.nn.Module:
 
 def train_variant(name: str, args, teacher_file: Path, out: Path, device) -> torch.nn.Module:
     cfg = recipe(args, **VARIANTS[name])
-    locs = SHIPPED_PRUNE_LOCS if args.teacher is None else None
+    locs = args.prune_locs or (SHIPPED_PRUNE_LOCS if args.teacher is None else None)
     return fine_tuned(out / name, args.retrain, lambda folder: train(fine_tune_config(cfg, teacher_file, folder, locs, device)).model)
 
 
@@ -234,6 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     dense = {"macs": count_macs(teacher).total, "top1": evaluate(teacher, loader, device)["top1"]}
     rows = frontier(variants, baseline, teacher, loader, device, args.r_values, args.tolerance)
     report = {"dense": dense, "rows": rows, "variants": {n: VARIANTS[n] for n in args.variants},
+              "prune_locs": {n: list(m.prune_locs) for n, m in variants.items()},
               "r_range": list(args.r_range), "tolerance": args.tolerance, "seed": args.seed,
               "test_images": len(test_set), "quick": args.quick}
     atomic_write(out / "frontier.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
