@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -328,11 +329,18 @@ def test_visualize_shows_where_the_dropped_tokens_went(tmp_path):
         kept = masks.masks[0, s].reshape(-1)
         assert kept[masks.merged_into[0, s].reshape(-1)].all()
     assert stage_titles(masks.keep_counts, 64, merged=True)[1] == "stage 1: 32/64 + merged"
-    # Outlines run between patches with different holders, and nowhere else.
-    holder = masks.merged_into[0, 0]
-    edges = merge_outlines(holder, model.patch_size, (32, 32))
-    assert edges[3, 0] == (holder[0, 0] != holder[1, 0]) and edges[0, 3] == (holder[0, 0] != holder[0, 1])
+    # Outlines run between patches of different groups (a group: a token holding more than its own
+    # patch), on the last pixel row or column of the upper or left patch, and nowhere else.
+    holder = np.array([[0, 0, 2], [3, 4, 2], [3, 7, 8]])  # token 0 holds 0 and 1; 2 holds 2 and 5; 3: 3, 6
+    edges = merge_outlines(holder, (4, 4), (12, 12))
+    assert edges[3, :4].all() and edges[3, 4:8].all()  # 0 | 3 below it, 1 | 4 below it
+    assert not edges[:3, 3].any()  # 0 and 1 are one group
+    assert edges[4:7, 7].all()  # 4 | 5: a singleton next to a group
+    assert edges[8:11, 3].all() and not edges[8:11, 7].any()  # 6 (group 3) | 7, but 7 | 8 both alone
+    assert not edges[7, 4:7].any()  # 4 above 7: both alone
     assert not edges[1:3, 1:3].any()  # inside a patch
+    real = merge_outlines(masks.merged_into[0, 0], model.patch_size, (32, 32))
+    assert real.any() and real.sum() < 32 * 32 / 2
     assert kept_token_masks(tiny_model(keep_ratio=0.5), x).merged_into is None
     path = save_contact_sheet(model, x, tmp_path / "sheet.png", mean=(0.5,), std=(0.5,))
     assert Path(path).stat().st_size > 0
@@ -403,6 +411,9 @@ def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     twin = model.at_keep_ratio(0.7)
     assert report["macs"] == count_macs(twin).total and report["by_kind_gmacs"]["scatter"] > 0
+    assert cli.main(["flops", "--checkpoint", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped ones merged" in printed and "scatter" in printed
     assert cli.main(["bench", "--checkpoint", str(path), "--keep-ratios", "0.5", "--batch-size", "2", "--repeats", "1",
                      "--warmup", "0", "--threads", "1", "--device", "cpu", "--json", str(tmp_path / "bench.json")]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())

@@ -295,7 +295,8 @@ def merge_outlines(holder: np.ndarray, patch_size: tuple[int, int], image_size: 
     """Pixels on the borders between groups of merged patches, (H, W) bool.
 
     A border is drawn on the last pixel row (column) of a patch whose lower (right) neighbour is held
-    by another kept token, so every group of patches merged into one token gets an outline.
+    by another kept token, when either of the two tokens holds more than its own patch: every group of
+    patches merged into one token gets an outline, and kept patches that hold only themselves none.
 
     Args:
         holder: (gh, gw), which kept patch holds each patch (`TokenMasks.merged_into` of one stage).
@@ -307,8 +308,10 @@ def merge_outlines(holder: np.ndarray, patch_size: tuple[int, int], image_size: 
     out = np.zeros(image_size, dtype=bool)
     below = np.zeros((gh, gw), dtype=bool)
     right = np.zeros((gh, gw), dtype=bool)
-    below[:-1] = holder[:-1] != holder[1:]
-    right[:, :-1] = holder[:, :-1] != holder[:, 1:]
+    values, inverse, counts = np.unique(holder, return_inverse=True, return_counts=True)
+    grouped = (counts > 1)[inverse.reshape(holder.shape)]  # (gh, gw): the patch's token holds others too
+    below[:-1] = (holder[:-1] != holder[1:]) & (grouped[:-1] | grouped[1:])
+    right[:, :-1] = (holder[:, :-1] != holder[:, 1:]) & (grouped[:, :-1] | grouped[:, 1:])
     for r, c in zip(*np.nonzero(below)):
         out[r * ph + ph - 1, c * pw : (c + 1) * pw] = True
     for r, c in zip(*np.nonzero(right)):

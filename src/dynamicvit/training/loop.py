@@ -682,7 +682,8 @@ def _train_epoch(
         checkpoint) when `stop` ended the epoch early.
     """
     sparse = isinstance(model, SparseModel)  # else a plain classifier: dense, or distilled (`train(models=...)`)
-    keys = ["loss", "ce", "ratio", "kl", "token"] if sparse else ["loss", "ce"] if teacher is None else ["loss", "ce", "kl"]
+    keys = ["loss", "ce", "ratio", "kl", "token"] if sparse else ["loss", "ce"]
+    keys += ["kl"] if teacher is not None and not sparse else []
     # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
     teacher_host = host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None
     sampler = None if not sparse or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios)
@@ -852,8 +853,8 @@ def _check_all_images(env: DistEnv, device: torch.device, **datasets) -> None:
 
 
 def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
-    distillation over all positions) for ConvNeXt / Swin."""
+    """The objective of the model's kind: DynamicViT's, the hierarchical one (per-stage r_s, feature
+    distillation over all positions) for ConvNeXt / Swin, or CE + KL for a plain classifier student."""
     if not isinstance(model, SparseModel):  # a plain classifier distilled from the teacher
         return LogitDistillLoss(cfg.distill_weight, cfg.smoothing)
     if isinstance(model, DynamicSpatial):
