@@ -105,6 +105,14 @@ def test_merge_gradients_reach_tokens_and_sizes():
     assert torch.isfinite(sizes.grad).all() and sizes.grad.abs().sum() > 0
 
 
+def test_sizes_stay_exact_in_half_precision():
+    """Sizes are fp32 whatever the tokens' dtype: bf16 counts exactly only up to 256."""
+    patches = torch.randn(1, 600, 4).to(torch.bfloat16)
+    keep, drop = torch.arange(1).view(1, 1), torch.arange(1, 600).view(1, -1)
+    merged, sizes, _ = merge_into_kept(patches, None, keep, drop)
+    assert merged.dtype == torch.bfloat16 and sizes.dtype == torch.float32 and sizes.item() == 600
+
+
 def test_merge_masked_computes_merge_into_kept_for_the_same_decisions():
     torch.manual_seed(0)
     B, N, C, k = 3, 10, 6, 4
@@ -422,3 +430,4 @@ def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
     assert cli.main(["visualize", "--checkpoint", str(path), "--output", str(tmp_path / "pics"), str(tmp_path / "in")]) == 0
     assert list((tmp_path / "pics").glob("*.png"))
+

@@ -427,7 +427,7 @@ def merge_into_kept(
 
     Args:
         patches: the patch tokens, (B, n, C).
-        sizes: (B, n), how many original tokens each holds; None: 1 each.
+        sizes: (B, n), how many original tokens each holds (fp32); None: 1 each.
         keep: (B, k) and drop: (B, n - k), positions in `patches` of the kept and the dropped tokens
             (together a permutation of 0..n-1).
 
@@ -439,8 +439,8 @@ def merge_into_kept(
     kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # (B, k, C)
     dropped = patches.gather(1, drop.unsqueeze(-1).expand(-1, -1, C))  # (B, n - k, C)
     target = cosine_similarity(dropped, kept).argmax(dim=-1)  # (B, n - k)
-    if sizes is None:
-        sizes = patches.new_ones(patches.shape[:2])
+    if sizes is None:  # fp32 whatever the tokens' dtype: bf16 counts exactly only up to 256
+        sizes = patches.new_ones(patches.shape[:2], dtype=torch.float32)
     merged, merged_sizes = scatter_merge(kept, sizes.gather(1, keep), dropped, sizes.gather(1, drop), target)
     return merged, merged_sizes, target
 
