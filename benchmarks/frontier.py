@@ -13,8 +13,8 @@ epochs, training images):
   with the full DynamicViT objective, one model for every keep ratio of the range;
 - the merging baseline (`benchmarks/merging.py`: bipartite soft matching, proportional attention) with
   CE + KL to the teacher, r drawn per step from --r-range, one model for every r.
-A model whose folder under --output already holds model.safetensors is loaded instead (--retrain
-trains it again in a new folder next to it).
+A model whose folder under --output already holds finetune/model.safetensors is loaded instead
+(--retrain trains it again in a new folder next to it).
 
 The budgets are the baseline's MACs at each r of --r-values (one image, every matrix product, the
 matching and the merges included: `dynamicvit.runtime.flops.count_macs`). Each variant is evaluated at
@@ -38,7 +38,7 @@ import torch
 
 from dynamicvit.commands._common import int_list
 from dynamicvit.data import build_dataset, resolve_dataset
-from dynamicvit.demo import DATASET, SHIPPED_PRUNE_LOCS, DemoConfig, fine_tune_config, load_teacher, teacher_path
+from dynamicvit.demo import DATASET, FINETUNE_DIR, DemoConfig, fine_tune_config, load_teacher, teacher_path
 from dynamicvit.errors import ConfigError, DynamicViTError
 from dynamicvit.evaluate import evaluate
 from dynamicvit.extras import require
@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def recipe(args: argparse.Namespace, **variant) -> DemoConfig:
     """The demo's settings for one model (its elastic recipe unless `variant` says otherwise)."""
     given = {k: getattr(args, k) for k in ("epochs", "train_images", "test_images") if getattr(args, k) is not None}
+    if args.prune_locs:
+        given["prune_locs"] = tuple(args.prune_locs)
     common = dict(seed=args.seed, teacher=args.teacher, progress=args.progress, **given)
     cfg = DemoConfig.quick_mode(**common, **variant) if args.quick else DemoConfig(**common, **variant)
     cfg.validate()
@@ -103,10 +105,12 @@ def recipe(args: argparse.Namespace, **variant) -> DemoConfig:
 
 
 def fine_tuned(path: Path, retrain: bool, fit) -> torch.nn.Module:
-    """The model saved in `path` (a training run's folder), or `fit(folder)` there (a new folder with --retrain)."""
-    if (path / "model.safetensors").is_file() and not retrain:
-        _logger.info("loading %s", path / "model.safetensors")
-        return load_model(path / "model.safetensors").eval()
+    """The model saved under `path` (`path`/finetune is its training run), or `fit(folder)` there (a new
+    folder with --retrain)."""
+    saved = path / FINETUNE_DIR / "model.safetensors"
+    if saved.is_file() and not retrain:
+        _logger.info("loading %s", saved)
+        return load_model(saved).eval()
     folder = path
     while folder.exists():  # never replace an earlier run
         folder = folder.with_name(folder.name + "+")
@@ -115,8 +119,7 @@ def fine_tuned(path: Path, retrain: bool, fit) -> torch.nn.Module:
 
 def train_variant(name: str, args, teacher_file: Path, out: Path, device) -> torch.nn.Module:
     cfg = recipe(args, **VARIANTS[name])
-    locs = args.prune_locs or (SHIPPED_PRUNE_LOCS if args.teacher is None else None)
-    return fine_tuned(out / name, args.retrain, lambda folder: train(fine_tune_config(cfg, teacher_file, folder, locs, device)).model)
+    return fine_tuned(out / name, args.retrain, lambda folder: train(fine_tune_config(cfg, folder, teacher_file, device)).model)
 
 
 def train_baseline(args, teacher_file: Path, teacher: torch.nn.Module, out: Path, device) -> torch.nn.Module:
@@ -126,8 +129,8 @@ def train_baseline(args, teacher_file: Path, teacher: torch.nn.Module, out: Path
     cfg = recipe(args, **VARIANTS[args.variants[0]])
 
     def fit(folder: Path) -> torch.nn.Module:
-        base = dataclasses.replace(fine_tune_config(cfg, teacher_file, folder, None, device),
-                                   keep_ratios=None, fuse_dropped=False, merge_dropped=False)
+        base = dataclasses.replace(fine_tune_config(cfg, folder, teacher_file, device),
+                                   keep_ratios=None, fuse_dropped=False, merge_dropped=False, prune_locs=None)
         student = merging.TokenMergingViT(copy.deepcopy(teacher), r=hi, r_range=(lo, hi))
         return train(base, models=(student, copy.deepcopy(teacher))).model.backbone
 

@@ -251,21 +251,15 @@ def load_teacher(path: Path, info) -> nn.Module:
     return model.eval()
 
 
-def fine_tune_config(
-    cfg: DemoConfig, teacher: Path, output: Path, prune_locs: Optional[Sequence[int]], device: torch.device
-) -> TrainConfig:
-    """The demo's fine-tuning recipe as training settings: the student starts from `teacher`, no frozen
-    epochs, no mixup, the learning rates, warmup, clipping and keep-ratio weight of `cfg`.
-
-    Args:
-        output: the training run's folder.
-        prune_locs: blocks before which to prune; None: three evenly spaced stages.
-    """
+def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.device) -> TrainConfig:
+    """The training settings of the demo's fine-tuning: the reference recipe scaled to a short CPU run
+    (see `DemoConfig`), validation on at most 2,000 test images after the last epoch."""
+    prune_locs = cfg.prune_locs or (SHIPPED_PRUNE_LOCS if cfg.teacher is None else None)
     return TrainConfig(
         dataset=DATASET,
         data_dir=cfg.data_dir,
         download=cfg.download,
-        output=str(output),
+        output=str(out / FINETUNE_DIR),
         teacher=str(teacher),
         keep_ratio=cfg.keep_ratio,
         keep_ratios=cfg.keep_ratios,
@@ -324,7 +318,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     img_size = int(host_for(teacher).img_size[0])
     if img_size != info.img_size:
         test_set = build_dataset(DATASET, "val", img_size=img_size, data_dir=cfg.data_dir, subset=cfg.test_images, seed=cfg.seed)
-    prune_locs = cfg.prune_locs or (SHIPPED_PRUNE_LOCS if cfg.teacher is None else None)
     prepare_output(out)
     loader = DataLoader(test_set, batch_size=500, shuffle=False, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0)
@@ -337,7 +330,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     how = f"over keep ratios {cfg.keep_ratios}" if cfg.keep_ratios else f"at keep ratio {cfg.keep_ratio}"
     home = " with fused tokens" if cfg.fuse_dropped else " with merged tokens" if cfg.merge_dropped else ""
     step(2, f"fine-tuning DynamicViT {how}{home} ({cfg.epochs} epoch(s))")
-    train_cfg = fine_tune_config(cfg, t_path, out / FINETUNE_DIR, prune_locs, device)
+    train_cfg = fine_tune_config(cfg, out, t_path, device)
     t0 = time.perf_counter()
     result = train(train_cfg)
     timings["fine_tune"] = time.perf_counter() - t0
