@@ -39,16 +39,29 @@ def reference_state(model) -> dict:
             for k, v in model.state_dict().items()}
 
 
-def pruned_with_block_inputs(model, images: torch.Tensor):
-    """The inference path's output and the token sequence entering every block, (B, M_i, C) each."""
+def pruned_with_block_inputs(model, images: torch.Tensor, outputs: list = None):
+    """The inference path's output and the token sequence entering every block, (B, M_i, C) each.
+
+    The sequences are taken where the model hands them to its host (`Host.block`), so they are seen
+    however the host runs the block (the backbone's own module, or its parts with a size bias).
+    `outputs`, when given, receives what every block returns.
+    """
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in model.backbone.blocks]
+    run = model.host.block
+
+    def block(i, x, *args, **kwargs):
+        seen.append(x)
+        out = run(i, x, *args, **kwargs)
+        if outputs is not None:
+            outputs.append(out)
+        return out
+
+    model.host.block = block
     try:
         with torch.no_grad():
             out = model.forward_pruned(images)
     finally:
-        for h in hooks:
-            h.remove()
+        del model.host.block
     return out, seen
 
 

@@ -65,9 +65,11 @@ def test_the_fused_token_is_the_weighted_average_of_the_dropped_ones(keep_ratio)
     torch.testing.assert_close(seen[loc][:, -1], manual, atol=1e-5, rtol=1e-4)
 
 
-def test_fusion_changes_the_output_and_the_ratio_one_output_not():
-    plain, fused = tiny_model(keep_ratio=0.5).eval(), tiny_model(keep_ratio=0.5, fuse_dropped=True).eval()
-    fused.load_state_dict(plain.state_dict())  # fusion adds no parameter
+@pytest.mark.parametrize("home", ["fuse_dropped", "merge_dropped"])
+def test_fusion_or_merging_changes_the_output_and_the_ratio_one_output_not(home):
+    """At keep ratio 1.0 nothing is dropped: no fused token, no merge and no size bias."""
+    plain, fused = tiny_model(keep_ratio=0.5).eval(), tiny_model(keep_ratio=0.5, **{home: True}).eval()
+    fused.load_state_dict(plain.state_dict())  # neither adds a parameter
     x = _x(plain)
     with torch.no_grad():
         assert not torch.allclose(plain(x), fused(x), atol=1e-3)
@@ -123,8 +125,9 @@ def test_macs_count_the_fused_token():
     assert count_macs(fused).total == count_macs(plain).total
 
 
-def test_export_with_fusion_and_dynamic_batch_matches_eager():
-    model = tiny_model(keep_ratio=0.6, fuse_dropped=True).eval()
+@pytest.mark.parametrize("home", ["fuse_dropped", "merge_dropped"])
+def test_export_with_fused_or_merged_tokens_and_dynamic_batch_matches_eager(home):
+    model = tiny_model(keep_ratio=0.6, **{home: True}).eval()
     batch = torch.export.Dim("batch", min=1, max=256)
     program = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
     x = torch.randn(5, 3, 32, 32)

@@ -32,15 +32,16 @@ def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, model.host.in_chans, h, w)
 
 
-# Every invariant holds with the dropped tokens fused into one extra token too.
-VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS]
+# Every invariant holds with the dropped tokens fused into one extra token, or merged into the kept
+# ones, too.
+VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS] + [f"{v}+merged" for v in VARIANTS]
 
 
 @pytest.fixture(params=VARIANT_IDS, ids=VARIANT_IDS)
 def variant(request) -> DynamicViT:
-    key, fused, _ = request.param.partition("+fused")
+    key, _, home = request.param.partition("+")
     name, kw = VARIANTS[key]
-    return tiny_model(name, fuse_dropped=bool(fused), **kw).eval()
+    return tiny_model(name, fuse_dropped=home == "fused", merge_dropped=home == "merged", **kw).eval()
 
 
 def test_keep_ratio_one_reproduces_timm(variant):
@@ -90,11 +91,7 @@ def test_token_counts_per_stage_and_prefix_tokens_kept(variant):
     assert [t.shape[1] for t in seen] == expected
     # The prefix tokens entering each pruning block are the very tokens that left the block before.
     outputs = [None]
-    with torch.no_grad():
-        hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in variant.backbone.blocks]
-        variant.forward_pruned(x)
-        for h in hooks:
-            h.remove()
+    pruned_with_block_inputs(variant, x, outputs)
     for loc in variant.prune_locs:
         torch.testing.assert_close(seen[loc][:, :P], outputs[loc][:, :P])
     # Kept indices: right count, unique, in range, nested across stages.
@@ -178,6 +175,16 @@ def test_timm_registry_and_sparsify_share_weights():
     assert wrapped.backbone.blocks[0].attn.qkv.weight is dense.blocks[0].attn.qkv.weight
 
 
+def test_a_stage_keeps_at_least_one_patch_token():
+    """int(64 * 0.2^3) = 0: the last stage keeps one token instead of none, on both paths."""
+    model = tiny_model(keep_ratio=0.2).eval()
+    assert model.keep_counts() == (12, 2, 1)
+    x = _images(model)
+    with torch.no_grad():
+        out = model.forward_pruned(x)
+    assert [i.shape[1] for i in out.kept_indices] == [12, 2, 1] and torch.isfinite(out.logits).all()
+
+
 def test_default_prune_locs_follow_the_paper():
     assert dynamicvit.create_model("deit_small_patch16_224").prune_locs == (3, 6, 9)
     assert dynamicvit.create_model("deit_small_patch16_224").keep_counts() == (137, 96, 67)
@@ -194,7 +201,7 @@ def test_default_prune_locs_follow_the_paper():
         (dict(prune_locs=[3, 2]), "not sorted"),
         (dict(prune_locs=[2, 2]), "repeats"),
         (dict(prune_locs=[]), "empty"),
-        (dict(keep_ratio=0.2), "keeps zero"),
+        (dict(fuse_dropped=True, merge_dropped=True), "choose one"),
     ],
 )
 def test_validation_errors(kwargs, message):

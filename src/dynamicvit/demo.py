@@ -103,7 +103,8 @@ class DemoConfig:
     # range (small ratios more often, see config.KeepRatioSampler); None: the paper's recipe, trained at
     # keep_ratio alone (`--single-ratio`)
     fuse_dropped: Optional[bool] = None  # fold the dropped tokens into one extra token (`--fuse-dropped`);
-    # None: the recipe's choice (elastic: yes, single ratio: no)
+    # None: the recipe's choice (elastic: yes, single ratio: no; never with merge_dropped)
+    merge_dropped: bool = False  # add each dropped token into its most similar kept token (`--merge-dropped`)
     compare_single_ratio: bool = False  # also fine-tune the single-ratio model and sweep it (twice the
     # fine-tuning time); otherwise the plot shows its sweep measured on the shipped teacher
     prune_locs: Optional[tuple[int, ...]] = None  # blocks before which to prune; None: SHIPPED_PRUNE_LOCS
@@ -147,7 +148,7 @@ class DemoConfig:
         # The two recipes: the settings left at None take the chosen recipe's values.
         elastic = self.keep_ratios is not None
         if self.fuse_dropped is None:
-            self.fuse_dropped = elastic
+            self.fuse_dropped = elastic and not self.merge_dropped  # merged tokens leave nothing to fuse
         if self.epochs is None:
             self.epochs = 6 if elastic else 4
         if self.clip_grad is None:
@@ -167,6 +168,8 @@ class DemoConfig:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.keep_ratios is not None:
             KeepRatioSampler.parse(self.keep_ratios)
+        if self.fuse_dropped and self.merge_dropped:
+            raise ConfigError("--fuse-dropped and --merge-dropped are two homes for the dropped tokens; choose one")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("train_images", "test_images"):
@@ -296,7 +299,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _logger.info("dense teacher: top-1 %.2f%% on %d test images", run.evals["dense"]["top1"], run.evals["dense"]["images"])
 
     how = f"over keep ratios {cfg.keep_ratios}" if cfg.keep_ratios else f"at keep ratio {cfg.keep_ratio}"
-    run.step(2, f"fine-tuning DynamicViT {how}{' with fused tokens' if cfg.fuse_dropped else ''} ({cfg.epochs} epoch(s))")
+    home = " with fused tokens" if cfg.fuse_dropped else " with merged tokens" if cfg.merge_dropped else ""
+    run.step(2, f"fine-tuning DynamicViT {how}{home} ({cfg.epochs} epoch(s))")
     fine_tune(run)
 
     run.step(3, f"evaluating DynamicViT on {run.evals['dense']['images']} test images")
@@ -352,6 +356,7 @@ def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.de
         keep_ratio=cfg.keep_ratio,
         keep_ratios=cfg.keep_ratios,
         fuse_dropped=cfg.fuse_dropped,
+        merge_dropped=cfg.merge_dropped,
         prune_locs=list(prune_locs) if prune_locs else None,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -384,10 +389,11 @@ def fine_tune(run: DemoRun) -> None:
     with run.timed("fine_tune"):
         run.result = train(run.train_cfg)
     run.student.eval()
-    if cfg.compare_single_ratio and (cfg.keep_ratios or cfg.fuse_dropped):
+    if cfg.compare_single_ratio and (cfg.keep_ratios or cfg.fuse_dropped or cfg.merge_dropped):
         _logger.info("fine-tuning the single-ratio model to compare (the paper's recipe at %s)", cfg.keep_ratio)
         paper = DemoConfig.single_ratio()
-        single_cfg = dataclasses.replace(run.train_cfg, keep_ratios=None, fuse_dropped=paper.fuse_dropped, epochs=paper.epochs,
+        single_cfg = dataclasses.replace(run.train_cfg, keep_ratios=None, fuse_dropped=paper.fuse_dropped,
+                                         merge_dropped=paper.merge_dropped, epochs=paper.epochs,
                                          clip_grad=paper.clip_grad or None, eval_every=paper.epochs,
                                          output=str(run.out / SINGLE_DIR))
         with run.timed("fine_tune_single_ratio"):
@@ -420,7 +426,7 @@ def comparison_rows(run: DemoRun) -> tuple[dict, dict]:
     }
     dyn_row = {
         "keep_ratio": cfg.keep_ratio, "keep_ratios": cfg.keep_ratios, "fuse_dropped": cfg.fuse_dropped,
-        "prune_locs": list(student.prune_locs), "keep_counts": list(student.keep_counts()),
+        "merge_dropped": cfg.merge_dropped, "prune_locs": list(student.prune_locs), "keep_counts": list(student.keep_counts()),
         "num_patches": student.num_patches,
         "top1": dyn_eval["top1"], "top5": dyn_eval["top5"], "loss": dyn_eval["loss"],
         "gmacs": dyn_macs.gmacs, "macs": dyn_macs.total, "predictor_macs": dyn_macs.predictor_macs,
@@ -439,7 +445,7 @@ def build_report(run: DemoRun) -> dict:
     top1_drop = dense_row["top1"] - dyn_row["top1"]
     macs_reduction = 1.0 - dyn_row["gmacs"] / dense_row["gmacs"]
     label = f"elastic {cfg.keep_ratios}" if cfg.keep_ratios else f"single ratio {cfg.keep_ratio:g}"
-    label += ", fused" if cfg.fuse_dropped else ""
+    label += ", fused" if cfg.fuse_dropped else ", merged" if cfg.merge_dropped else ""
     plot = save_sweep_plot(run.sweep, dense_row, cfg.keep_ratio, out / SWEEP_PLOT, label=label, single_ratio=run.single_sweep)
     return {
         "demo": "dynamicvit demo: dense ViT teacher vs DynamicViT on Fashion-MNIST",
@@ -497,7 +503,7 @@ def shipped_single_ratio_sweep(cfg: DemoConfig, teacher: Path, sweep: list[dict]
     if cfg.teacher is not None or cfg.test_images is not None or not SINGLE_RATIO_SWEEP.is_file():
         return None
     meta = json.loads(SINGLE_RATIO_SWEEP.read_text())
-    if not (cfg.keep_ratios or cfg.fuse_dropped):
+    if not (cfg.keep_ratios or cfg.fuse_dropped or cfg.merge_dropped):
         return None  # this run trains the single-ratio model itself
     ratios = {r["keep_ratio"] for r in sweep}
     rows = [r for r in meta["sweep"] if r["keep_ratio"] in ratios]

@@ -10,7 +10,8 @@ Four steps, each usable on its own:
 - save: `save_token_figure`, `save_contact_sheet`, `save_average` write PNGs; `write_html` one page.
 
 Dropped patches are blended towards white as in the paper's figures (towards light blue in grayscale
-images, where white would hide them). Small inputs (Fashion-MNIST's 28 px) are enlarged by an integer
+images, where white would hide them). For a model that merges its dropped tokens into kept ones, each
+stage's panel also outlines the groups: a kept patch and the faded patches merged into it. Small inputs (Fashion-MNIST's 28 px) are enlarged by an integer
 factor with nearest-neighbour so every patch stays a sharp block and pixel positions stay exact.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ MIN_PANEL_SIZE = 112  # smaller inputs are enlarged by an integer nearest-neighb
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
 MISSING_COLOR = (190, 190, 190)  # heat-map cells without a value (token dropped at an earlier stage)
+OUTLINE_COLOR = (230, 60, 20)  # borders between groups of merged patches
 CMAP = "viridis"
 
 
@@ -67,6 +69,9 @@ class TokenMasks:
         patch_size: (ph, pw) pixels per patch.
         fused: the model folds the dropped patches into one extra token (`fuse_dropped`): they are
             not lost, only averaged (the titles say "+ fused").
+        merged_into: (B, S, gh, gw) int64 for a model that merges its dropped tokens
+            (`merge_dropped`): the row-major grid index of the kept patch holding each patch after
+            stage s (a kept patch holds itself); None otherwise.
     """
 
     masks: np.ndarray
@@ -77,6 +82,11 @@ class TokenMasks:
     keep_counts: tuple[int, ...]
     patch_size: tuple[int, int]
     fused: bool = False
+    merged_into: Optional[np.ndarray] = None
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_into is not None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -101,6 +111,7 @@ class TokenMasks:
             keep_counts=self.keep_counts,
             patch_size=self.patch_size,
             fused=self.fused,
+            merged_into=None if self.merged_into is None else self.merged_into[sel],
         )
 
     @staticmethod
@@ -118,6 +129,7 @@ class TokenMasks:
             keep_counts=first.keep_counts,
             patch_size=first.patch_size,
             fused=first.fused,
+            merged_into=None if first.merged_into is None else np.concatenate([p.merged_into for p in parts]),
         )
 
 
@@ -162,6 +174,10 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         masks[:, s].scatter_(1, idx, True)
     log_p = torch.stack([torch.cat([o.keep_scores[s] for o in outs]) for s in range(S)], dim=1)  # (B, S, N)
     prob = log_p.float().exp().cpu().numpy().reshape(B, S, gh, gw)
+    merged_into = None
+    if outs[0].merged_into is not None:
+        holders = torch.stack([torch.cat([o.merged_into[s] for o in outs]) for s in range(S)], dim=1)  # (B, S, N)
+        merged_into = holders.cpu().numpy().reshape(B, S, gh, gw)
     return TokenMasks(
         masks=masks.numpy().reshape(B, S, gh, gw),
         keep_prob=prob[:, 0].copy(),
@@ -171,6 +187,7 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         keep_counts=tuple(model.keep_counts()),
         patch_size=tuple(model.patch_size),  # ConvNeXt / Swin: positions of the stage-3 map
         fused=getattr(model, "fuse_dropped", False),
+        merged_into=merged_into,
     )
 
 
@@ -274,6 +291,34 @@ def fade_dropped(
     return out
 
 
+def merge_outlines(holder: np.ndarray, patch_size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """Pixels on the borders between groups of merged patches, (H, W) bool.
+
+    A border is drawn on the last pixel row (column) of a patch whose lower (right) neighbour is held
+    by another kept token, when either of the two tokens holds more than its own patch: every group of
+    patches merged into one token gets an outline, and kept patches that hold only themselves none.
+
+    Args:
+        holder: (gh, gw), which kept patch holds each patch (`TokenMasks.merged_into` of one stage).
+        patch_size: (ph, pw).
+        image_size: (H, W); pixels outside the patch grid get no border.
+    """
+    ph, pw = patch_size
+    gh, gw = holder.shape
+    out = np.zeros(image_size, dtype=bool)
+    below = np.zeros((gh, gw), dtype=bool)
+    right = np.zeros((gh, gw), dtype=bool)
+    values, inverse, counts = np.unique(holder, return_inverse=True, return_counts=True)
+    grouped = (counts > 1)[inverse.reshape(holder.shape)]  # (gh, gw): the patch's token holds others too
+    below[:-1] = (holder[:-1] != holder[1:]) & (grouped[:-1] | grouped[1:])
+    right[:, :-1] = (holder[:, :-1] != holder[:, 1:]) & (grouped[:, :-1] | grouped[:, 1:])
+    for r, c in zip(*np.nonzero(below)):
+        out[r * ph + ph - 1, c * pw : (c + 1) * pw] = True
+    for r, c in zip(*np.nonzero(right)):
+        out[r * ph : (r + 1) * ph, c * pw + pw - 1] = True
+    return out
+
+
 @lru_cache(maxsize=8)
 def _colormap(name: str) -> np.ndarray:
     colormaps = require("matplotlib", "drawing keep probabilities").colormaps
@@ -316,7 +361,11 @@ def scale_factor(image_size: tuple[int, int], min_size: int = MIN_PANEL_SIZE) ->
 
 
 def token_panels(
-    image: np.ndarray, masks: np.ndarray, keep_prob: np.ndarray, patch_size: tuple[int, int]
+    image: np.ndarray,
+    masks: np.ndarray,
+    keep_prob: np.ndarray,
+    patch_size: tuple[int, int],
+    merged_into: Optional[np.ndarray] = None,
 ) -> list[np.ndarray]:
     """The panels of one image at the model's resolution: original, one per stage, keep-probability map.
 
@@ -325,16 +374,22 @@ def token_panels(
         masks: (S, gh, gw) bool.
         keep_prob: (gh, gw) first-stage keep probability.
         patch_size: (ph, pw).
+        merged_into: (S, gh, gw) holders of a merging model: each stage's groups are outlined.
     """
     panels = [image]
-    panels += [fade_dropped(image, m, patch_size) for m in masks]
+    for s, m in enumerate(masks):
+        panel = fade_dropped(image, m, patch_size)
+        if merged_into is not None:
+            panel[merge_outlines(merged_into[s], patch_size, image.shape[:2])] = OUTLINE_COLOR
+        panels.append(panel)
     panels.append(heatmap(keep_prob, patch_size, image.shape[:2]))
     return panels
 
 
-def stage_titles(keep_counts: Sequence[int], num_patches: int, fused: bool = False) -> list[str]:
-    """Panel titles; `fused`: the faded patches live on, averaged into one fused token."""
-    more = " + fused" if fused else ""
+def stage_titles(keep_counts: Sequence[int], num_patches: int, fused: bool = False, merged: bool = False) -> list[str]:
+    """Panel titles; `fused`: the faded patches live on, averaged into one fused token; `merged`: they
+    live on in the kept token outlined with them."""
+    more = " + fused" if fused else " + merged" if merged else ""
     return ["original"] + [f"stage {s}: {k}/{num_patches}{more}" for s, k in enumerate(keep_counts, 1)] + ["p(keep), stage 1"]
 
 
@@ -521,11 +576,12 @@ def render_tokens(
         title: a line above the panels (e.g. the file name and the prediction).
         min_size: enlarge small images so each panel is at least this many pixels.
     """
-    panels = token_panels(image, tm.masks[index], tm.keep_prob[index], tm.patch_size)
+    holders = None if tm.merged_into is None else tm.merged_into[index]
+    panels = token_panels(image, tm.masks[index], tm.keep_prob[index], tm.patch_size, holders)
     N = int(np.prod(tm.grid_size))
     return compose(
         [panels],
-        col_titles=stage_titles(tm.keep_counts, N, tm.fused),
+        col_titles=stage_titles(tm.keep_counts, N, tm.fused, tm.merged),
         heading=title,
         colorbar=(len(panels) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(image.shape[:2], min_size),
@@ -550,10 +606,13 @@ def render_contact_sheet(
         raise ConfigError(f"{len(images)} images but masks for {len(tm)}")
     if titles is not None and len(titles) != len(images):
         raise ConfigError(f"{len(titles)} titles for {len(images)} images")
-    rows = [token_panels(img, tm.masks[i], tm.keep_prob[i], tm.patch_size) for i, img in enumerate(images)]
+    rows = [
+        token_panels(img, tm.masks[i], tm.keep_prob[i], tm.patch_size, None if tm.merged_into is None else tm.merged_into[i])
+        for i, img in enumerate(images)
+    ]
     return compose(
         rows,
-        col_titles=stage_titles(tm.keep_counts, int(np.prod(tm.grid_size)), tm.fused),
+        col_titles=stage_titles(tm.keep_counts, int(np.prod(tm.grid_size)), tm.fused, tm.merged),
         row_titles=list(titles) if titles is not None else None,
         colorbar=(len(rows[0]) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(images.shape[1:3], min_size),

@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "no gradient clipping (each can still be set)")
     parser.add_argument("--fuse-dropped", action=argparse.BooleanOptionalAction, default=None,
                         help="fold each stage's dropped tokens into one extra token (default: yes for elastic "
-                             "training, no with --single-ratio)")
+                             "training, no with --single-ratio or --merge-dropped)")
+    parser.add_argument("--merge-dropped", action="store_true",
+                        help="add each dropped token into its most similar kept token (size-weighted, with "
+                             "proportional attention) instead of fusing or discarding it")
     parser.add_argument("--compare-single-ratio", action="store_true",
                         help="also fine-tune the single-ratio model for the keep-ratio plot (twice the fine-tuning "
                              "time; default: its sweep measured on the shipped teacher)")
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(
         output=args.output, data_dir=args.data_dir, download=args.download, teacher=args.teacher,
         keep_ratio=args.keep_ratio, keep_ratios=args.keep_ratios, fuse_dropped=args.fuse_dropped,
+        merge_dropped=args.merge_dropped,
         compare_single_ratio=args.compare_single_ratio, device=args.device, threads=args.threads, seed=args.seed,
         progress=args.progress,
     )

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{list(model.prune_locs)}, positions on the full path {list(model.keep_counts())} of {model.num_patches}")
     elif isinstance(model, DynamicViT):
         what = (f"DynamicViT on {name}, keep ratio {model.keep_ratio}, prune before blocks "
-                f"{list(model.prune_locs)}, patch tokens kept {list(model.keep_counts())}")
+                f"{list(model.prune_locs)}, patch tokens kept {list(model.keep_counts())}"
+                + (", dropped ones fused" if model.fuse_dropped else ", dropped ones merged" if model.merge_dropped else ""))
     else:
         what = f"{name} (dense)"
     print(f"{what}; one {C}x{H}x{W} image")

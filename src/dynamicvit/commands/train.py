@@ -31,6 +31,7 @@ FLAG_HELP = {
     "keep_ratio": "rho: stage s keeps int(N * rho^s) patch tokens (ConvNeXt/Swin: int(N * (rho - 0.2 s)) positions on the FFN)",
     "keep_ratios": "elastic training: LO:HI (e.g. 0.4:1.0, uniform), low:LO:HI (small ratios drawn more often) or A,B,C, a keep ratio drawn per step (default: --keep-ratio only)",
     "fuse_dropped": "fold each stage's dropped tokens into one extra token instead of discarding them",
+    "merge_dropped": "add each dropped token into its most similar kept token (size-weighted; excludes --fuse-dropped)",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "
     "ConvNeXt/Swin: block indices inside stage 3, default the authors' table)",
     "timm_kwargs": "timm.create_model arguments: a JSON object ('{\"drop_path_rate\": 0.1}') or key=value pairs",

@@ -50,11 +50,15 @@ class PrunedOutput:
             the original grid (row-major, 0..N-1), each (B, k_s), in the order they sit in the sequence.
         keep_scores: per stage (only when asked for), the predictor's log-probability of "keep" for
             every original patch, (B, N), NaN where the token had been dropped at an earlier stage.
+        merged_into: per stage (only when asked for, and only for a model that merges its dropped
+            tokens), the original grid index of the kept token that holds each original patch, (B, N)
+            (a kept patch holds itself).
     """
 
     logits: torch.Tensor
     kept_indices: list[torch.Tensor]
     keep_scores: Optional[list[torch.Tensor]] = None
+    merged_into: Optional[list[torch.Tensor]] = None
 
 
 class SparseModel(nn.Module):

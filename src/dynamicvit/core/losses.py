@@ -214,6 +214,34 @@ class DynamicViTLoss(nn.Module):
         )
 
 
+class LogitDistillLoss(nn.Module):
+    """CE + distill_weight * KL(teacher || student), for a student whose training forward returns
+    logits (a plain classifier, e.g. a token-merging baseline fine-tuned like a DynamicViT).
+
+    Called like `DynamicViTLoss` with the student's logits (B, K), the targets and the teacher's
+    logits (teacher tokens are ignored); returns the total and the terms ("ce", "kl"), detached.
+    """
+
+    def __init__(self, distill_weight: float = 0.5, smoothing: float = 0.1):
+        super().__init__()
+        self.distill_weight = distill_weight
+        self.smoothing = smoothing
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor] = None,
+        teacher_tokens: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = classification_loss(logits, target, self.smoothing)
+        kl = kl_distill(logits, teacher_logits) if teacher_logits is not None else ce.new_zeros(())
+        return ce + self.distill_weight * kl, {"ce": ce.detach(), "kl": kl.detach()}
+
+    def extra_repr(self) -> str:
+        return f"distill_weight={self.distill_weight}, smoothing={self.smoothing}"
+
+
 class DynamicSpatialLoss(nn.Module):
     """The objective of hierarchical models (docs/spatial.md): CE + 10 * ratio + 0.5 * KL + 0.5 * feature MSE.
 
@@ -266,6 +294,7 @@ class DynamicSpatialLoss(nn.Module):
 __all__ = [
     "DynamicSpatialLoss",
     "DynamicViTLoss",
+    "LogitDistillLoss",
     "TOKEN_DISTILL",
     "classification_loss",
     "kl_distill",

@@ -8,6 +8,10 @@
 - `select_tokens` / `prune_tokens`: top-k selection and gather for the inference path (tokens
   physically removed); `prune_tokens` scores with `PredictionModule.keep_margin`, the few-operator
   fast path of the prediction module.
+- `merge_into_kept` (inference path) / `merge_masked` (training path): each dropped token is added
+  into its most similar kept token (`cosine_similarity`) as a size-weighted average (`scatter_merge`);
+  `size_bias` and the `sizes` of `masked_softmax` / `policy_bias` make attention proportional to the
+  number of original tokens a merged token holds.
 
 Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
 """
@@ -206,7 +210,7 @@ def sample_keep(log_probs: torch.Tensor, prev_decision: torch.Tensor, tau: float
 _EPS = 1e-6  # the reference's stabilizer of the masked softmax
 
 
-def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+def masked_softmax(attn: torch.Tensor, policy: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax over keys in which dropped keys get zero weight ("softmax with policy").
 
     attn_ij = (E_ij G_ij + eps/M) / (sum_k E_ik G_ik + eps), E = exp(A - rowmax A), eps = 1e-6,
@@ -221,17 +225,23 @@ def masked_softmax(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     its predictors learn worse (a lower rank correlation between keep score and patch content).
     Elsewhere the result equals the exact masked softmax to ~1e-6.
 
+    With `sizes` (merged tokens) the gate becomes G_ij s_j: proportional attention, each key
+    weighted by the number of original tokens it holds, as `size_bias` does on the inference path.
+
     Args:
         attn: attention logits, (B, H, M, M).
         policy: (B, M, 1) or (B, M); 1 for prefix and kept tokens, 0 for dropped ones.
+        sizes: (B, M) or None; how many original tokens each token holds (1 for prefix tokens).
     """
     M = attn.shape[-1]
     a = attn.to(torch.float32)
-    e = torch.exp(a - a.amax(dim=-1, keepdim=True).detach()) * _key_gate(policy, M)
+    e = torch.exp(a - a.amax(dim=-1, keepdim=True).detach()) * _key_gate(policy, M, sizes)
     return ((e + _EPS / M) / (e.sum(dim=-1, keepdim=True) + _EPS)).to(attn.dtype)
 
 
-def policy_bias(policy: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def policy_bias(
+    policy: torch.Tensor, dtype: torch.dtype = torch.float32, sizes: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """`masked_softmax` as an additive attention bias, for fused attention kernels (training path).
 
     softmax(A + log(G + eps)) = E (G + eps) / sum_k E_k (G_k + eps), E = exp(A - rowmax A): the
@@ -250,18 +260,35 @@ def policy_bias(policy: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     Args:
         policy: (B, M, 1) or (B, M); 1 for prefix and kept tokens, 0 for dropped ones.
         dtype: the queries' dtype (fused kernels want the bias in it); computed in fp32.
+        sizes: (B, M) or None; as in `masked_softmax`.
 
     Returns:
         (B, 1, M, M), broadcast over heads.
     """
-    return torch.log(_key_gate(policy, policy.shape[1]) + _EPS).to(dtype)
+    return torch.log(_key_gate(policy, policy.shape[1], sizes) + _EPS).to(dtype)
 
 
-def _key_gate(policy: torch.Tensor, M: int) -> torch.Tensor:
-    """G, (B, 1, M, M) fp32: G_ij = g_j off the diagonal, 1 on it (a dropped token still sees itself)."""
+def _key_gate(policy: torch.Tensor, M: int, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """G, (B, 1, M, M) fp32: G_ij = g_j off the diagonal, 1 on it (a dropped token still sees itself),
+    times s_j when `sizes` (B, M) are given."""
     g = policy.reshape(-1, 1, 1, M).to(torch.float32)
     eye = torch.eye(M, dtype=torch.float32, device=policy.device).view(1, 1, M, M)
-    return g + (1.0 - g) * eye
+    gate = g + (1.0 - g) * eye
+    return gate if sizes is None else gate * sizes.reshape(-1, 1, 1, M).to(torch.float32)
+
+
+def size_bias(sizes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Proportional attention as an additive bias: log s_j on every key j, (B, 1, 1, M).
+
+    softmax(A + log s) weighs each key by the number of original tokens it holds, so a token merged
+    from s tokens draws the attention those s tokens drew together (had they been equal). Fused
+    attention kernels take it as a float mask.
+
+    Args:
+        sizes: (B, M), >= 1; 1 for prefix tokens and tokens that hold only themselves.
+        dtype: the queries' dtype.
+    """
+    return torch.log(sizes.to(torch.float32)).to(dtype).reshape(sizes.shape[0], 1, 1, -1)
 
 
 def select_tokens(
@@ -344,6 +371,110 @@ def fold_dropped(
         total = total + fused_weight
     # Divide by 1 where nothing is held: the gradient stays finite (a clamp to eps would scale it by 1/eps).
     return acc / torch.where(total > 0, total, torch.ones_like(total)), total
+
+
+# -- merging dropped tokens -------------------------------------------------------------------
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every token of `a` (B, m, C) with every token of `b` (B, k, C), (B, m, k).
+
+    One batched product of the unit-normalized features: m * k * C multiply-accumulates.
+    """
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return a @ b.transpose(1, 2)
+
+
+def scatter_merge(
+    kept: torch.Tensor, kept_sizes: torch.Tensor, dropped: torch.Tensor, dropped_sizes: torch.Tensor,
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add each dropped token into a kept one, as a size-weighted average.
+
+    x'_j = (s_j x_j + sum_{i -> j} s_i x_i) / s'_j with s'_j = s_j + sum_{i -> j} s_i: a merged token
+    is the mean of the original tokens it holds (each taken at the depth where it was merged), and
+    its size the number of them. A kept token that receives nothing is unchanged. Two scatter-adds
+    (m * C + m multiply-accumulates).
+
+    Args:
+        kept: (B, k, C); kept_sizes: (B, k), > 0.
+        dropped: (B, m, C); dropped_sizes: (B, m).
+        target: (B, m), index into `kept` of the token each dropped token goes to.
+
+    Returns:
+        (merged tokens (B, k, C), their sizes (B, k)).
+    """
+    acc, sizes = _weighted_sums(kept, kept_sizes, dropped, dropped_sizes, target)
+    return acc / sizes.to(acc.dtype).unsqueeze(-1), sizes
+
+
+def _weighted_sums(kept, kept_sizes, dropped, dropped_sizes, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_j x_j + sum_{i -> j} s_i x_i (B, k, C), s_j + sum_{i -> j} s_i (B, k)): `scatter_merge` before
+    its division."""
+    sizes = kept_sizes.scatter_add(1, target, dropped_sizes.to(kept_sizes.dtype))  # (B, k)
+    index = target.unsqueeze(-1).expand(-1, -1, kept.shape[-1])  # (B, m, C)
+    weighted = dropped * dropped_sizes.to(dropped.dtype).unsqueeze(-1)
+    acc = (kept * kept_sizes.to(kept.dtype).unsqueeze(-1)).scatter_add(1, index, weighted)  # (B, k, C)
+    return acc, sizes
+
+
+def merge_into_kept(
+    patches: torch.Tensor, sizes: Optional[torch.Tensor], keep: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One merging stage of the inference path: the kept tokens, with every dropped token added into
+    its most similar kept one (cosine similarity of the features).
+
+    Args:
+        patches: the patch tokens, (B, n, C).
+        sizes: (B, n), how many original tokens each holds (fp32); None: 1 each.
+        keep: (B, k) and drop: (B, n - k), positions in `patches` of the kept and the dropped tokens
+            (together a permutation of 0..n-1).
+
+    Returns:
+        (merged kept tokens (B, k, C) in the order of `keep`, their sizes (B, k), and for each dropped
+        token the position in `keep` of the token it went to (B, n - k)).
+    """
+    C = patches.shape[-1]
+    kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # (B, k, C)
+    dropped = patches.gather(1, drop.unsqueeze(-1).expand(-1, -1, C))  # (B, n - k, C)
+    target = cosine_similarity(dropped, kept).argmax(dim=-1)  # (B, n - k)
+    if sizes is None:  # fp32 whatever the tokens' dtype: bf16 counts exactly only up to 256
+        sizes = patches.new_ones(patches.shape[:2], dtype=torch.float32)
+    merged, merged_sizes = scatter_merge(kept, sizes.gather(1, keep), dropped, sizes.gather(1, drop), target)
+    return merged, merged_sizes, target
+
+
+def merge_masked(
+    patches: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor, dropped: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_into_kept` on the training path, where no token is removed: what the inference path
+    computes for the same decisions, differentiable in the decisions.
+
+    Each newly dropped token (dropped > 0.5) goes to the most similar token kept (keep > 0.5); the kept
+    tokens become size-weighted averages with weights s_i * keep_i (kept) and s_i * dropped_i (newly
+    dropped), so a straight-through decision passes a gradient into the predictor. Every other token
+    (dropped at this or an earlier stage) keeps its value and size: attention masks it out.
+
+    Args:
+        patches: (B, N, C); sizes: (B, N).
+        keep: this stage's decision, (B, N), 1 = kept (hard values, straight-through gradients).
+        dropped: the tokens this stage drops, previous decision - keep, (B, N).
+
+    Returns:
+        (patch tokens (B, N, C), sizes (B, N)).
+    """
+    B, N, C = patches.shape
+    kept = keep.detach() > 0.5  # < 0.5, not == 0: straight-through decisions are 0 or 1 up to rounding
+    new = dropped.detach() > 0.5
+    sim = cosine_similarity(patches, patches).masked_fill(~kept.unsqueeze(1), float("-inf"))  # (B, N, N)
+    own = torch.arange(N, device=patches.device).expand(B, N)
+    target = torch.where(new, sim.argmax(dim=-1), own)  # (B, N): itself unless dropped now
+    weight = sizes * (keep + dropped).to(sizes.dtype)  # 0 for tokens dropped at an earlier stage
+    acc, total = _weighted_sums(patches.new_zeros(B, N, C), sizes.new_zeros(B, N), patches, weight, target)
+    # Divide only where kept: a zero total elsewhere would give 0 / 0, and a NaN gradient through `where`.
+    merged = acc / torch.where(kept, total, torch.ones_like(total)).to(acc.dtype).unsqueeze(-1)
+    return torch.where(kept.unsqueeze(-1), merged, patches), torch.where(kept, total, sizes)
 
 
 def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:

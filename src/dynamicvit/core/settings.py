@@ -26,8 +26,11 @@ def default_prune_locs(depth: int, num_stages: int = 3) -> tuple[int, ...]:
 
 
 def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:
-    """Patch tokens kept after each stage: int(N * rho ** s), as the reference computes it."""
-    return tuple(int(num_patches * keep_ratio ** s) for s in range(1, num_stages + 1))
+    """Patch tokens kept after each stage: int(N * rho ** s), as the reference computes it, and at least
+    one: at low budgets (rho = 0.25 on a 7 x 7 grid gives int(0.77) at stage 3) the last stages keep a
+    single patch token rather than none, which the heads that pool patch tokens (LV-ViT's aux head,
+    average pooling) and merged tokens need."""
+    return tuple(max(1, int(num_patches * keep_ratio ** s)) for s in range(1, num_stages + 1))
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,17 @@ class SparsityConfig:
         fuse_dropped: fold the tokens each stage drops into one extra token (their average weighted
             by the predictor's keep probability) that the remaining blocks process like a kept one,
             instead of discarding them. False is the paper's method.
+        merge_dropped: add each token a stage drops into its most similar kept token (cosine
+            similarity of the features) as a size-weighted average; the sizes are carried through
+            the later stages and attention is proportional to them (log size as a bias on each
+            key). Excludes `fuse_dropped`: once every dropped token lives on in a kept one, nothing
+            is left to fold.
     """
 
     keep_ratio: float = 0.7
     prune_locs: tuple[int, ...] = (3, 6, 9)
     fuse_dropped: bool = False
+    merge_dropped: bool = False
 
     @classmethod
     def create(
@@ -54,12 +63,19 @@ class SparsityConfig:
         depth: int,
         num_patches: int,
         fuse_dropped: bool = False,
+        merge_dropped: bool = False,
     ) -> "SparsityConfig":
         """Validate the settings against a model of `depth` blocks and `num_patches` patch tokens."""
         locs = default_prune_locs(depth) if prune_locs is None else _as_locs(prune_locs)
-        if not isinstance(fuse_dropped, bool):
-            raise ConfigError(f"fuse_dropped must be True or False, got {fuse_dropped!r}")
-        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped)
+        for name, value in (("fuse_dropped", fuse_dropped), ("merge_dropped", merge_dropped)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
+        if fuse_dropped and merge_dropped:
+            raise ConfigError(
+                "fuse_dropped and merge_dropped are two homes for the dropped tokens (one fused token, or the most "
+                "similar kept token); choose one"
+            )
+        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped, merge_dropped=merge_dropped)
         cfg.validate(depth, num_patches)
         return cfg
 
@@ -81,15 +97,6 @@ class SparsityConfig:
             raise ConfigError(
                 f"prune_locs {list(locs)} has block indices {bad} out of range: the model has {depth} "
                 f"blocks, so each location must be in 1..{depth - 1} (pruning happens before that block)"
-            )
-        counts = self.keep_counts(num_patches)
-        if counts and counts[-1] < 1:
-            stage = next(s for s, k in enumerate(counts) if k < 1)
-            min_ratio = (1.0 / num_patches) ** (1.0 / (stage + 1))
-            raise ConfigError(
-                f"keep_ratio {self.keep_ratio} keeps zero of the {num_patches} patch tokens at stage "
-                f"{stage + 1} (int({num_patches} * {self.keep_ratio}^{stage + 1}) = 0); use a keep ratio "
-                f"of at least {math.ceil(min_ratio * 1000) / 1000} or fewer stages"
             )
 
 

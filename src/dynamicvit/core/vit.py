@@ -19,6 +19,15 @@ between). The fused token attends and is attended to like a kept token, but it i
 never selected as a kept patch and is removed before the final norm: the class token (or the pooled
 kept patches) still decides. The training path holds it as token P + N, masked out of attention
 until a first token has been dropped.
+
+With `merge_dropped` every token a stage drops is added into its most similar kept patch token
+(cosine similarity of the features, `ops.merge_into_kept`) as a size-weighted average: each token
+carries its size, the number of original patches it holds, and attention is proportional to it (log
+size added to the key logits). The prediction module still decides which tokens are kept; merging
+decides only where the dropped ones go, and never into a prefix token. The training path keeps every
+token in the sequence and merges the newly dropped ones into the kept ones in place
+(`ops.merge_masked`): for the same decisions it computes what the inference path computes. Until a
+stage drops a token (keep ratio 1.0) there are no sizes and the blocks are the backbone's own.
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .base import DynamicViTOutput, PrunedOutput, SparseModel
 from .hosts import Host, host_for
-from .ops import PredictionModule, fold_dropped, prune_tokens, ratio_shift, sample_keep, select_tokens
+from .ops import (PredictionModule, fold_dropped, merge_into_kept, merge_masked, prune_tokens, ratio_shift,
+                  sample_keep, select_tokens, split_positions)
 from .settings import SparsityConfig, _as_ratio
 
 _logger = logging.getLogger(__name__)
@@ -49,6 +59,7 @@ class DynamicViT(SparseModel):
         prune_locs: blocks before which to prune; default three evenly spaced stages.
         model_name, timm_kwargs: how to rebuild the backbone from timm (stored in checkpoints).
         fuse_dropped: fold the dropped tokens into one extra token instead of discarding them.
+        merge_dropped: add each dropped token into its most similar kept token (excludes `fuse_dropped`).
         keep_ratio_range: (low, high), the keep ratios an elastic model was trained for (recorded
             in checkpoints; a keep ratio outside it is allowed, with a warning). None: trained at
             `keep_ratio` alone, as in the paper.
@@ -63,11 +74,14 @@ class DynamicViT(SparseModel):
         timm_kwargs: Optional[dict] = None,
         fuse_dropped: bool = False,
         keep_ratio_range: Optional[Sequence[float]] = None,
+        merge_dropped: bool = False,
     ):
         super().__init__()
         self.host: Host = host_for(backbone)
         self.backbone = backbone
-        self.config = SparsityConfig.create(keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped)
+        self.config = SparsityConfig.create(
+            keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped, merge_dropped
+        )
         self.keep_ratio_range: Optional[tuple[float, float]] = None
         if keep_ratio_range is not None:
             self.set_keep_ratio_range(keep_ratio_range)
@@ -99,6 +113,10 @@ class DynamicViT(SparseModel):
     def fuse_dropped(self) -> bool:
         return self.config.fuse_dropped
 
+    @property
+    def merge_dropped(self) -> bool:
+        return self.config.merge_dropped
+
     def settings(self) -> dict:
         return {
             "kind": "dynamicvit",
@@ -108,12 +126,14 @@ class DynamicViT(SparseModel):
             "prune_locs": list(self.prune_locs),
             # Written only when set, so the settings of a model without them read as before.
             **({"fuse_dropped": True} if self.fuse_dropped else {}),
+            **({"merge_dropped": True} if self.merge_dropped else {}),
             **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
         }
 
     def at_keep_ratio(self, keep_ratio: float) -> "DynamicViT":
         twin = DynamicViT(self.backbone, keep_ratio, self.prune_locs, self.model_name, self.timm_kwargs,
-                          fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range)
+                          fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range,
+                          merge_dropped=self.merge_dropped)
         twin.predictors = self.predictors
         return twin
 
@@ -135,16 +155,19 @@ class DynamicViT(SparseModel):
             raise ConfigError(f"keep_ratio_range must be (low, high), got {keep_ratio_range!r}") from None
         if low > high:
             raise ConfigError(f"keep_ratio_range ({low}, {high}) is empty; give (low, high) with low <= high")
-        self._config_at(low)  # raises when the smallest ratio keeps no token at some stage
         self.keep_ratio_range = (low, high)
 
     def _config_at(self, keep_ratio: float) -> SparsityConfig:
-        return SparsityConfig.create(keep_ratio, self.prune_locs, self.host.depth, self.num_patches, self.fuse_dropped)
+        return SparsityConfig.create(
+            keep_ratio, self.prune_locs, self.host.depth, self.num_patches, self.fuse_dropped, self.merge_dropped
+        )
 
     def extra_repr(self) -> str:
         text = f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
         if self.fuse_dropped:
             text += ", fuse_dropped=True"
+        if self.merge_dropped:
+            text += ", merge_dropped=True"
         if self.keep_ratio_range is not None:
             text += f", keep_ratio_range={self.keep_ratio_range}"
         return text
@@ -178,6 +201,7 @@ class DynamicViT(SparseModel):
         prefix = x.new_ones(B, P, 1)
         shift = ratio_shift(keep_ratio, self.keep_ratio)
         fused_weight = None  # (B, 1, 1): total weight held by the fused token x[:, P + N]
+        sizes = None  # (B, N): original patches each patch token holds, once merging has begun
         policy = None
         stage_decisions = []
         stage_at = self._stage_at()
@@ -205,7 +229,9 @@ class DynamicViT(SparseModel):
                     # < 0.5, not == 0: straight-through decisions are 0 or 1 only up to rounding.
                     present = (decision < 0.5).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, 1)
                     policy = torch.cat([policy, present], dim=1)
-            x = host.block(i, x, policy)
+                if self.merge_dropped:
+                    x, sizes = self._merge_masked(x, sizes, previous, decision)
+            x = host.block(i, x, policy, _with_prefix(sizes, P))
         x = host.norm(x[:, : P + N])
         mask = decision.squeeze(-1).detach()
         return DynamicViTOutput(
@@ -231,22 +257,29 @@ class DynamicViT(SparseModel):
         n = N  # patch tokens in the sequence; a fused token, once there is one, follows them
         index = None  # (B, n) original grid index of each current patch token
         fused_weight = None  # (B, 1, 1): total weight held by the fused token x[:, P + n]
-        kept, scores = [], []
+        sizes = None  # (B, n): original patches each patch token holds, once a stage has merged
+        slot = None  # (B, N): position among the current patch tokens of the token holding each patch
+        kept, scores, merged_into = [], [], []
         stage_at = self._stage_at()
         for i in range(host.depth):
             stage = stage_at.get(i)
             if stage is not None:
                 predictor = self.predictors[stage]
                 tokens = x if fused_weight is None else x[:, : P + n]  # without the fused token
+                score = None
                 if return_scores:
                     log_p = predictor(tokens, num_prefix_tokens=P)[..., 0]  # (B, n)
                     score = log_p
                     full = log_p.new_full((B, N), float("nan"))
                     src = index if index is not None else torch.arange(N, device=x.device).expand(B, N)
                     scores.append(full.scatter(1, src, log_p))
-                    kept_tokens, keep = select_tokens(tokens, score, counts[stage], P)
-                elif self.fuse_dropped:
+                elif self.fuse_dropped or self.merge_dropped:
                     score = predictor.keep_score(tokens, P)  # logit of p(keep)
+                if self.merge_dropped:
+                    kept_tokens, keep, sizes, went = self._merge_pruned(tokens, score, counts[stage], sizes)
+                    if return_scores:
+                        slot = _follow_merges(slot, keep, went, B, N)
+                elif score is not None:
                     kept_tokens, keep = select_tokens(tokens, score, counts[stage], P)
                 else:
                     kept_tokens, keep = prune_tokens(tokens, predictor, counts[stage], P)
@@ -261,6 +294,60 @@ class DynamicViT(SparseModel):
                 x, n = kept_tokens, counts[stage]
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)
-            x = host.block(i, x)
+                if slot is not None:
+                    merged_into.append(index.gather(1, slot))
+            x = host.block(i, x, sizes=_with_prefix(sizes, P))
         x = host.norm(x if fused_weight is None else x[:, : P + n])
-        return PrunedOutput(host.logits(x), kept, scores if return_scores else None)
+        return PrunedOutput(host.logits(x), kept, scores if return_scores else None, merged_into or None)
+
+    # -- merging dropped tokens ----------------------------------------------------------------
+
+    def _merge_masked(self, x, sizes, previous, decision) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training path: the newly dropped patch tokens of x (B, P + N, C) merged into the kept ones,
+        and the sizes (B, N) after the merge."""
+        P = self.num_prefix_tokens
+        if sizes is None:
+            sizes = x.new_ones(x.shape[0], x.shape[1] - P, dtype=torch.float32)
+        patches, sizes = merge_masked(x[:, P:], sizes, decision.squeeze(-1), (previous - decision).squeeze(-1))
+        return torch.cat([x[:, :P], patches], dim=1), sizes
+
+    def _merge_pruned(self, tokens, score, num_keep, sizes):
+        """Inference path: keep the `num_keep` best-scoring patch tokens of tokens (B, P + n, C) and merge
+        the others into them.
+
+        Returns:
+            (prefix + merged kept tokens (B, P + k, C), kept positions (B, k), their sizes (B, k) or
+            None before anything was merged, (dropped positions (B, n - k), position in the kept
+            tokens each went to (B, n - k)) or None when nothing was dropped).
+        """
+        P = self.num_prefix_tokens
+        if num_keep >= tokens.shape[1] - P:  # nothing dropped (keep ratio 1.0): no merge, no sizes
+            kept_tokens, keep = select_tokens(tokens, score, num_keep, P)
+            return kept_tokens, keep, None if sizes is None else sizes.gather(1, keep), None
+        keep, drop = split_positions(score, num_keep)
+        merged, sizes, target = merge_into_kept(tokens[:, P:], sizes, keep, drop)
+        return torch.cat([tokens[:, :P], merged], dim=1), keep, sizes, (drop, target)
+
+
+def _with_prefix(sizes: Optional[torch.Tensor], num_prefix_tokens: int) -> Optional[torch.Tensor]:
+    """Sizes of the patch tokens (B, n) -> of the whole sequence (B, P + n): prefix tokens hold themselves."""
+    if sizes is None:
+        return None
+    return torch.cat([sizes.new_ones(sizes.shape[0], num_prefix_tokens), sizes], dim=1)
+
+
+def _follow_merges(slot, keep, went, B: int, N: int) -> torch.Tensor:
+    """Where every original patch lives after a stage: its holder's position among the kept tokens, (B, N).
+
+    Args:
+        slot: (B, N) positions among the tokens before the stage (None: the original grid, 0..N-1).
+        keep: (B, k) positions of the kept tokens; `went`: (dropped positions, their targets) or None.
+    """
+    if slot is None:
+        slot = torch.arange(N, device=keep.device).expand(B, N)
+    k = keep.shape[1]
+    moved = keep.new_empty(B, k + (0 if went is None else went[0].shape[1]))  # (B, n): new position of each
+    moved.scatter_(1, keep, torch.arange(k, device=keep.device).expand(B, k))
+    if went is not None:
+        moved.scatter_(1, went[0], went[1])
+    return moved.gather(1, slot)

@@ -8,7 +8,11 @@ sees every aten operator, so it counts
 - linear layers and plain matrix products (`linear`, `mm`, `addmm`, `bmm`, `matmul`, ...): out * K;
 - convolutions: out * (C_in / groups) * kernel (transposed: in * (C_out / groups) * kernel);
 - fused attention (`scaled_dot_product_attention` and every backend kernel it can dispatch to,
-  the CPU one included): B * H * L * S * (E + E_v), i.e. both attention products.
+  the CPU one included): B * H * L * S * (E + E_v), i.e. both attention products;
+- scatter-adds (`scatter_add`, `scatter_reduce` with "sum"): one per source element. A scatter-add
+  is a sparse matrix product, one nonzero per source row: the size-weighted sums with which merging
+  adds dropped tokens into kept ones (`ops.scatter_merge`). `index_add` is not counted: the
+  library uses it for residual additions (`DynamicSpatial`), which are no product.
 
 Element-wise work (LayerNorm, GELU, softmax, additions) is not part of the MACs. Because the model
 really runs, a DynamicViT is counted on its inference path with its shrinking sequence, so the
@@ -86,6 +90,15 @@ def _attention(args: tuple, kwargs: dict, out: Any) -> int:
     return math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+def _scatter_add(args: tuple, kwargs: dict, out: Any) -> int:
+    return args[3].numel()  # scatter_add(self, dim, index, src): one multiply-accumulate per source element
+
+
+def _scatter_reduce(args: tuple, kwargs: dict, out: Any) -> int:
+    reduce = args[4] if len(args) > 4 else kwargs.get("reduce")
+    return args[3].numel() if reduce == "sum" else 0
+
+
 def _norm(weight_arg: int) -> MacFormula:
     """fvcore's count for a normalization layer: 5 per element with affine weights, else 4."""
 
@@ -129,6 +142,10 @@ _MATRIX_RULES: dict[str, dict[Any, MacFormula]] = {
             "_scaled_dot_product_cudnn_attention",
             "_scaled_dot_product_fused_attention_overrideable",
         )
+    },
+    "scatter": {
+        **{p: _scatter_add for p in _packets("scatter_add", "scatter_add_")},
+        **{p: _scatter_reduce for p in _packets("scatter_reduce", "scatter_reduce_")},
     },
 }
 _RULES = {packet: (kind, f) for kind, rules in _MATRIX_RULES.items() for packet, f in rules.items()}
@@ -211,7 +228,8 @@ class MacsReport:
             prediction module), `stage1`... (a prediction module and the blocks after it), `head`.
             Their `macs` and `params` add up to `total` and `params`.
         input_size: (C, H, W) of the image counted.
-        by_kind: `total` split by operator kind: linear, matmul, conv, attention (fused attention).
+        by_kind: `total` split by operator kind: linear, matmul, conv, attention (fused attention),
+            scatter (the size-weighted sums of merged tokens).
         norm_ops: normalization-layer operations in fvcore's convention (not part of `total`).
         uncounted: matrix-like operators the counter met but has no formula for (should be empty).
         keep_ratio: the DynamicViT's keep ratio, None for a dense model.

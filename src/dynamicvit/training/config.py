@@ -147,6 +147,7 @@ class TrainConfig:
     # drawn per step and targeted by the ratio loss, so one model serves every ratio in the range; None:
     # keep_ratio alone (the paper's recipe). The model's keep ratio at inference stays keep_ratio.
     fuse_dropped: bool = False  # fold each stage's dropped tokens into one extra token instead of discarding them
+    merge_dropped: bool = False  # add each dropped token into its most similar kept token (excludes fuse_dropped)
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
     timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
     # dataset fills in num_classes, in_chans and img_size unless given here
@@ -280,6 +281,8 @@ class TrainConfig:
             )
         if self.keep_ratios is not None:
             KeepRatioSampler.parse(self.keep_ratios)
+        need(not (self.fuse_dropped and self.merge_dropped),
+             "--fuse-dropped and --merge-dropped are two homes for the dropped tokens; choose one")
         if self.dense and self.teacher:
             raise ConfigError("--dense trains with plain CE and takes no teacher; drop --teacher (or --dense)")
 

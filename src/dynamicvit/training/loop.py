@@ -41,6 +41,7 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
+from ..core.base import SparseModel
 from ..core.hosts import host_for
 from ..core.layouts import check_finite
 from ..core.losses import classification_loss
@@ -57,7 +58,8 @@ from .config import REFERENCE_BATCH, REFERENCE_LR, TrainConfig
 from .distributed import DistEnv, init_distributed
 from .loaders import build_datasets, build_loaders, check_all_images, readable, steps_per_epoch
 from .metrics import MetricsLog, format_row, keep_ratio_drift
-from .models import build_criterion, build_models, check_model_name, freeze_tokens, param_groups, teacher_targets
+from .models import (build_criterion, build_models, check_model_name, freeze_tokens, given_models, param_groups,
+                     teacher_targets)
 from .safety import check_resume_settings, check_room, claim_run_folder, clear_run, trim_metrics
 from .state import (TrainState, load_checkpoint, restore_checkpoint, resume_path, seed_everything, set_rng_state,
                     write_checkpoint)
@@ -84,13 +86,17 @@ class TrainResult:
     model: Optional[nn.Module] = None
 
 
-def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None) -> TrainResult:
+def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None,
+          models: Optional[tuple[nn.Module, nn.Module]] = None) -> TrainResult:
     """Train a sparse model from a dense teacher (or a dense model when `cfg.dense`).
 
     Args:
         cfg: the settings.
         train_set, val_set: datasets of (image tensor, label) to use instead of `cfg.dataset`; the
             model's timm arguments (num_classes, in_chans, img_size) then come from `cfg.timm_kwargs`.
+        models: (student, teacher) to train instead of the ones `cfg` describes; a student that is not
+            a sparse model (its training forward returns logits, e.g. a token-merging baseline) learns
+            from the teacher with CE + KL (`LogitDistillLoss`).
 
     Returns:
         The final model file, the last resumable checkpoint and the per-epoch history.
@@ -103,7 +109,7 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Rank 0 writes the files; the lock keeps a second run out of the folder while this one lives.
         with RunLock(prepare_output_dir(cfg.output)) if env.is_main else nullcontext():
-            state = setup(cfg, env, device, train_set, val_set)
+            state = setup(cfg, env, device, train_set, val_set, models)
             resume(state)
             open_run(state)
             try:
@@ -123,13 +129,14 @@ def train(cfg: TrainConfig, *, train_set: Optional[Dataset] = None, val_set: Opt
 
 
 def setup(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Optional[Dataset] = None,
-          val_set: Optional[Dataset] = None) -> TrainState:
+          val_set: Optional[Dataset] = None, models: Optional[tuple[nn.Module, nn.Module]] = None) -> TrainState:
     """Models, data, optimizer, precision and EMA, the same on every rank. Names, files and the run
     folder are checked first, before any data is read; no file of the run is written yet."""
     out = Path(cfg.output)
     resume_from, clear_earlier, kwargs, info = _preflight(cfg, env, out, train_set)
     seed_everything(cfg.seed)  # the same initialization on every rank (DDP broadcasts rank 0's anyway)
-    model, teacher = build_models(cfg, kwargs)
+    model, teacher = build_models(cfg, kwargs) if models is None else given_models(*models)
+    sparse = isinstance(model, SparseModel)  # else a dense model, alone or distilled from the teacher
     check_model_fits(model, info)
     frozen = [] if cfg.dense else freeze_tokens(model)
     model.to(device)
@@ -157,10 +164,10 @@ def setup(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set: Optio
         model=model, net=net, teacher=teacher, frozen=frozen,
         # Token hosts give the teacher's targets; hierarchical teachers use `spatial.dense_targets`.
         teacher_host=host_for(teacher) if teacher is not None and not isinstance(model, DynamicSpatial) else None,
-        criterion=None if cfg.dense else build_criterion(model, cfg),
-        keys=["loss", "ce"] if cfg.dense else ["loss", "ce", "ratio", "kl", "token"],
-        stages=0 if cfg.dense else len(model.prune_locs),
-        keep_sampler=None if cfg.dense or cfg.keep_ratios is None else KeepRatioSampler.parse(cfg.keep_ratios),
+        criterion=None if teacher is None else build_criterion(model, cfg),
+        keys=["loss", "ce", "ratio", "kl", "token"] if sparse else ["loss", "ce"] + (["kl"] if teacher else []),
+        stages=len(model.prune_locs) if sparse else 0,
+        keep_sampler=KeepRatioSampler.parse(cfg.keep_ratios) if sparse and cfg.keep_ratios is not None else None,
         optimizer=optimizer, params=[p for g in optimizer.param_groups for p in g["params"]], schedule=schedule,
         dtype=dtype, scaler=torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda"),
         ema=ema, mixup=mixup,
@@ -304,7 +311,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
             rho = {} if state.keep_sampler is None else {"keep_ratio": state.keep_sampler.sample(random)}
             out = state.net(x, **rho)  # the training path: tokens masked (Gumbel-softmax), not removed
             loss, terms = state.criterion(out, y, t_logits, t_tokens, **rho)
-            keep = [d.detach().float().mean() for d in out.decisions]  # the fraction kept at each stage
+            keep = [d.detach().float().mean() for d in out.decisions] if state.stages else []  # kept per stage
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if cfg.clip_grad:
@@ -321,7 +328,7 @@ def finish(state: TrainState) -> TrainResult:
     """Warn about stages that missed their kept fraction; write the final model file(s), with the
     settings that made them."""
     cfg, env, model, out = state.cfg, state.env, state.model, state.out
-    if env.is_main and not cfg.dense and state.history:
+    if env.is_main and state.stages and state.history:
         targets = getattr(model, "stage_ratios", None)  # ConvNeXt / Swin: r_s per predictor
         if state.keep_sampler is not None:  # elastic: the kept fractions average over the ratios drawn
             targets = [state.keep_sampler.expected_fraction(s) for s in range(1, len(model.prune_locs) + 1)]

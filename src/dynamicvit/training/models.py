@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..core.base import SparseModel
 from ..core.hosts import Host
-from ..core.losses import DynamicSpatialLoss, DynamicViTLoss
+from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, LogitDistillLoss
 from ..core.settings import KeepRatioSampler
 from ..core.spatial import DynamicSpatial, dense_targets
 from ..errors import ConfigError
@@ -60,7 +60,8 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
         return create_backbone(_need_model(cfg), pretrained=cfg.pretrained, **kwargs), None
     teacher = _teacher(cfg, kwargs)
     teacher.eval().requires_grad_(False)
-    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped)
+    student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped,
+                       merge_dropped=cfg.merge_dropped)
     student.backbone.requires_grad_(True)
     if cfg.predictor_keep_prior is not None:
         for predictor in student.predictors:
@@ -161,9 +162,18 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
     return list(groups.values())
 
 
+def given_models(student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A caller's (student, teacher) for `train(models=...)`: the teacher frozen in eval mode, the student trainable."""
+    teacher.eval().requires_grad_(False)
+    student.requires_grad_(True)
+    return student, teacher
+
+
 def build_criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
-    distillation over all positions) for ConvNeXt / Swin."""
+    """The objective of the model's kind: DynamicViT's, the hierarchical one (per-stage r_s, feature
+    distillation over all positions) for ConvNeXt / Swin, or CE + KL for a student that is not sparse."""
+    if not isinstance(model, SparseModel):
+        return LogitDistillLoss(cfg.distill_weight, cfg.smoothing)
     if isinstance(model, DynamicSpatial):
         return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
     return DynamicViTLoss(

@@ -59,6 +59,7 @@ def create_model(
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,
     fuse_dropped: Optional[bool] = None,
+    merge_dropped: Optional[bool] = None,
     **timm_kwargs,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Build the timm model `name` and add DynamicViT prediction modules.
@@ -83,6 +84,8 @@ def create_model(
         restart_streams: ConvNeXt/Swin only: see `SpatialConfig.restart_streams`.
         fuse_dropped: ViTs only: fold each stage's dropped tokens into one extra token instead of
             discarding them (default: the checkpoint's setting, else off).
+        merge_dropped: ViTs only: add each dropped token into its most similar kept token (default:
+            the checkpoint's setting, else off); excludes `fuse_dropped`.
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
@@ -95,18 +98,14 @@ def create_model(
             prune_locs, timm_kwargs = settings_win(settings, checkpoint_path, name, prune_locs, timm_kwargs)
             if settings.get("kind") == "dynamicvit" and keep_ratio is None:
                 keep_ratio = settings["keep_ratio"]
-            stored = bool(settings.get("fuse_dropped", False))
-            if fuse_dropped is not None and bool(fuse_dropped) != stored:
-                raise CheckpointError(
-                    f"{checkpoint_path} was trained with fuse_dropped={stored}, but fuse_dropped={fuse_dropped} was "
-                    "asked for; drop the argument (the checkpoint's setting is used)"
-                )
-            fuse_dropped = stored
+            fuse_dropped = _stored_flag(settings, "fuse_dropped", fuse_dropped, checkpoint_path)
+            merge_dropped = _stored_flag(settings, "merge_dropped", merge_dropped, checkpoint_path)
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
 
     def build() -> Union[DynamicViT, DynamicSpatial]:
         backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
-        return _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, bool(fuse_dropped))
+        return _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs,
+                     bool(fuse_dropped), bool(merge_dropped))
 
     if checkpoint is None:
         return build()
@@ -114,6 +113,17 @@ def create_model(
     model = build() if checkpoint[1] is None else built_from_settings(checkpoint_path, checkpoint[0], build)
     load_weights(model, checkpoint_path, checkpoint)
     return model
+
+
+def _stored_flag(settings: dict, name: str, asked: Optional[bool], path: PathLike) -> bool:
+    """A checkpoint's setting `name` (False when absent); an explicit `asked` that contradicts it is an error."""
+    stored = bool(settings.get(name, False))
+    if asked is not None and bool(asked) != stored:
+        raise CheckpointError(
+            f"{path} was trained with {name}={stored}, but {name}={asked} was asked for; drop the argument "
+            "(the checkpoint's setting is used)"
+        )
+    return stored
 
 
 def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
@@ -154,6 +164,7 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
             prune_locs=settings["prune_locs"],
             **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
             fuse_dropped=bool(settings.get("fuse_dropped", False)),
+            merge_dropped=bool(settings.get("merge_dropped", False)),
             **kwargs,
         )
         if settings.get("keep_ratio_range"):
@@ -300,15 +311,17 @@ def sparsify(
     stage_ratios: Optional[Sequence[float]] = None,
     restart_streams: bool = True,
     fuse_dropped: bool = False,
+    merge_dropped: bool = False,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Wrap a timm ViT, ConvNeXt or Swin the user already has (weights shared, not copied)."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}
-    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs, fuse_dropped)
+    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs, fuse_dropped, merge_dropped)
 
 
-def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, fuse_dropped=False):
+def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, fuse_dropped=False,
+          merge_dropped=False):
     """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
     if isinstance(backbone, SparseModel):
         raise ConfigError(
@@ -316,8 +329,9 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
             "model.set_keep_ratio(...) instead of sparsifying it again"
         )
     if is_spatial(backbone):
-        if fuse_dropped:
-            raise ConfigError("fuse_dropped applies to ViTs only: ConvNeXt and Swin keep every position of their maps")
+        if fuse_dropped or merge_dropped:
+            flag = "fuse_dropped" if fuse_dropped else "merge_dropped"
+            raise ConfigError(f"{flag} applies to ViTs only: ConvNeXt and Swin keep every position of their maps")
         return DynamicSpatial(
             backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, model_name=name, timm_kwargs=timm_kwargs
         )
@@ -325,7 +339,8 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
         raise ConfigError(
             "stage_ratios applies to ConvNeXt and Swin models only; ViTs keep int(N * keep_ratio ** s) tokens per stage"
         )
-    return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs, fuse_dropped=fuse_dropped)
+    return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs,
+                      fuse_dropped=fuse_dropped, merge_dropped=merge_dropped)
 
 
 def register_with_timm() -> None:

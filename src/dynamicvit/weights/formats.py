@@ -246,9 +246,13 @@ def _check_sparsity(settings: dict, where: str) -> None:
          "[low, high]"),
         ("restart_streams", lambda v: isinstance(v, bool), "true or false"),
         ("fuse_dropped", lambda v: isinstance(v, bool), "true or false"),
+        ("merge_dropped", lambda v: isinstance(v, bool), "true or false"),
     ):
         if settings.get(key) is not None and not ok(settings[key]):
             raise CheckpointError(f"{where} hold {key} {short_repr(settings[key])}; expected {expected}")
+    if settings.get("fuse_dropped") and settings.get("merge_dropped"):
+        raise CheckpointError(f"{where} set both fuse_dropped and merge_dropped, which exclude each other; "
+                              "the file is damaged or not ours")
 
 
 def _check_extra(extra: Any, where: str) -> None:

@@ -90,9 +90,13 @@ class Host:
         """Images (B, C, H, W) -> tokens (B, P + N, C) with position information, ready for block 0."""
         raise NotImplementedError
 
-    def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block(
+        self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None, sizes: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Block i on tokens (B, P + n, C); with `policy` (B, P + n, 1), dropped tokens are masked out
-        of attention (they cannot influence any other token)."""
+        of attention (they cannot influence any other token); with `sizes` (B, P + n), how many original
+        tokens each token holds (merged tokens), attention is proportional to them (`ops.size_bias`,
+        `ops.masked_softmax`). With neither, the block is the backbone's own, unchanged."""
         raise NotImplementedError
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -209,8 +209,9 @@ class LVViTHost(Host):
     over the kept patch tokens only; token distillation is a KL divergence between the per-token
     aux-head distributions of student and teacher.
 
-    Modifications against `LVViTBlock.forward` on the training path: `masked_attention` in place of
-    the attention's own softmax (the branch scaling and drop path are the block's own).
+    Modifications against `LVViTBlock.forward` on the training path, and with merged tokens:
+    `masked_attention` in place of the attention's own (the branch scaling and drop path are the
+    block's own).
     """
 
     family = "lvvit"
@@ -240,11 +241,13 @@ class LVViTHost(Host):
         check_images(images, self.in_chans, self.img_size)
         return self.model._pos_embed(self.model.patch_embed(images))
 
-    def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block(
+        self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None, sizes: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         blk = self.blocks[i]
-        if policy is None:
+        if policy is None and sizes is None:
             return blk(x)
-        return blk(x, attention=lambda t: masked_attention(blk.attn, t, policy))
+        return blk(x, attention=lambda t: masked_attention(blk.attn, t, policy, sizes=sizes))
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """head(class token) + 0.5 * max of aux_head over the kept patch tokens, (B, K).

@@ -1,8 +1,8 @@
 """timm's VisionTransformer (ViT, DeiT, DeiT III, registers) as a DynamicViT host.
 
 Mirrors timm 1.0's `VisionTransformer.forward_features` / `forward_head` and `Block.forward`
-(pre-norm, LayerScale, drop path): `block` with a policy is that forward with `masked_attention`
-in place of the fused attention; without one it is the block itself. LayerScale, qk-norm, register
+(pre-norm, LayerScale, drop path): `block` with a policy or token sizes is that forward with
+`masked_attention` in place of the block's attention; without either it is the block itself. LayerScale, qk-norm, register
 and distillation tokens, and any image or patch size the backbone supports work unchanged.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import CheckpointError, ConfigError, UnsupportedModelError
-from ..ops import masked_softmax, policy_bias
+from ..ops import masked_softmax, policy_bias, size_bias
 from .base import Host
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -81,11 +81,14 @@ class ViTHost(Host):
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
-    def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block(
+        self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None, sizes: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         blk = self.blocks[i]
-        if policy is None:
+        if policy is None and sizes is None:
             return blk(x)
-        x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy, self.fused_masked_attn)))
+        attn = masked_attention(blk.attn, blk.norm1(x), policy, self.fused_masked_attn, sizes)
+        x = x + blk.drop_path1(blk.ls1(attn))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -120,29 +123,51 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: tuple[int, int])
         )
 
 
-def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """A timm `Attention` module's forward with `masked_softmax` in place of the softmax.
+def masked_attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    policy: Optional[torch.Tensor] = None,
+    fused: bool = False,
+    sizes: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A timm `Attention` module's forward with `masked_softmax` in place of the softmax, and/or
+    proportional attention for merged tokens.
 
     Uses the module's own weights (qkv, q/k norm, output norm, proj) and dropouts.
 
     Args:
         attn: a `timm.layers.Attention`.
         x: tokens, (B, M, C).
-        policy: (B, M, 1).
-        fused: F.scaled_dot_product_attention with `policy_bias` instead of explicit products.
+        policy: (B, M, 1), or None when no token is masked (the inference path).
+        fused: F.scaled_dot_product_attention with `policy_bias` instead of explicit products. Without
+            a policy attention is always fused: `size_bias` is an ordinary float mask.
+        sizes: (B, M), how many original tokens each token holds; None: one each.
     """
-    B, M, C = x.shape
-    H, D = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(B, M, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if fused:
+    q, k, v = attention_heads(attn, x)
+    if policy is None or fused:
+        if policy is not None:
+            bias = policy_bias(policy, q.dtype, sizes)
+        else:
+            bias = None if sizes is None else size_bias(sizes, q.dtype)
         x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=policy_bias(policy, q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )  # (B, H, M, D)
     else:
         a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, M, M)
-        x = attn.attn_drop(masked_softmax(a, policy)) @ v
-    x = x.transpose(1, 2).reshape(B, M, H * D)
-    x = attn.norm(x)
+        x = attn.attn_drop(masked_softmax(a, policy, sizes)) @ v
+    return attention_output(attn, x)
+
+
+def attention_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of a timm `Attention` (its qkv projection and q/k norms), (B, H, M, D) each."""
+    B, M, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, M, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, M, D)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The heads' outputs (B, H, M, D) -> (B, M, C) through the module's output norm, projection and dropout."""
+    B, H, M, D = x.shape
+    x = attn.norm(x.transpose(1, 2).reshape(B, M, H * D))
     return attn.proj_drop(attn.proj(x))
