@@ -41,7 +41,8 @@ class DynamicViT(SparseModel):
     """A backbone (any `dynamicvit.core.hosts` family) with DynamicViT token sparsification.
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval
-    mode it runs the inference path and returns the logits, like any timm classifier.
+    mode it runs the inference path and returns the logits, like any timm classifier (on a transformers
+    backbone: a `TransformersOutput` with `.logits`, or `.pooler_output` for base models).
 
     Args:
         backbone: a dense model of a supported host family.
@@ -109,6 +110,7 @@ class DynamicViT(SparseModel):
             # Written only when set, so the settings of a model without them read as before.
             **({"fuse_dropped": True} if self.fuse_dropped else {}),
             **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
+            **self.host.settings(),  # transformers: the class and its config
         }
 
     def at_keep_ratio(self, keep_ratio: float) -> "DynamicViT":
@@ -215,6 +217,14 @@ class DynamicViT(SparseModel):
 
     # -- inference path: tokens removed --------------------------------------------------------
 
+    def forward(self, x: torch.Tensor, **train_kwargs):
+        """Training mode: `forward_masked`; eval mode: the inference path's output as the host presents it
+        (`Host.outputs`: the logits for timm backbones, a `TransformersOutput` for transformers ones)."""
+        if self.training:
+            return self.forward_masked(x, **train_kwargs)
+        tokens, kept, _ = self._pruned_tokens(x, return_scores=False)
+        return self.host.outputs(tokens, kept)
+
     def forward_pruned(self, x: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
         """Inference path: the least informative patch tokens are removed at each stage.
 
@@ -222,6 +232,11 @@ class DynamicViT(SparseModel):
             x: images, (B, C, H, W).
             return_scores: also return each stage's keep log-probabilities on the original grid.
         """
+        x, kept, scores = self._pruned_tokens(x, return_scores)
+        return PrunedOutput(self.host.logits(x), kept, scores if return_scores else None, tokens=x)
+
+    def _pruned_tokens(self, x: torch.Tensor, return_scores: bool) -> tuple[torch.Tensor, list, list]:
+        """The inference path up to the final norm: (tokens (B, P + k, C), kept indices, keep scores)."""
         host = self.host
         x = host.embed(x)
         B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches
@@ -260,5 +275,4 @@ class DynamicViT(SparseModel):
                 index = keep if index is None else index.gather(1, keep)
                 kept.append(index)
             x = host.block(i, x)
-        x = host.norm(x if fused_weight is None else x[:, : P + n])
-        return PrunedOutput(host.logits(x), kept, scores if return_scores else None)
+        return host.norm(x if fused_weight is None else x[:, : P + n]), kept, scores

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.base import backbone_of
+from ..core.base import backbone_of, logits_of
 from ..core.vit import DynamicViT
-from ..data import preprocessing_config, resolve_dataset
-from ..errors import ConfigError, DataError, DynamicViTError
+from ..core.hosts import any_host
+from ..data import num_classes_of, preprocessing_config, resolve_dataset
+from ..errors import ConfigError, DataError, DynamicViTError, UnsupportedModelError
 from ..extras import require
 from ..files import PathLike, atomic_write
 from ..version import __version__
@@ -72,9 +73,14 @@ class ExportError(DynamicViTError):
 
 
 def default_class_names(model: nn.Module) -> Optional[list[str]]:
-    """ImageNet class descriptions for a 1000-class model (from timm), else None."""
-    if backbone_of(model).num_classes != 1000:
-        return None
+    """The class names the model carries (transformers' id2label), else ImageNet's class descriptions for
+    a 1000-class model (from timm), else None."""
+    try:
+        names = any_host(model).class_names
+    except UnsupportedModelError:  # a timm model of no host family
+        names = None
+    if names is not None or num_classes_of(model) != 1000:
+        return names
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -103,7 +109,7 @@ def graph_metadata(model: nn.Module, *, class_names=None, preprocessing=None, ex
                         grid_size=list(model.grid_size))
     settings.update(
         input_size=list(default_input_size(model)),
-        num_classes=backbone_of(model).num_classes,
+        num_classes=num_classes_of(model),
         preprocessing=preprocessing or preprocessing_config(model),
         versions={"dynamicvit": __version__, "torch": torch.__version__},
         **(extra or {}),
@@ -201,7 +207,7 @@ class _InferenceGraph(nn.Module):
         if isinstance(self.model, DynamicViT):
             out = self.model.forward_pruned(images)
             return (out.logits, *out.kept_indices)
-        return self.model(images)
+        return logits_of(self.model(images))
 
 
 def export_onnx(
@@ -253,7 +259,7 @@ def export_onnx(
     if len(set(verify_batch_sizes)) < 2 and verify:
         raise ConfigError(f"verify_batch_sizes needs two different batch sizes to check the batch axis, got {verify_batch_sizes}")
     names = default_class_names(graph_model) if class_names is None else list(class_names)
-    num_classes = backbone_of(graph_model).num_classes
+    num_classes = num_classes_of(graph_model)
     if names is not None and len(names) != num_classes:
         raise ConfigError(f"{len(names)} class names given for a model with {num_classes} classes")
     metadata = graph_metadata(
@@ -392,7 +398,7 @@ def verify_onnx(
                 ref_logits, ref_kept = out.logits, out.kept_indices
                 margins = stage_margins(model, x)  # (B, S)
             else:
-                ref_logits, ref_kept, margins = model(x), [], None
+                ref_logits, ref_kept, margins = logits_of(model(x)), [], None
         logits = got[LOGITS_NAME]
         same = torch.ones(bs, dtype=torch.bool)
         tie = torch.zeros(bs, dtype=torch.bool)

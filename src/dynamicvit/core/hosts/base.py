@@ -84,6 +84,44 @@ class Host:
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @property
+    def patch_embed(self) -> Optional[nn.Module]:
+        """The module that turns images into patch tokens (where MAC counting attributes the embedding)."""
+        return getattr(self.model, "patch_embed", None)
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules after the last block: final norm and heads (MAC counting's `head` stage)."""
+        names = ("norm", "fc_norm", "attn_pool", "head", "head_dist", "aux_head")
+        return [m for n in names if isinstance(m := getattr(self.model, n, None), nn.Module)]
+
+    # -- where the backbone comes from, and how images are prepared ------------------------------
+
+    @property
+    def architecture(self) -> Optional[str]:
+        """The name the backbone is rebuilt from (a sparse model's `model_name`): timm's architecture."""
+        return (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's pretrained config of the backbone: input size, normalization, crop, classes."""
+        return self.model.pretrained_cfg
+
+    @property
+    def preprocessing(self) -> Optional[dict]:
+        """How the backbone's own release prepares evaluation images, as `data.eval_config` describes it,
+        when the family prescribes it exactly (transformers: the image processor's settings); None: the
+        data module derives it from `pretrained_cfg`."""
+        return None
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The class names the backbone carries (transformers: `config.id2label`), or None."""
+        return None
+
+    def settings(self) -> dict:
+        """What checkpoints store to rebuild the backbone beyond a timm name and timm arguments."""
+        return {}
+
     # -- forward pieces --------------------------------------------------------------------------
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -99,6 +137,10 @@ class Host:
         """The final norm, (B, P + n, C)."""
         return self.model.norm(x)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The dense backbone's final normed tokens (B, P + N, C): what a teacher's targets come from."""
+        return self.model.forward_features(images)
+
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class logits (B, K) from the final normed tokens (B, P + n, C).
 
@@ -107,6 +149,15 @@ class Host:
                 every patch token in `x` counts (the inference path, where dropped tokens are gone).
         """
         raise NotImplementedError
+
+    def outputs(self, x: torch.Tensor, kept_indices: list[torch.Tensor]):
+        """What a sparse model returns in eval mode from its final normed tokens (B, P + n, C): the
+        logits for timm families (as timm classifiers do); transformers hosts return an output object.
+
+        Args:
+            kept_indices: per stage, the kept patch tokens' indices into the original grid, (B, k_s).
+        """
+        return self.logits(x)
 
     def class_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The prediction that CE and the logit distillation train, (B, K), when it is not `logits`
