@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", default=None, metavar="PATH", help="a model saved by dynamicvit (knows its settings)")
-    source.add_argument("--model", default=None, help="timm name; random weights (for trying the command out)")
+    source.add_argument("--model", default=None, help="timm name (random weights, for trying the command out), or "
+                        "hf:DIR, a transformers model folder (its weights and image processor)")
     source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX file written by `dynamicvit export`")
     add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments for --model (JSON object or key=value pairs)")
@@ -171,13 +172,14 @@ def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
 def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import visualize as vis
-    from ..core.base import backbone_of
+    from ..core.base import logits_of
     from ..core.vit import DynamicViT
-    from ..data import preprocessing_config
+    from ..data import num_classes_of, preprocessing_config
     from ..runtime import deploy
     from ..runtime.device import resolve_device
     from ..weights.build import create_model, load_model
     from ..weights.formats import read_settings
+    from ..weights.hf import is_hf_spec
 
     device = resolve_device(args.device)
     settings = None
@@ -189,6 +191,8 @@ def _torch_runner(args, runtime: str) -> Runner:
             raise ConfigError(f"{args.checkpoint} holds weights without dynamicvit settings; save the model with "
                               "dynamicvit.save_model or use the model.safetensors that `dynamicvit train` writes")
         model = load_model(args.checkpoint, **args.model_kwargs)
+    elif is_hf_spec(args.model):  # the folder's weights and image processor (and prediction modules, if saved)
+        model = create_model(args.model, keep_ratio=args.keep_ratio, **args.model_kwargs)
     else:
         _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
         model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
@@ -200,7 +204,7 @@ def _torch_runner(args, runtime: str) -> Runner:
         model.set_keep_ratio(args.keep_ratio)
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
-    num_classes = backbone_of(model).num_classes
+    num_classes = num_classes_of(model)
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     preprocessing = preprocessing_config(model, train_dataset)
     kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
@@ -230,7 +234,7 @@ def _torch_runner(args, runtime: str) -> Runner:
     forward = deploy.compile(model) if runtime == "compile" else model
 
     def predict(x):
-        return forward(x.to(device))
+        return logits_of(forward(x.to(device)))
 
     def masks(x):
         return vis.kept_token_masks(model, x.to(device))

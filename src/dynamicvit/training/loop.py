@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-from ..core.base import SparseModel
+from ..core.base import SparseModel, logits_of
 from ..core.hosts import Host, host_for
 from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, classification_loss
 from ..core.layouts import check_finite
@@ -48,6 +48,7 @@ from ..progress import progress_bar
 from ..runtime.device import amp_dtype, autocast, resolve_device
 from ..weights.build import create_backbone, load, sparsify
 from ..weights.formats import load_weights, model_settings, read_checkpoint, save_model
+from ..weights.hf import hf_folder, is_hf_folder, is_hf_spec
 from .config import REFERENCE_AUGMENT, REFERENCE_BATCH, REFERENCE_LR, TrainConfig
 from .safety import (
     ResumableSampler,
@@ -62,8 +63,15 @@ from .safety import (
 
 _logger = logging.getLogger(__name__)
 
-# Learnable tokens the reference does not train when fine-tuning (and never decays).
-FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
+# Learnable tokens the reference does not train when fine-tuning (and never decays): timm's names, then
+# transformers' (CLIP's position table is an embedding layer's weight).
+FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token", "position_embeddings", "distillation_token",
+                 "register_tokens", "class_embedding", "position_embedding.weight")
+
+
+def is_frozen_token(name: str) -> bool:
+    """True for a parameter name that ends with one of `FROZEN_TOKENS`."""
+    return any(name == t or name.endswith("." + t) for t in FROZEN_TOKENS)
 
 
 @dataclass
@@ -132,7 +140,8 @@ def init_distributed(device_spec: str) -> tuple[DistEnv, torch.device]:
 
 
 def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict, overrides: dict, role: str) -> nn.Module:
-    """A dense timm ViT from a checkpoint: ours (`save_model`/training) or plain timm/DeiT weights.
+    """A dense timm ViT from a checkpoint: ours (`save_model`/training) or plain timm/DeiT weights; or a
+    transformers model from a folder ("hf:DIR").
 
     Args:
         name: the timm architecture (needed only for plain weights, which carry no settings).
@@ -140,6 +149,11 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
         overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
         role: "teacher" or "initial weights", for messages.
     """
+    if is_hf_folder(path):
+        model = load(path, overrides={**kwargs, **overrides})
+        if isinstance(model, SparseModel):
+            raise ConfigError(f"the {role} {path} holds prediction modules; the {role} must be a dense model")
+        return model
     checkpoint = read_checkpoint(path)
     settings = checkpoint[1]
     if settings is not None:
@@ -173,14 +187,14 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
 
     if cfg.teacher:
         teacher = load_dense(cfg.teacher, cfg.model, kwargs, cfg.timm_kwargs, "teacher")
-    elif cfg.pretrained:
+    elif cfg.pretrained or is_hf_spec(cfg.model):  # a transformers folder brings its weights
         teacher = create_backbone(_need_model(cfg), pretrained=True, **kwargs)
         default_classes = teacher.pretrained_cfg.get("num_classes")
-        if default_classes and default_classes != teacher.num_classes:
+        if default_classes and default_classes != num_classes_of(teacher):
             _logger.warning(
                 "the pretrained teacher's head was re-initialized for %d classes, so it teaches nothing: "
                 "train a dense teacher first (dynamicvit train --dense --pretrained ...) and pass it with --teacher",
-                teacher.num_classes,
+                num_classes_of(teacher),
             )
     else:
         raise ConfigError(
@@ -217,6 +231,9 @@ def check_model_name(name: Optional[str]) -> None:
     """Fail fast on an unknown timm name (before any data is read)."""
     if name is None:
         return
+    if is_hf_spec(name):
+        hf_folder(name)  # raises for a missing folder or a hub name
+        return
     import timm
 
     bare = name[len("dynamicvit_"):] if name.startswith("dynamicvit_") else name
@@ -232,7 +249,7 @@ def freeze_tokens(model: nn.Module) -> list[str]:
     """
     frozen = []
     for name, p in model.named_parameters():
-        if name.split(".")[-1] in FROZEN_TOKENS:
+        if is_frozen_token(name):
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -254,7 +271,7 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
             continue
         # New parameters (prediction modules; fast paths of ConvNeXt/Swin) train at the full lr from the start.
         part = "predictors" if name.startswith(getattr(model, "new_parameter_prefixes", "predictors.")) else "backbone"
-        decay = p.ndim > 1 and name.split(".")[-1] not in skip
+        decay = p.ndim > 1 and name.split(".")[-1] not in skip and not is_frozen_token(name)
         group = groups.setdefault(
             (part, decay),
             {
@@ -407,7 +424,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     # 1. Fail fast on what the user can get wrong: names and files first, data next.
     check_model_name(cfg.model)
     for path in (cfg.teacher, cfg.init_checkpoint):
-        if path:
+        if path and is_hf_folder(path):
+            hf_folder(path)  # raises CheckpointError for a missing folder or a hub name
+        elif path:
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
     resume_from = _resume_path(cfg, out)
     clear_earlier = False
@@ -417,7 +436,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     info = None
     if train_set is None:
         info = resolve_dataset(cfg.dataset, cfg.data_dir)
-        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **kwargs}
+        # A transformers model runs at its own size (config.image_size or its image processor's crop).
+        size = {} if any(is_hf_folder(s) for s in (cfg.model, cfg.teacher, cfg.init_checkpoint)) else {"img_size": info.img_size}
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **size, **kwargs}
 
     # 2. Models: the same initialization on every rank (DDP broadcasts rank 0's anyway).
     seed_everything(cfg.seed)
@@ -694,7 +715,7 @@ def _train_epoch(
             x, y = mixup_fn(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
         with autocast(device, dtype):
             if teacher is None:
-                loss = classification_loss(net(x), y, cfg.smoothing)
+                loss = classification_loss(logits_of(net(x)), y, cfg.smoothing)
                 terms = {"ce": loss.detach()}
                 keep = []
             else:
@@ -795,7 +816,7 @@ def teacher_targets(teacher: nn.Module, host: Optional[Host], x: torch.Tensor) -
     """
     if host is None:
         return dense_targets(teacher, x)
-    feats = host.model.forward_features(x)  # (B, P + N, C), normed
+    feats = host.features(x)  # (B, P + N, C), normed
     logits = host.class_logits(feats)
     return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)
 

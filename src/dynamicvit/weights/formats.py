@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core.base import SparseModel
+from ..core.hosts.hf import ATTN_IMPLEMENTATIONS, SUPPORTED, HFHost, is_transformers_model
 from ..core.layouts import load_foreign_state
 from ..errors import CheckpointError
 from ..files import PathLike, atomic_write
@@ -45,6 +46,10 @@ def model_settings(model: nn.Module) -> dict:
     if isinstance(model, SparseModel):
         settings = model.settings()
         return {"format_version": FORMAT_VERSION, **settings, "timm_kwargs": architecture_kwargs(settings["timm_kwargs"])}
+    if is_transformers_model(model):
+        host = HFHost(model)
+        return {"format_version": FORMAT_VERSION, "kind": "dense", "model_name": host.architecture, "timm_kwargs": {},
+                **host.settings()}
     name = getattr(model, "pretrained_cfg", {}).get("architecture")
     if name is None:
         raise CheckpointError(f"cannot tell which timm architecture {type(model).__name__} is; save its state_dict instead")
@@ -156,7 +161,8 @@ def check_settings(raw: Any, path: PathLike) -> dict:
     """Parse and check the settings stored in a checkpoint before anything is built from them.
 
     The model name must be a timm architecture (no hub or local-folder source), `timm_kwargs` may hold
-    only `ARCHITECTURE_KWARGS` with plain values, and the sparsity settings must have their types.
+    only `ARCHITECTURE_KWARGS` with plain values, and the sparsity settings must have their types. A
+    transformers model ("hf:CLASS") is described by a `transformers` entry instead (`check_transformers`).
 
     Raises:
         CheckpointError: naming the file and what is wrong with its settings.
@@ -182,7 +188,9 @@ def check_settings(raw: Any, path: PathLike) -> dict:
         raise CheckpointError(f"{where} have format version {version!r}; this dynamicvit reads up to {FORMAT_VERSION}, "
                               "upgrade it")
     name = settings.get("model_name")
-    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+    if "transformers" in settings or (isinstance(name, str) and name.startswith("hf:")):
+        check_transformers(settings, where)
+    elif not isinstance(name, str) or ":" in name or not timm.is_model(name):
         raise CheckpointError(
             f"{where} name the model {name!r}, which is not a timm architecture here; to use the weights, name the "
             "architecture: dynamicvit.create_model(NAME, checkpoint_path=PATH)"
@@ -206,6 +214,55 @@ def check_settings(raw: Any, path: PathLike) -> dict:
         if not isinstance(locs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in locs):
             raise CheckpointError(f"{where} hold prune_locs {locs!r}; expected a list of block indices")
     return settings
+
+
+# config.json entries that make transformers run custom code or load other packages: never stored.
+REFUSED_CONFIG_KEYS = frozenset({"auto_map", "quantization_config", "custom_pipelines", "trust_remote_code"})
+
+
+def check_transformers(settings: dict, where: str) -> None:
+    """Check the `transformers` entry of stored settings: a supported class (by name, never imported
+    from elsewhere), its config as plain JSON with the class's model_type and nothing that runs custom
+    code, the attention implementation, the run size and the image processor's settings."""
+    block = settings.get("transformers")
+    if not isinstance(block, dict):
+        raise CheckpointError(f"{where} name a transformers model {settings.get('model_name')!r} but hold no "
+                              "`transformers` entry describing it; the file is damaged")
+    name, config = block.get("class"), block.get("config")
+    if name not in SUPPORTED or settings.get("model_name") != f"hf:{name}":
+        raise CheckpointError(f"{where} name the transformers class {name!r} (model {settings.get('model_name')!r}); "
+                              f"supported: {', '.join(SUPPORTED)}")
+    if not isinstance(config, dict) or not _plain_json(config):
+        raise CheckpointError(f"{where} hold a transformers config that is not a JSON object of plain values")
+    refused = sorted(REFUSED_CONFIG_KEYS & set(config))
+    if refused:
+        raise CheckpointError(f"{where} hold a transformers config with {refused}, which could run custom code; refused")
+    if config.get("model_type") != SUPPORTED[name].model_type:
+        raise CheckpointError(f"{where} hold a {name} config of model_type {config.get('model_type')!r}, not "
+                              f"{SUPPORTED[name].model_type!r}")
+    if block.get("attn_implementation") not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"{where} hold attn_implementation {block.get('attn_implementation')!r}; expected one of "
+                              f"{ATTN_IMPLEMENTATIONS}")
+    size = block.get("img_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise CheckpointError(f"{where} hold img_size {size!r}; expected [height, width]")
+    processor = block.get("processor")
+    if processor is not None and not (isinstance(processor, dict) and _plain_json(processor)):
+        raise CheckpointError(f"{where} hold image-processor settings that are not a JSON object of plain values")
+    if settings.get("timm_kwargs"):
+        raise CheckpointError(f"{where} hold timm arguments for a transformers model; the file is damaged")
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Numbers, strings, booleans, None, and lists / string-keyed objects of them (a few levels deep)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, list):
+        return all(_plain_json(v, depth + 1) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain_json(v, depth + 1) for k, v in value.items())
 
 
 def _plain(value: Any) -> bool:
