@@ -21,6 +21,8 @@ from conftest import scramble
 
 transformers = pytest.importorskip("transformers")
 
+ROOT = Path(__file__).resolve().parent.parent
+
 # 32 px images, 8 px patches: a 4x4 grid of 16 patch tokens; 4 layers, stages before layers (1, 2, 3).
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
 CONFIGS = {  # class -> (config class, extra config fields)
@@ -478,9 +480,27 @@ def test_train_eval_export_predict_and_visualize_a_transformers_folder(tmp_path,
     assert list((tmp_path / "pics").glob("*.png"))
 
 
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_at_tiny_sizes(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_speed", ROOT / "benchmarks" / "hf_speed.py")
+    hf_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_speed)
+    assert hf_speed.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batch-sizes", "2,1", "--threads", "1",
+                          "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["library"], r["keep_ratio"], r["batch_size"]) for r in rows] == [
+        (lib, ratio, bs) for bs in (2, 1) for lib, ratio in
+        (("transformers", 1.0), ("transformers", 0.7), ("timm", 1.0), ("timm", 0.7))]
+    # Both libraries count the same MACs at each keep ratio; the table ends with the verdict per batch size.
+    assert rows[0]["gmacs"] == rows[2]["gmacs"] and rows[1]["gmacs"] == rows[3]["gmacs"] < rows[0]["gmacs"]
+    assert re.findall(r"^batch (\d+): transformers", capsys.readouterr().out, flags=re.M) == ["2", "1"]
+
+
 # -- the guide -------------------------------------------------------------------------------------------
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "huggingface.md"
+GUIDE = ROOT / "docs" / "huggingface.md"
 
 
 def test_the_guide_examples_run(tmp_path, monkeypatch):
