@@ -289,7 +289,7 @@ def test_a_folder_runs_at_the_size_its_image_processor_makes(tmp_path):
 
 
 def test_image_processor_settings_become_an_eval_transform():
-    from dynamicvit.core.hosts.hf import processor_preprocessing
+    from dynamicvit.core.hosts.hf_processor import processor_preprocessing
 
     deit = {"size": {"height": 256, "width": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
             "resample": 3, "rescale_factor": 1 / 255, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]}
@@ -444,7 +444,7 @@ def test_stored_transformers_settings_that_are_fine_pass():
 
 
 @pytest.mark.slow
-def test_train_eval_export_predict_and_visualize_a_transformers_folder(tmp_path, capsys):
+def test_train_eval_export_predict_and_visualize_a_transformers_folder(tmp_path, capsys, caplog):
     pytest.importorskip("onnxruntime")
     from PIL import Image
 
@@ -472,12 +472,21 @@ def test_train_eval_export_predict_and_visualize_a_transformers_folder(tmp_path,
                      "--json"]) == 0
     export = json.loads(capsys.readouterr().out)["export"]
     assert export["verification"]["max_abs_diff"] < 1e-4
+    # The trained model as a transformers folder: predict, visualize and bench read it as a checkpoint.
+    folder = dynamicvit.save_pretrained(trained, tmp_path / "trained")
     image = tmp_path / "data" / "val" / "class0" / "0.png"
-    assert cli.main(["predict", str(image), "--model", f"hf:{tmp_path / 'teacher'}", "--json", "--top-k", "2"]) == 0
+    assert cli.main(["predict", str(image), "--checkpoint", f"hf:{folder}", "--json", "--top-k", "2"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 1
-    assert cli.main(["visualize", "--checkpoint", str(out / "model.safetensors"), "--dataset", str(tmp_path / "data"),
+    assert cli.main(["predict", str(image), "--model", f"hf:{tmp_path / 'teacher'}", "--json"]) == 0
+    caplog.clear()
+    assert cli.main(["visualize", "--checkpoint", f"hf:{folder}", "--dataset", str(tmp_path / "data"),
                      "--output", str(tmp_path / "pics"), "--num-samples", "2", "--device", "cpu"]) == 0
     assert list((tmp_path / "pics").glob("*.png"))
+    assert "random weights" not in caplog.text  # the folder's prediction modules are the trained ones
+    assert cli.main(["bench", "--checkpoint", f"hf:{folder}", "--keep-ratios", "1.0,0.7", "--batch-sizes", "2",
+                     "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["keep_ratio"] for r in rows] == [1.0, 0.7] and rows[1]["keep_counts"] == list(trained.keep_counts())
 
 
 @pytest.mark.slow

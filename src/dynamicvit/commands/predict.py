@@ -177,13 +177,16 @@ def _torch_runner(args, runtime: str) -> Runner:
     from ..data import num_classes_of, preprocessing_config
     from ..runtime import deploy
     from ..runtime.device import resolve_device
-    from ..weights.build import create_model, load_model
+    from ..weights.build import create_model, load, load_model
     from ..weights.formats import read_settings
-    from ..weights.hf import is_hf_spec
+    from ..weights.hf import is_hf_folder
 
     device = resolve_device(args.device)
     settings = None
-    if args.checkpoint:
+    hf_source = is_hf_folder(args.checkpoint or args.model)
+    if hf_source:  # a transformers folder: its weights, image processor and saved prediction modules
+        model = load(args.checkpoint or args.model, keep_ratio=args.keep_ratio, sparse=True, overrides=args.model_kwargs)
+    elif args.checkpoint:
         settings = read_settings(args.checkpoint)
         if settings is None:
             from ..errors import ConfigError
@@ -191,8 +194,6 @@ def _torch_runner(args, runtime: str) -> Runner:
             raise ConfigError(f"{args.checkpoint} holds weights without dynamicvit settings; save the model with "
                               "dynamicvit.save_model or use the model.safetensors that `dynamicvit train` writes")
         model = load_model(args.checkpoint, **args.model_kwargs)
-    elif is_hf_spec(args.model):  # the folder's weights and image processor (and prediction modules, if saved)
-        model = create_model(args.model, keep_ratio=args.keep_ratio, **args.model_kwargs)
     else:
         _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
         model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
@@ -208,18 +209,18 @@ def _torch_runner(args, runtime: str) -> Runner:
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     preprocessing = preprocessing_config(model, train_dataset)
     kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
-    source = args.checkpoint or f"{args.model} (random weights)"
+    source = args.checkpoint or (args.model if hf_source else f"{args.model} (random weights)")
 
     if runtime == "auto":
-        runtime = "onnxruntime" if args.checkpoint and device.type == "cpu" else "eager"
+        runtime = "onnxruntime" if args.checkpoint and not hf_source and device.type == "cpu" else "eager"
     if runtime == "onnxruntime":
         if device.type != "cpu":
             from ..errors import ConfigError
 
             raise ConfigError("--runtime onnxruntime runs on the CPU here; drop --device or use --runtime eager")
-        if args.checkpoint:
+        if args.checkpoint and not hf_source:
             path = _cached_export(model, args, names, preprocessing)
-        else:  # random weights: nothing worth caching; the folder lives as long as the process
+        else:  # random weights or a folder: not cached; the temporary folder lives as long as the process
             folder = tempfile.TemporaryDirectory(prefix="dynamicvit-predict-")
             atexit.register(folder.cleanup)
             path = deploy.export_onnx(model, Path(folder.name) / "model.onnx", class_names=names,

@@ -76,6 +76,11 @@ def require_transformers():
     return transformers
 
 
+def has_predictors(spec: PathLike) -> bool:
+    """True when the transformers folder holds prediction modules saved by `save_pretrained`."""
+    return (hf_folder(spec) / PREDICTORS_FILE).is_file()
+
+
 def hf_folder(spec: PathLike) -> Path:
     """The local folder "hf:DIR" (or DIR) names; a hub name or a folder without config.json is an error."""
     text = str(spec)[len(PREFIX):] if is_hf_spec(spec) else str(spec)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ...errors import ConfigError, UnsupportedModelError
 from ..ops import masked_softmax, policy_bias
 from .base import Host
+from .hf_processor import DEFAULT_PROCESSORS, processor_preprocessing
 from .vit import check_images
 
 # The first release whose ViT, DeiT, DINOv2 and CLIP layers all have q/k/v/o projections (`q_proj`, ...).
@@ -72,6 +73,10 @@ class Arch:
     def classifier(self) -> bool:
         return self.head in ("classifier", "two_heads", "token_and_mean")
 
+    @property
+    def clip(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
 
 SUPPORTED: dict[str, Arch] = {
     "ViTModel": Arch("vit", "", "pooler"),
@@ -86,22 +91,6 @@ SUPPORTED: dict[str, Arch] = {
     "CLIPVisionModel": Arch("clip_vision_model", "", "clip"),
     "CLIPVisionModelWithProjection": Arch("clip_vision_model", "vision_model", "clip_projection"),
 }
-
-# The image processors of each family's official releases (preprocessor_config.json), used when a model
-# comes without one: ViT squashes to the input size with mean/std 0.5; DeiT squashes to 256 and crops
-# 224; DINOv2 and CLIP resize the shorter side and crop the center.
-_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-DEFAULT_PROCESSORS: dict[str, dict] = {
-    "vit": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "resize_mode": "squash"},
-    "deit": {**_IMAGENET, "resample": 3, "resize_mode": "squash", "do_center_crop": True, "crop_pct": 224 / 256},
-    "dinov2": {**_IMAGENET, "resample": 3, "resize_mode": "center", "do_center_crop": True, "crop_pct": 224 / 256},
-    "clip_vision_model": {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-                          "resample": 3, "resize_mode": "center", "do_center_crop": True},
-}
-DEFAULT_PROCESSORS["dinov2_with_registers"] = DEFAULT_PROCESSORS["dinov2"]
-# PIL resampling codes of preprocessor_config.json -> timm's interpolation names.
-RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
 
 def is_transformers_model(model: nn.Module) -> bool:
     """True for an instance of a transformers class (supported or not); transformers is not imported."""
@@ -123,6 +112,7 @@ class TransformersOutput:
         pooler_output: base models: the pooled output of the model (ViT/DeiT: its pooler; DINOv2: the
             normed class token; CLIP: the post-normed class token).
         image_embeds: CLIPVisionModelWithProjection: the projected image embedding, (B, projection_dim).
+        cls_logits, distillation_logits: DeiT with teacher: the class and distillation heads, (B, num_labels).
     """
 
     last_hidden_state: torch.Tensor
@@ -157,10 +147,10 @@ class _LayerParts(NamedTuple):
 
 # Layer class -> its parts (the attribute names of transformers >= MIN_TRANSFORMERS).
 _LAYERS: dict[str, Callable[[nn.Module], _LayerParts]] = {
-    "ViTLayer": lambda l: _LayerParts(l.layernorm_before, l.attention, (l.dropout,), l.layernorm_after, l.mlp, (l.dropout,)),
-    "Dinov2Layer": lambda l: _LayerParts(
-        l.norm1, l.attention, (l.layer_scale1, l.drop_path), l.norm2, l.mlp, (l.layer_scale2, l.drop_path)),
-    "CLIPEncoderLayer": lambda l: _LayerParts(l.layer_norm1, l.self_attn, (), l.layer_norm2, l.mlp, ()),
+    "ViTLayer": lambda m: _LayerParts(m.layernorm_before, m.attention, (m.dropout,), m.layernorm_after, m.mlp, (m.dropout,)),
+    "Dinov2Layer": lambda m: _LayerParts(
+        m.norm1, m.attention, (m.layer_scale1, m.drop_path), m.norm2, m.mlp, (m.layer_scale2, m.drop_path)),
+    "CLIPEncoderLayer": lambda m: _LayerParts(m.layer_norm1, m.self_attn, (), m.layer_norm2, m.mlp, ()),
 }
 _LAYERS["DeiTLayer"] = _LAYERS["ViTLayer"]
 _LAYERS["Dinov2WithRegistersLayer"] = _LAYERS["Dinov2Layer"]
@@ -200,13 +190,12 @@ class HFHost(Host):
                 f"transformers' {name} is not supported; dynamicvit prunes {', '.join(SUPPORTED)}"
             )
         base = getattr(model, arch.base) if arch.base else model
-        for layer in _layers_of(base, arch):
-            problem = _layer_problem(layer)
-            if problem:
-                raise UnsupportedModelError(
-                    f"{name}: {problem}; dynamicvit follows the layout of transformers >= {MIN_TRANSFORMERS}, "
-                    f"upgrade it: pip install -U 'transformers>={MIN_TRANSFORMERS}'"
-                )
+        problem = _layout_problem(base, arch)
+        if problem:
+            raise UnsupportedModelError(
+                f"{name}: {problem}; dynamicvit follows the layout of transformers >= {MIN_TRANSFORMERS}, "
+                f"upgrade it: pip install -U 'transformers>={MIN_TRANSFORMERS}'"
+            )
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in ATTN_IMPLEMENTATIONS:
             raise UnsupportedModelError(
@@ -258,7 +247,7 @@ class HFHost(Host):
     @property
     def patch_embed(self) -> nn.Module:
         embeddings = self.base.embeddings
-        return embeddings.patch_embedding if self.arch.head.startswith("clip") else embeddings.patch_embeddings
+        return embeddings.patch_embedding if self.arch.clip else embeddings.patch_embeddings
 
     def head_modules(self) -> list[nn.Module]:
         names = ("layernorm", "pooler", "post_layernorm")
@@ -322,7 +311,7 @@ class HFHost(Host):
         if self.arch.model_type.startswith("dinov2"):
             return embeddings(pixels)  # interpolates the position table itself when the grid differs
         x = embeddings(pixels, interpolate_pos_encoding=self.img_size != _pair(self.config.image_size))
-        return self.base.pre_layrnorm(x) if self.arch.head.startswith("clip") else x
+        return self.base.pre_layrnorm(x) if self.arch.clip else x
 
     def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
         layer = self.blocks[i]
@@ -339,7 +328,7 @@ class HFHost(Host):
         return x + h
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.arch.head.startswith("clip") else self.base.layernorm(x)
+        return x if self.arch.clip else self.base.layernorm(x)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
@@ -374,7 +363,7 @@ class HFHost(Host):
     def _pooled(self, x: torch.Tensor, projected: bool) -> Optional[torch.Tensor]:
         """A base model's pooled output (the projected image embedding when `projected` and CLIP has one)."""
         head = self.arch.head
-        if head.startswith("clip"):
+        if self.arch.clip:
             pooled = self.base.post_layernorm(x[:, 0])
             return self.model.visual_projection(pooled) if projected and head == "clip_projection" else pooled
         pooler = getattr(self.base, "pooler", None)
@@ -414,49 +403,6 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor, fus
     return (attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj)(out)
 
 
-def processor_preprocessing(processor: dict, model_type: str, input_size: tuple[int, int, int]) -> dict:
-    """An image processor's settings (preprocessor_config.json) as a `data.eval_config`, at `input_size`.
-
-    Resizing: `size` {"height", "width"} squashes the image to that size (crop_mode "squash"),
-    {"shortest_edge"} resizes the shorter side (crop_mode "center"); a center crop gives crop_pct =
-    crop / resize. A legacy integer `size` is a square for ViT and DeiT, the shorter side otherwise.
-    Normalization: x * rescale_factor (1/255) - mean) / std, expressed on pixels scaled to [0, 1].
-    """
-    C, H, W = (int(v) for v in input_size)
-    size = processor.get("size")
-    if isinstance(size, (int, float)):
-        size = {"height": size, "width": size} if model_type in ("vit", "deit") else {"shortest_edge": size}
-    size = size or {}
-    crop = processor.get("crop_size")
-    crop = {"height": crop, "width": crop} if isinstance(crop, (int, float)) else (crop or {})
-    crop_h = crop.get("height") or H
-    if "shortest_edge" in size:
-        mode, resized = "center", size["shortest_edge"]
-    elif "height" in size:
-        mode, resized = "squash", size["height"]
-    else:  # no size: the family's default (`DEFAULT_PROCESSORS`) at the model's input size
-        mode, resized = processor.get("resize_mode", "squash"), None
-    if not processor.get("do_center_crop", False):
-        crop_pct = 1.0
-    elif resized:
-        crop_pct = float(crop_h) / float(resized)
-    else:
-        crop_pct = float(processor.get("crop_pct", 1.0))
-    # ToTensor gives x / 255; the processor computes (x * rescale_factor - mean) / std.
-    scale = 255.0 * (processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0)
-    mean = processor.get("image_mean", [0.0] * C) if processor.get("do_normalize", True) else [0.0] * C
-    std = processor.get("image_std", [1.0] * C) if processor.get("do_normalize", True) else [1.0] * C
-    mean, std = _per_channel(mean, C), _per_channel(std, C)
-    return {
-        "input_size": [C, H, W],
-        "mean": [m / scale for m in mean],
-        "std": [s / scale for s in std],
-        "crop_pct": min(max(crop_pct, 1e-3), 1.0),
-        "crop_mode": mode,
-        "interpolation": RESAMPLE.get(processor.get("resample", 3), "bicubic"),
-    }
-
-
 def run_size(model: nn.Module) -> tuple[int, int]:
     """The image size (H, W) a transformers model runs at: set by dynamicvit's loaders, else config.image_size."""
     size = _hf_state(model).get("img_size")
@@ -474,11 +420,6 @@ def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
 
 
-def _per_channel(values, channels: int) -> list[float]:
-    v = [float(x) for x in (values if isinstance(values, (list, tuple)) else [values])]
-    return v * channels if len(v) == 1 else v
-
-
 def _layers_of(base: nn.Module, arch: Arch) -> nn.ModuleList:
     if arch.model_type in ("vit", "deit"):
         return base.layers
@@ -492,19 +433,26 @@ def _num_prefix_tokens(config, arch: Arch) -> int:
     return 1 + extra.get(arch.model_type, 0)
 
 
-def _layer_problem(layer: nn.Module) -> str:
-    """Why `layer` is not a layer the host can mask ('' when it is one)."""
-    kind = type(layer).__name__
-    if kind not in _LAYERS:
-        return f"its layers are {kind}, not one of {sorted(_LAYERS)}"
+def _layout_problem(base: nn.Module, arch: Arch) -> str:
+    """Why the base model's layers are not ones the host can drive ('' when they are)."""
     try:
-        attn = _LAYERS[kind](layer).attn
+        layers = _layers_of(base, arch)
     except AttributeError as e:
-        return f"its {kind} has no {str(e).split()[-1]}"
-    missing = [a for a in ("q_proj", "k_proj", "v_proj", "head_dim") if not hasattr(attn, a)]
-    if not (hasattr(attn, "o_proj") or hasattr(attn, "out_proj")):
-        missing.append("o_proj")
-    return f"its attention {type(attn).__name__} has no {', '.join(missing)}" if missing else ""
+        return f"its layers are not where they are expected ({e})"
+    for layer in layers:
+        kind = type(layer).__name__
+        if kind not in _LAYERS:
+            return f"its layers are {kind}, not one of {sorted(_LAYERS)}"
+        try:
+            attn = _LAYERS[kind](layer).attn
+        except AttributeError as e:
+            return f"its {kind} lacks a part ({e})"
+        missing = [a for a in ("q_proj", "k_proj", "v_proj", "head_dim") if not hasattr(attn, a)]
+        if not (hasattr(attn, "o_proj") or hasattr(attn, "out_proj")):
+            missing.append("o_proj")
+        if missing:
+            return f"its attention {type(attn).__name__} has no {', '.join(missing)}"
+    return ""
 
 
 def _check_positions(model: nn.Module, arch: Arch, base: nn.Module) -> None:
