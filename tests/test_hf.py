@@ -209,7 +209,7 @@ def test_an_image_does_not_depend_on_the_rest_of_the_batch():
 # -- saving and loading -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel", "CLIPVisionModelWithProjection"])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_save_model_and_load_round_trip_exactly(name, tmp_path):
     model = sparse(name, attn="eager", keep_ratio=0.6, fuse_dropped=True)
     model.set_keep_ratio_range((0.5, 0.8))
@@ -301,6 +301,14 @@ def test_image_processor_settings_become_an_eval_transform():
     prep = processor_preprocessing(signed, "vit", (3, 224, 224))
     assert prep["mean"] == pytest.approx([0.5] * 3) and prep["std"] == pytest.approx([0.5] * 3)
     assert (prep["crop_mode"], prep["crop_pct"], prep["interpolation"]) == ("squash", 1.0, "bilinear")
+
+
+@pytest.mark.slow
+def test_import_dynamicvit_does_not_import_transformers():
+    import subprocess
+
+    code = "import sys, dynamicvit; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=600).returncode == 0
 
 
 # -- multiply-accumulates ------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..runtime import deploy
     from ..weights.formats import read_settings
-    from ..weights.hf import is_hf_folder, is_hf_spec
+    from ..weights.hf import is_hf_spec
 
     if args.threads is not None:
         if args.threads < 1:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for path in [output] + ([int8_path] if args.quantize else []):
         if path.exists() and not args.overwrite:
             raise ConfigError(f"{path} already exists; choose another --output or pass --overwrite")
-    settings = read_settings(args.checkpoint) if args.checkpoint and not is_hf_folder(args.checkpoint) else None
+    settings = read_settings(args.checkpoint) if args.checkpoint and not is_hf_spec(args.checkpoint) else None
     model = build_base_model(args, keep_ratio=args.keep_ratio or 0.7).eval()
     if args.quantize:
         _check_dataset_fits(args, model)

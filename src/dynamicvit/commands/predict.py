@@ -179,11 +179,11 @@ def _torch_runner(args, runtime: str) -> Runner:
     from ..runtime.device import resolve_device
     from ..weights.build import create_model, load, load_model
     from ..weights.formats import read_settings
-    from ..weights.hf import is_hf_folder
+    from ..weights.hf import is_hf_spec
 
     device = resolve_device(args.device)
     settings = None
-    hf_source = is_hf_folder(args.checkpoint or args.model)
+    hf_source = is_hf_spec(args.checkpoint or args.model)
     if hf_source:  # a transformers folder: its weights, image processor and saved prediction modules
         model = load(args.checkpoint or args.model, keep_ratio=args.keep_ratio, sparse=True, overrides=args.model_kwargs)
     elif args.checkpoint:

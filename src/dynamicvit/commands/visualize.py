@@ -155,13 +155,13 @@ def load_model(args: argparse.Namespace):
     from ..errors import ConfigError
     from ..weights.build import create_model, load, sparsify
     from ..weights.formats import read_checkpoint
-    from ..weights.hf import has_predictors, is_hf_folder
+    from ..weights.hf import has_predictors, is_hf_spec
 
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
-    if is_hf_folder(args.checkpoint or args.model):  # a transformers folder (with our prediction modules, if saved)
+    if is_hf_spec(args.checkpoint or args.model):  # a transformers folder (with our prediction modules, if saved)
         spec = args.checkpoint or args.model
         model, trained = load(spec, overrides=kwargs, sparse=True), has_predictors(spec)
     elif args.checkpoint:

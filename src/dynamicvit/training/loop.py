@@ -48,7 +48,7 @@ from ..progress import progress_bar
 from ..runtime.device import amp_dtype, autocast, resolve_device
 from ..weights.build import create_backbone, load, sparsify
 from ..weights.formats import load_weights, model_settings, read_checkpoint, save_model
-from ..weights.hf import hf_folder, is_hf_folder, is_hf_spec
+from ..weights.hf import hf_folder, is_hf_spec
 from .config import REFERENCE_AUGMENT, REFERENCE_BATCH, REFERENCE_LR, TrainConfig
 from .safety import (
     ResumableSampler,
@@ -149,7 +149,7 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
         overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
         role: "teacher" or "initial weights", for messages.
     """
-    if is_hf_folder(path):
+    if is_hf_spec(path):
         model = load(path, overrides={**kwargs, **overrides})
         if isinstance(model, SparseModel):
             raise ConfigError(f"the {role} {path} holds prediction modules; the {role} must be a dense model")
@@ -424,7 +424,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     # 1. Fail fast on what the user can get wrong: names and files first, data next.
     check_model_name(cfg.model)
     for path in (cfg.teacher, cfg.init_checkpoint):
-        if path and is_hf_folder(path):
+        if path and is_hf_spec(path):
             hf_folder(path)  # raises CheckpointError for a missing folder or a hub name
         elif path:
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
@@ -437,7 +437,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, train_set, val_se
     if train_set is None:
         info = resolve_dataset(cfg.dataset, cfg.data_dir)
         # A transformers model runs at its own size (config.image_size or its image processor's crop).
-        size = {} if any(is_hf_folder(s) for s in (cfg.model, cfg.teacher, cfg.init_checkpoint)) else {"img_size": info.img_size}
+        size = {} if any(is_hf_spec(s) for s in (cfg.model, cfg.teacher, cfg.init_checkpoint)) else {"img_size": info.img_size}
         kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **size, **kwargs}
 
     # 2. Models: the same initialization on every rank (DDP broadcasts rank 0's anyway).

@@ -195,8 +195,8 @@ def load(
 
     - A file with our settings is rebuilt from them (`load_model`); an explicit `model_name` or
       `prune_locs` that contradicts them is an error naming both.
-    - "hf:DIR" (or a folder holding a transformers config.json): the transformers model it holds, sparse
-      when the folder has our prediction modules or `sparse` is asked for (`weights.hf.load_folder`).
+    - "hf:DIR", a transformers model folder: the model it holds, sparse when the folder has our
+      prediction modules or `sparse` is asked for (`weights.hf.load_folder`).
     - Plain weights carry no architecture: `model_name` is required. Weights with prediction modules
       (the authors' checkpoints, our state dicts) give a DynamicViT / DynamicSpatial; dense weights
       give the dense timm model, or with `sparse` one wrapped with fresh prediction modules (as
@@ -212,7 +212,7 @@ def load(
             file is read once either way).
     """
     overrides = dict(overrides or {})
-    if hf.is_hf_folder(path):
+    if hf.is_hf_spec(path):
         return hf.load_folder(path, keep_ratio, prune_locs, sparse=sparse, **overrides)
     plain_kwargs = dict(overrides if plain_kwargs is None else plain_kwargs)
     name = model_name[len(PREFIX):] if model_name and model_name.startswith(PREFIX) else model_name

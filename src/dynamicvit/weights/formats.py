@@ -109,7 +109,7 @@ def read_checkpoint(path: PathLike, bad_settings: str = "raise") -> tuple[dict[s
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: check the path (a .safetensors, .pth or .pt file)")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it")
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it (a transformers model folder: hf:{path})")
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):

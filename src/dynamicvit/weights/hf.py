@@ -56,13 +56,6 @@ def is_hf_spec(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and str(spec).startswith(PREFIX)
 
 
-def is_hf_folder(path: Any) -> bool:
-    """True for "hf:DIR" or a folder holding a transformers config.json."""
-    if is_hf_spec(path):
-        return True
-    return isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and (Path(path) / "config.json").is_file()
-
-
 def require_transformers():
     """The transformers module, or a one-line error naming the extra (missing) or the version (too old)."""
     transformers = require("transformers", "transformers models (hf:...)")
@@ -82,7 +75,7 @@ def has_predictors(spec: PathLike) -> bool:
 
 
 def hf_folder(spec: PathLike) -> Path:
-    """The local folder "hf:DIR" (or DIR) names; a hub name or a folder without config.json is an error."""
+    """The local folder "hf:DIR" names; a hub name or a folder without config.json is an error."""
     text = str(spec)[len(PREFIX):] if is_hf_spec(spec) else str(spec)
     path = Path(text).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
