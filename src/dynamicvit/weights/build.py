@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..core.base import SparseModel
 from ..core.hosts import is_spatial
 from ..core.layouts import filter_dense_state, has_predictor_weights, load_state, to_own_keys
+from ..core.settings import DEFAULT_KEEP_RATIO
 from ..core.spatial import DynamicSpatial
 from ..core.vit import DynamicViT
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
@@ -230,9 +231,6 @@ def load(
     model = create_backbone(name, **plain_kwargs)
     load_state(model, filter_dense_state(state, model), source=f"{role} {path}")
     return model
-
-
-DEFAULT_KEEP_RATIO = 0.7
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:

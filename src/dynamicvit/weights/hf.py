@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..core.hosts.hf import ATTN_IMPLEMENTATIONS, MIN_TRANSFORMERS, SUPPORTED, HFHost, is_transformers_model
 from ..core.layouts import load_state
+from ..core.settings import DEFAULT_KEEP_RATIO
 from ..core.vit import DynamicViT
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..extras import require
@@ -135,8 +136,6 @@ def rebuild_backbone(stored: dict, overrides: Optional[dict] = None) -> nn.Modul
                                                           "img_size": stored.get("img_size"), **overrides})
     cls = getattr(require_transformers(), name)
     config = cls.config_class.from_dict(dict(stored["config"]))
-    for key in ("num_labels", "ignore_mismatched_sizes"):
-        args.pop(key, None)
     impl = args.pop("attn_implementation", None)
     for key, value in args.items():
         setattr(config, key, value)
@@ -167,7 +166,9 @@ def load_folder(
         backbone = build_backbone(folder, **kwargs)
         if not sparse and keep_ratio is None:
             return backbone
-        return DynamicViT(backbone, 0.7 if keep_ratio is None else keep_ratio, prune_locs, fuse_dropped=bool(fuse_dropped))
+        _logger.info("%s holds no %s: fresh (untrained) prediction modules", folder, PREDICTORS_FILE)
+        keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
+        return DynamicViT(backbone, keep_ratio, prune_locs, fuse_dropped=bool(fuse_dropped))
     state, settings = read_checkpoint(stored)
     if settings is None or settings.get("kind") != "dynamicvit" or "transformers" not in settings:
         raise CheckpointError(f"{stored} holds no dynamicvit settings of a transformers model; remove it or save the folder again")
