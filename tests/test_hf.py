@@ -409,11 +409,21 @@ def test_an_old_transformers_is_named(deit_small_folder, monkeypatch):
         dynamicvit.create_model(f"hf:{deit_small_folder}")
 
 
-def test_timm_arguments_without_a_counterpart_are_refused(deit_small_folder):
+def test_timm_arguments_map_onto_the_config_or_are_refused(tmp_path, caplog):
+    hf_model("Dinov2ForImageClassification").save_pretrained(tmp_path / "dinov2")
+    hf_model("ViTForImageClassification").save_pretrained(tmp_path / "vit")
+    dinov2 = create_backbone(f"hf:{tmp_path / 'dinov2'}", drop_path_rate=0.1, attn_drop_rate=0.2, num_classes=7)
+    assert (dinov2.config.drop_path_rate, dinov2.config.attention_probs_dropout_prob, dinov2.config.num_labels) == (0.1, 0.2, 7)
+    assert dinov2.classifier.out_features == 7
+    vit = create_backbone(f"hf:{tmp_path / 'vit'}", drop_path_rate=0.1, drop_rate=0.3)  # ViT has no drop path
+    assert vit.config.hidden_dropout_prob == 0.3 and "drop_path_rate=0.1 is ignored" in caplog.text
     with pytest.raises(ConfigError, match=r"\['embed_dim'\] cannot be applied"):
-        create_backbone(f"hf:{deit_small_folder}", embed_dim=64)
+        create_backbone(f"hf:{tmp_path / 'vit'}", embed_dim=64)
     with pytest.raises(ConfigError, match="takes 3-channel images, not 1"):
-        create_backbone(f"hf:{deit_small_folder}", in_chans=1)
+        create_backbone(f"hf:{tmp_path / 'vit'}", in_chans=1)
+    hf_model("Dinov2Model").save_pretrained(tmp_path / "base")
+    with pytest.raises(ConfigError, match="Dinov2Model has no classifier"):
+        create_backbone(f"hf:{tmp_path / 'base'}", num_classes=3)
 
 
 def _stored(name: str = "ViTForImageClassification", **changes) -> dict:

@@ -11,7 +11,8 @@ back into folders that transformers and dynamicvit both read.
   (the prediction modules, with the sparsity settings): `AutoModel.from_pretrained(DIR)` still gives
   the dense model, dynamicvit the sparse one.
 
-timm-style arguments map onto the config where there is a counterpart (`CONFIG_KWARGS`); `num_classes`
+timm-style arguments map onto the config where there is a counterpart (`CONFIG_KWARGS`; regularization
+without one is ignored with a warning, anything else is an error); `num_classes`
 re-initializes a classifier of another size, `img_size` sets the size the model runs at (its position
 table interpolated by the model's own code). By default a model runs at the size its image processor
 makes (`_processor_size`), else at config.image_size.
@@ -288,8 +289,8 @@ def _load_args(name: str, config: dict, kwargs: dict) -> tuple[Optional[list[int
         field = next((c for c in candidates if c in config), None)
         if field is not None and value is not None:
             args[field] = value
-        elif value:
-            raise ConfigError(f"a {name} has no counterpart of {key}; drop the argument")
+        elif value:  # regularization the model does not have (a recipe's drop path on ViT): nothing to set
+            _logger.warning("a %s has no counterpart of %s; %s=%s is ignored", name, key, key, value)
     if kwargs:
         raise ConfigError(
             f"transformers models take their architecture from config.json; {sorted(kwargs)} cannot be applied (edit "
