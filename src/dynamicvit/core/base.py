@@ -74,7 +74,7 @@ class SparseModel(nn.Module):
     new_parameter_prefixes: ClassVar[tuple[str, ...]] = ("predictors.",)
 
     def _set_source(self, model_name: Optional[str], timm_kwargs: Optional[dict]) -> None:
-        self.model_name = model_name or self.host.architecture
+        self.model_name = model_name or self.pretrained_cfg.get("architecture")
         self.timm_kwargs = dict(timm_kwargs or {})
 
     # -- settings and geometry -------------------------------------------------------------------

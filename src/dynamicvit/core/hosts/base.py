@@ -11,7 +11,31 @@ import torch
 import torch.nn as nn
 
 
-class Host:
+class BackboneInfo:
+    """What the data module and the commands read about a host's backbone (`model`), with timm's answers;
+    token and hierarchical hosts alike."""
+
+    model: nn.Module
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's pretrained config of the backbone: architecture, input size, normalization, crop, classes."""
+        return self.model.pretrained_cfg
+
+    @property
+    def preprocessing(self) -> Optional[dict]:
+        """How the backbone's own release prepares evaluation images, as `data.eval_config` describes it,
+        when the family prescribes it exactly (transformers: the image processor's settings); None: the
+        data module derives it from `pretrained_cfg`."""
+        return None
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The class names the backbone carries (transformers: `config.id2label`), or None."""
+        return None
+
+
+class Host(BackboneInfo):
     """How DynamicViT drives one backbone of a family. Holds the backbone, owns no parameters.
 
     A host is a plain object (not a module): the backbone's weights stay under `backbone.` in the
@@ -94,29 +118,7 @@ class Host:
         names = ("norm", "fc_norm", "attn_pool", "head", "head_dist", "aux_head")
         return [m for n in names if isinstance(m := getattr(self.model, n, None), nn.Module)]
 
-    # -- where the backbone comes from, and how images are prepared ------------------------------
-
-    @property
-    def architecture(self) -> Optional[str]:
-        """The name the backbone is rebuilt from (a sparse model's `model_name`): timm's architecture."""
-        return (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        """timm's pretrained config of the backbone: input size, normalization, crop, classes."""
-        return self.model.pretrained_cfg
-
-    @property
-    def preprocessing(self) -> Optional[dict]:
-        """How the backbone's own release prepares evaluation images, as `data.eval_config` describes it,
-        when the family prescribes it exactly (transformers: the image processor's settings); None: the
-        data module derives it from `pretrained_cfg`."""
-        return None
-
-    @property
-    def class_names(self) -> Optional[list[str]]:
-        """The class names the backbone carries (transformers: `config.id2label`), or None."""
-        return None
+    # -- where the backbone comes from ----------------------------------------------------------
 
     def settings(self) -> dict:
         """What checkpoints store to rebuild the backbone beyond a timm name and timm arguments."""

@@ -26,7 +26,7 @@ How the pieces map onto the `Host` protocol:
 - `outputs`: a `TransformersOutput` with the names a transformers user reads (`logits`,
   `pooler_output`, `image_embeds`, `last_hidden_state` of the kept tokens, and their indices).
 
-What the host keeps besides the model (set by `dynamicvit.weights.hf` when it builds one from a folder
+What the host reads besides the model (set by `dynamicvit.weights.hf` when it builds one from a folder
 or a checkpoint): `model.dynamicvit_hf = {"img_size": [H, W], "processor": {...}}`, the run size and the
 image processor's settings (`preprocessor_config.json`); without them the model runs at
 config.image_size with the preprocessing of the family's official releases (`DEFAULT_PROCESSORS`).
@@ -259,6 +259,7 @@ class HFHost(Host):
 
     @property
     def architecture(self) -> str:
+        """The name a sparse model of it goes by (`model_name`): "hf:" and the class."""
         return "hf:" + type(self.model).__name__
 
     @property
