@@ -1,9 +1,10 @@
 """DynamicViT: dynamic token sparsification for timm vision transformers (Rao et al., NeurIPS 2021),
 and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal version, `DynamicSpatial`).
 
-Three ways to get a model: `create_model(name)` builds one from a timm name, `sparsify(model)` wraps a
-timm model you have, `load(path)` opens any checkpoint file. `save_model` writes one that `load`
-rebuilds; `export_onnx`, `compile`, `fast_patch_embed` and `fused_masked_attention` make it faster.
+Three ways to get a model: `create_model(name)` builds one from a timm name (or "hf:DIR", a Hugging Face
+transformers model folder), `sparsify(model)` wraps a timm or transformers model you have, `load(path)`
+opens any checkpoint file. `save_model` writes one that `load` rebuilds (`save_pretrained` a folder that
+transformers reads too); `export_onnx`, `compile`, `fast_patch_embed` and `fused_masked_attention` make it faster.
 """
 from .core.base import DynamicViTOutput, PrunedOutput, SparseModel
 from .core.ops import PredictionModule
@@ -17,6 +18,7 @@ from .training.config import TrainConfig
 from .version import __version__
 from .weights.build import create_model, load, load_model, register_with_timm, sparsify
 from .weights.formats import save_model
+from .weights.hf import save_pretrained
 from . import losses  # noqa: E402,F401 - `dynamicvit.losses`, the training objectives
 
 register_with_timm()
@@ -46,5 +48,6 @@ __all__ = [
     "load",
     "load_model",
     "save_model",
+    "save_pretrained",
     "sparsify",
 ]

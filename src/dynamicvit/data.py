@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 from .core.hosts import any_host
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UnsupportedModelError
 from .files import PathLike, atomic_write
 from .text import short_repr
 from .weights.formats import MAX_IMAGE_SIDE, is_int, is_number
@@ -243,8 +243,11 @@ def check_model_fits(model: nn.Module, info: Optional[DatasetInfo]) -> None:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    """Classes a model (dense or sparse) predicts."""
-    return getattr(model, "backbone", model).num_classes
+    """Classes a model (dense or sparse, timm or transformers) predicts; 0 for a model without classifier."""
+    try:
+        return any_host(model).num_classes
+    except UnsupportedModelError:  # a timm model of no host family
+        return getattr(model, "backbone", model).num_classes
 
 
 def square_img_size(model: nn.Module) -> int:
@@ -319,12 +322,22 @@ def preprocessing_config(
     when given, else the backbone's pretrained config; explicit `mean` / `std` win. A value for three
     channels is averaged for a one-channel model. The dataset is known by its name alone: nothing is
     read from it (a checkpoint's record of its training data never makes a command open a folder).
+    A transformers model is prepared as its own image processor says (`Host.preprocessing`), with the
+    same overrides.
     """
     from timm.data import resolve_data_config
 
     backbone = getattr(model, "backbone", model)
     host = any_host(backbone)
     C, (H, W) = host.in_chans, host.img_size
+    own = host.preprocessing
+    if own is not None:
+        if dataset is not None:
+            data_mean, data_std = dataset_normalization(dataset)
+            mean, std = (data_mean if mean is None else mean), (data_std if std is None else std)
+        return {**own, "mean": list(per_channel(own["mean"] if mean is None else mean, C, "mean")),
+                "std": list(per_channel(own["std"] if std is None else std, C, "std")),
+                **({"crop_pct": float(crop_pct)} if crop_pct is not None else {})}
     whole_image = False
     if dataset is not None and (mean is None or std is None):
         data_mean, data_std = dataset_normalization(dataset)

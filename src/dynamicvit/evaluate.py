@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core.base import logits_of
 from .data import UnreadableImages, build_dataset, drop_unreadable, resolve_dataset
 from .errors import ConfigError, DataError
 from .files import PathLike
@@ -62,7 +63,7 @@ def evaluate(
                 continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(images)
+            logits = logits_of(model(images))  # transformers models return an output object
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1)  # (B,): a NaN/Inf output counts as a miss, not as a guess
         k = min(5, logits.shape[-1])

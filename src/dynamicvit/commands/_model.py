@@ -12,7 +12,8 @@ _logger = logging.getLogger(__name__)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --checkpoint, --img-size, --prune-locs, --model-kwargs."""
     parser.add_argument("--model", default=None,
-                        help=f"timm model name (default: the checkpoint's, else {DEFAULT_MODEL})")
+                        help=f"timm model name, or hf:DIR for a transformers model folder (default: the checkpoint's, "
+                        f"else {DEFAULT_MODEL})")
     parser.add_argument(
         "--checkpoint", default=None, metavar="PATH",
         help="weights to load: a file saved by dynamicvit (its settings are used), a training checkpoint, "

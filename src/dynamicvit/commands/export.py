@@ -43,11 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..core.base import SparseModel, backbone_of
-    from ..data import preprocessing_config
+    from ..core.base import SparseModel
+    from ..data import num_classes_of, preprocessing_config
     from ..errors import ConfigError
     from ..runtime import deploy
     from ..weights.formats import read_settings
+    from ..weights.hf import is_hf_spec
 
     if args.threads is not None:
         if args.threads < 1:
@@ -60,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
     for path in [output] + ([int8_path] if args.quantize else []):
         if path.exists() and not args.overwrite:
             raise ConfigError(f"{path} already exists; choose another --output or pass --overwrite")
-    settings = read_settings(args.checkpoint) if args.checkpoint else None
+    settings = read_settings(args.checkpoint) if args.checkpoint and not is_hf_spec(args.checkpoint) else None
     model = build_base_model(args, keep_ratio=args.keep_ratio or 0.7).eval()
     if args.quantize:
         _check_dataset_fits(args, model)
-    if args.checkpoint is None:
+    if args.checkpoint is None and not is_hf_spec(args.model):
         _logger.warning("random weights (no --checkpoint): the graph is good for timing, not for predictions")
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
-    num_classes = backbone_of(model).num_classes
+    num_classes = num_classes_of(model)
     class_names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     dense = args.dense or (args.keep_ratio is None and not isinstance(model, SparseModel))
     result = deploy.export_onnx(
@@ -92,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_dataset_fits(args, model) -> None:
     """Before the export: the --quantize report needs a dataset the model was made for."""
-    from ..data import resolve_dataset
+    from ..data import num_classes_of, resolve_dataset
     from ..errors import ConfigError
     from ..runtime.flops import default_input_size
 
     info = resolve_dataset(args.dataset, args.data_dir)  # raises DataError naming the fix
     C, H, W = default_input_size(model)
-    num_classes = getattr(model, "backbone", model).num_classes
+    num_classes = num_classes_of(model)
     if (C, num_classes) != (info.in_chans, info.num_classes) or H != W:
         raise ConfigError(
             f"--quantize reports accuracy on {info.name} ({info.in_chans}-channel images, {info.num_classes} classes), "

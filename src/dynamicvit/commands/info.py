@@ -9,7 +9,7 @@ HELP = "Build a DynamicViT and print its stages and token counts."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name, or hf:DIR (a transformers model folder)")
     parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: stage s keeps int(N * rho^s) tokens")
     parser.add_argument("--prune-locs", type=int_list, default=None, help="comma-separated block indices, e.g. 3,6,9")
     parser.add_argument("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(model, DynamicSpatial):
         return _spatial_info(args.model, model)
     N, P = model.num_patches, model.num_prefix_tokens
-    print(f"DynamicViT on {args.model}: {len(model.backbone.blocks)} blocks, grid {model.grid_size[0]}x{model.grid_size[1]} "
+    print(f"DynamicViT on {args.model}: {model.host.depth} blocks, grid {model.grid_size[0]}x{model.grid_size[1]} "
           f"= {N} patch tokens + {P} prefix token(s), keep ratio {model.keep_ratio}")
     print(f"{'stage':>5} {'before block':>12} {'patch tokens kept':>18} {'tokens in sequence':>19}")
     print(f"{0:>5} {'-':>12} {N:>18} {N + P:>19}")

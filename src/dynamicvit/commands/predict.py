@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", default=None, metavar="PATH", help="a model saved by dynamicvit (knows its settings)")
-    source.add_argument("--model", default=None, help="timm name; random weights (for trying the command out)")
+    source.add_argument("--model", default=None, help="timm name (random weights, for trying the command out), or "
+                        "hf:DIR, a transformers model folder (its weights and image processor)")
     source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX file written by `dynamicvit export`")
     add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments for --model (JSON object or key=value pairs)")
@@ -205,16 +206,20 @@ def _onnx_runner(args, path: Path, description: Optional[str] = None) -> Runner:
 def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import visualize as vis
-    from ..core.base import SparseModel, backbone_of
-    from ..data import preprocessing_config
+    from ..core.base import SparseModel, logits_of
+    from ..data import num_classes_of, preprocessing_config
     from ..runtime import deploy
     from ..runtime.device import resolve_device
-    from ..weights.build import create_model, load_model
+    from ..weights.build import create_model, load, load_model
     from ..weights.formats import read_settings
+    from ..weights.hf import is_hf_spec
 
     device = resolve_device(args.device)
     settings = None
-    if args.checkpoint:
+    hf_source = is_hf_spec(args.checkpoint or args.model)
+    if hf_source:  # a transformers folder: its weights, image processor and saved prediction modules
+        model = load(args.checkpoint or args.model, keep_ratio=args.keep_ratio, sparse=True, overrides=args.model_kwargs)
+    elif args.checkpoint:
         settings = read_settings(args.checkpoint)
         if settings is None:
             from ..errors import ConfigError
@@ -234,24 +239,24 @@ def _torch_runner(args, runtime: str) -> Runner:
         model.set_keep_ratio(args.keep_ratio)
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
-    num_classes = backbone_of(model).num_classes
+    num_classes = num_classes_of(model)
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     preprocessing = preprocessing_config(model, train_dataset)
     sparse = isinstance(model, SparseModel)
     kind = deploy.sparsity_summary(deploy.sparsity_settings(model))
-    source = args.checkpoint or f"{args.model} (random weights)"
+    source = args.checkpoint or (args.model if hf_source else f"{args.model} (random weights)")
 
     if runtime == "auto":
-        runtime = "onnxruntime" if args.checkpoint and device.type == "cpu" else "eager"
+        runtime = "onnxruntime" if args.checkpoint and not hf_source and device.type == "cpu" else "eager"
     if runtime == "onnxruntime":
         if device.type != "cpu":
             from ..errors import ConfigError
 
             raise ConfigError("--runtime onnxruntime runs on the CPU here; drop --device or use --runtime eager")
         description = f"{model.model_name if sparse else source} ({kind}) in ONNX Runtime, exported from {source} to "
-        if args.checkpoint:
+        if args.checkpoint and not hf_source:
             runner = _cached_runner(model, args, names, preprocessing, description)
-        else:  # random weights: nothing worth caching; the folder lives as long as the process
+        else:  # random weights or a folder: not cached; the temporary folder lives as long as the process
             folder = tempfile.TemporaryDirectory(prefix="dynamicvit-predict-")
             atexit.register(folder.cleanup)
             path = deploy.export_onnx(model, Path(folder.name) / "model.onnx", class_names=names,
@@ -265,7 +270,7 @@ def _torch_runner(args, runtime: str) -> Runner:
     forward = deploy.compile(model) if runtime == "compile" else model
 
     def predict(x):
-        return forward(x.to(device))
+        return logits_of(forward(x.to(device)))
 
     def masks(x):
         return vis.kept_token_masks(model, x.to(device))

@@ -155,12 +155,16 @@ def load_model(args: argparse.Namespace):
     from ..errors import ConfigError
     from ..weights.build import create_model, load, sparsify
     from ..weights.formats import read_checkpoint
+    from ..weights.hf import has_predictors, is_hf_spec
 
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     trained, train_dataset = False, None
-    if args.checkpoint:
+    if is_hf_spec(args.checkpoint or args.model):  # a transformers folder (with our prediction modules, if saved)
+        spec = args.checkpoint or args.model
+        model, trained = load(spec, overrides=kwargs, sparse=True), has_predictors(spec)
+    elif args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint)
         state, settings = checkpoint
         if settings is None and not args.model:
@@ -189,15 +193,13 @@ def load_model(args: argparse.Namespace):
 
 
 def _class_names(model) -> Optional[list[str]]:
-    if model.num_classes == 1000:
-        try:
-            from timm.data import ImageNetInfo
+    """The model's own class names (transformers' id2label), else ImageNet's for 1000 classes."""
+    from ..runtime.deploy import default_class_names
 
-            info = ImageNetInfo()
-            return [info.index_to_description(i) for i in range(1000)]
-        except Exception:  # noqa: BLE001 - names are a nicety
-            return None
-    return None
+    try:
+        return default_class_names(model)
+    except Exception:  # noqa: BLE001 - names are a nicety
+        return None
 
 
 # -- inputs -------------------------------------------------------------------------------------

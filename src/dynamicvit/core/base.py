@@ -53,12 +53,15 @@ class PrunedOutput:
         merged_into: per stage (only when asked for, and only for a model that merges its dropped
             tokens), the original grid index of the kept token that holds each original patch, (B, N)
             (a kept patch holds itself).
+        tokens: DynamicViT: the final normed tokens the logits come from, (B, P + k, C): the prefix tokens,
+            then the kept patch tokens in the order of `kept_indices[-1]`.
     """
 
     logits: torch.Tensor
     kept_indices: list[torch.Tensor]
     keep_scores: Optional[list[torch.Tensor]] = None
     merged_into: Optional[list[torch.Tensor]] = None
+    tokens: Optional[torch.Tensor] = None
 
 
 class SparseModel(nn.Module):
@@ -75,7 +78,7 @@ class SparseModel(nn.Module):
     new_parameter_prefixes: ClassVar[tuple[str, ...]] = ("predictors.",)
 
     def _set_source(self, model_name: Optional[str], timm_kwargs: Optional[dict]) -> None:
-        self.model_name = model_name or self.backbone.pretrained_cfg.get("architecture")
+        self.model_name = model_name or self.pretrained_cfg.get("architecture")
         self.timm_kwargs = dict(timm_kwargs or {})
 
     # -- settings and geometry -------------------------------------------------------------------
@@ -111,7 +114,7 @@ class SparseModel(nn.Module):
 
     @property
     def pretrained_cfg(self) -> dict:
-        return self.backbone.pretrained_cfg
+        return self.host.pretrained_cfg
 
     def keep_counts(self) -> tuple[int, ...]:
         """Tokens (positions) kept after each stage."""
@@ -171,3 +174,15 @@ class SparseModel(nn.Module):
 def backbone_of(model: nn.Module) -> nn.Module:
     """The dense timm model inside a sparse model; any other model is its own backbone."""
     return model.backbone if isinstance(model, SparseModel) else model
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor as it is (timm models, sparse models of timm hosts), else the
+    `logits` of a transformers-style output, or for models without classes their image embedding or pooled output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "image_embeds", "pooler_output"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")

@@ -15,6 +15,10 @@ from typing import Optional, Sequence
 from ..errors import ConfigError
 
 
+# The paper's rho for DeiT: the keep ratio of a model built without one.
+DEFAULT_KEEP_RATIO = 0.7
+
+
 def default_prune_locs(depth: int, num_stages: int = 3) -> tuple[int, ...]:
     """Evenly spaced stages: (3, 6, 9) for 12 blocks, (4, 8, 12) for 16, (5, 10, 15) for 20."""
     if depth < num_stages + 1:

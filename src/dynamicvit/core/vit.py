@@ -51,7 +51,8 @@ class DynamicViT(SparseModel):
     """A backbone (any `dynamicvit.core.hosts` family) with DynamicViT token sparsification.
 
     In training mode `forward` runs the training path and returns a `DynamicViTOutput`; in eval
-    mode it runs the inference path and returns the logits, like any timm classifier.
+    mode it runs the inference path and returns the logits, like any timm classifier (on a transformers
+    backbone: a `TransformersOutput` with `.logits`, or `.pooler_output` for base models).
 
     Args:
         backbone: a dense model of a supported host family.
@@ -82,6 +83,8 @@ class DynamicViT(SparseModel):
         self.config = SparsityConfig.create(
             keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped, merge_dropped
         )
+        if merge_dropped and not self.host.merges_tokens:
+            raise ConfigError(f"merge_dropped is not supported for {self.host.family} models yet; use fuse_dropped")
         self.keep_ratio_range: Optional[tuple[float, float]] = None
         if keep_ratio_range is not None:
             self.set_keep_ratio_range(keep_ratio_range)
@@ -128,6 +131,7 @@ class DynamicViT(SparseModel):
             **({"fuse_dropped": True} if self.fuse_dropped else {}),
             **({"merge_dropped": True} if self.merge_dropped else {}),
             **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
+            **self.host.settings(),  # transformers: the class and its config
         }
 
     def at_keep_ratio(self, keep_ratio: float) -> "DynamicViT":
@@ -241,6 +245,16 @@ class DynamicViT(SparseModel):
 
     # -- inference path: tokens removed --------------------------------------------------------
 
+    def forward(self, x: torch.Tensor, **train_kwargs):
+        """Training mode: `forward_masked`; eval mode: the inference path's output as the host presents it
+        (`Host.outputs`: the logits for timm backbones, a `TransformersOutput` for transformers ones)."""
+        if self.training:
+            return self.forward_masked(x, **train_kwargs)
+        if x.shape[0] == 0:  # some hosts' layers cannot run an empty batch
+            return self.empty_output(x).logits
+        tokens, kept, _, _ = self._pruned_tokens(x, return_scores=False)
+        return self.host.outputs(tokens, kept)
+
     def forward_pruned(self, x: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
         """Inference path: the least informative patch tokens are removed at each stage.
 
@@ -250,6 +264,12 @@ class DynamicViT(SparseModel):
         """
         if x.shape[0] == 0:
             return self.empty_output(x, return_scores)
+        x, kept, scores, merged_into = self._pruned_tokens(x, return_scores)
+        return PrunedOutput(self.host.logits(x), kept, scores if return_scores else None, merged_into or None, tokens=x)
+
+    def _pruned_tokens(self, x: torch.Tensor, return_scores: bool) -> tuple[torch.Tensor, list, list, list]:
+        """The inference path up to the final norm: (tokens (B, P + k, C), kept indices, keep scores,
+        where each patch was merged to)."""
         host = self.host
         x = host.embed(x)
         B, P, N = x.shape[0], self.num_prefix_tokens, self.num_patches
@@ -297,8 +317,7 @@ class DynamicViT(SparseModel):
                 if slot is not None:
                     merged_into.append(index.gather(1, slot))
             x = host.block(i, x, sizes=_with_prefix(sizes, P))
-        x = host.norm(x if fused_weight is None else x[:, : P + n])
-        return PrunedOutput(host.logits(x), kept, scores if return_scores else None, merged_into or None)
+        return host.norm(x if fused_weight is None else x[:, : P + n]), kept, scores, merged_into
 
     # -- merging dropped tokens ----------------------------------------------------------------
 

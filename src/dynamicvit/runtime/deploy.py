@@ -36,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.base import SparseModel, backbone_of
-from ..data import FASHION_MNIST, check_eval_config, check_input_size, is_fashion_mnist, preprocessing_config
-from ..errors import ConfigError, DynamicViTError
+from ..core.base import SparseModel, backbone_of, logits_of
+from ..core.hosts import any_host
+from ..data import (FASHION_MNIST, check_eval_config, check_input_size, is_fashion_mnist, num_classes_of,
+                    preprocessing_config)
+from ..errors import ConfigError, DynamicViTError, UnsupportedModelError
 from ..extras import require
 from ..files import PathLike, atomic_write
 from ..text import printable, short_repr
@@ -78,9 +80,14 @@ class ExportError(DynamicViTError):
 
 
 def default_class_names(model: nn.Module) -> Optional[list[str]]:
-    """ImageNet class descriptions for a 1000-class model (from timm), else None."""
-    if backbone_of(model).num_classes != 1000:
-        return None
+    """The class names the model carries (transformers' id2label), else ImageNet's class descriptions for
+    a 1000-class model (from timm), else None."""
+    try:
+        names = any_host(model).class_names
+    except UnsupportedModelError:  # a timm model of no host family
+        names = None
+    if names is not None or num_classes_of(model) != 1000:
+        return names
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -124,7 +131,7 @@ def graph_metadata(model: nn.Module, *, class_names=None, preprocessing=None, ex
     settings = sparsity_settings(model)
     settings.update(
         input_size=list(default_input_size(model)),
-        num_classes=backbone_of(model).num_classes,
+        num_classes=num_classes_of(model),
         preprocessing=preprocessing or preprocessing_config(model),
         versions={"dynamicvit": __version__, "torch": torch.__version__},
         **(extra or {}),
@@ -328,7 +335,7 @@ class _InferenceGraph(nn.Module):
         if isinstance(self.model, SparseModel):
             out = self.model.forward_pruned(images)
             return (out.logits, *out.kept_indices)
-        return self.model(images)
+        return logits_of(self.model(images))
 
 
 def export_onnx(
@@ -380,7 +387,7 @@ def export_onnx(
     if len(set(verify_batch_sizes)) < 2 and verify:
         raise ConfigError(f"verify_batch_sizes needs two different batch sizes to check the batch axis, got {verify_batch_sizes}")
     names = default_class_names(graph_model) if class_names is None else list(class_names)
-    num_classes = backbone_of(graph_model).num_classes
+    num_classes = num_classes_of(graph_model)
     if names is not None and len(names) != num_classes:
         raise ConfigError(f"{len(names)} class names given for a model with {num_classes} classes")
     metadata = graph_metadata(
@@ -522,7 +529,7 @@ def verify_onnx(
                 ref_logits, ref_kept = out.logits, out.kept_indices
                 margins = stage_margins(model, x)  # (B, S)
             else:
-                ref_logits, ref_kept, margins = model(x), [], None
+                ref_logits, ref_kept, margins = logits_of(model(x)), [], None
         logits = got[LOGITS_NAME]
         same = torch.ones(bs, dtype=torch.bool)
         tie = torch.zeros(bs, dtype=torch.bool)

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.base import SparseModel, backbone_of
-from ..core.hosts import any_host, is_spatial, spatial_host_for
+from ..core.hosts import Host, any_host, host_for, is_spatial, spatial_host_for
 from ..core.spatial import DynamicSpatial
 from ..core.vit import DynamicViT
 from ..errors import ConfigError, DynamicViTError, UnsupportedModelError
@@ -455,11 +455,13 @@ class _Layout:
     prune_locs: tuple
     sparse_stage: Optional[int] = None
     new_modules: tuple = ()  # DynamicSpatial's fast paths (their MACs run inside the sparsified stage)
+    host: Optional[Host] = None  # token families: where the patch embedding and the heads are
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Layout":
         if isinstance(model, DynamicViT):
-            return cls(model, model.backbone, list(model.backbone.blocks), list(model.predictors), tuple(model.prune_locs))
+            host = model.host
+            return cls(model, model.backbone, list(host.blocks), list(model.predictors), tuple(model.prune_locs), host=host)
         if is_spatial(model):
             host = spatial_host_for(model)
             sparse = isinstance(model, DynamicSpatial)
@@ -467,19 +469,30 @@ class _Layout:
                 model, host.model, list(host.stages), list(model.predictors) if sparse else [], (),
                 host.sparse_stage, (model.fast_paths,) if sparse else (),
             )
-        blocks = getattr(model, "blocks", None)
-        blocks = list(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else []
-        return cls(model, model, blocks, [], ())
+        try:
+            host = host_for(model)
+        except UnsupportedModelError:  # any other model is counted whole (blocks only where it names them)
+            blocks = getattr(model, "blocks", None)
+            blocks = list(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else []
+            return cls(model, model, blocks, [], ())
+        return cls(model, model, list(host.blocks), [], (), host=host)
+
+    @property
+    def patch_embed(self) -> Optional[nn.Module]:
+        embed = self.host.patch_embed if self.host is not None else getattr(self.backbone, "patch_embed", None)
+        return embed if isinstance(embed, nn.Module) else None
 
     def owners(self) -> dict[int, Any]:
         """id(parameter) -> stage label, for the blocks, prediction modules, patch embedding and head."""
         groups = [(("block", i), [b]) for i, b in enumerate(self.blocks)]
         groups += [(("predictor", s), [p]) for s, p in enumerate(self.predictors)]
-        embed = getattr(self.backbone, "patch_embed", None)
-        groups += [("embed", [embed] if isinstance(embed, nn.Module) else []), ("head", self.head_modules())]
+        embed = self.patch_embed
+        groups += [("embed", [embed] if embed is not None else []), ("head", self.head_modules())]
         return {id(t): label for label, mods in groups for m in mods for t in [*m.parameters(), *m.buffers()]}
 
     def head_modules(self) -> list[nn.Module]:
+        if self.host is not None:
+            return self.host.head_modules()
         names = ("norm", "fc_norm", "attn_pool", "head", "head_dist", "aux_head")
         return [m for n in names if isinstance(m := getattr(self.backbone, n, None), nn.Module)]
 
@@ -584,8 +597,8 @@ class _StageTracker:
                 # `after`: the inference path's fast scoring (`keep_margin`) calls the module's norm and
                 # then works with derived weights outside any module call; it lasts until the next block.
                 self._hook(mod, ("predictor", s), after=("predictor", s))
-        embed = getattr(self.layout.backbone, "patch_embed", None)
-        if isinstance(embed, nn.Module):
+        embed = self.layout.patch_embed
+        if embed is not None:
             self._handles.append(embed.register_forward_hook(self._record_embed))
         return self
 
@@ -611,5 +624,7 @@ class _StageTracker:
     def _record_embed(self, mod, args, out) -> None:
         if isinstance(out, torch.Tensor) and out.ndim == 3:
             self.embed_tokens = int(out.shape[1])
+        elif isinstance(out, torch.Tensor) and out.ndim == 4 and isinstance(mod, nn.Conv2d):  # a bare convolution: (B, C, H, W)
+            self.embed_tokens = int(out.shape[2] * out.shape[3])
         elif isinstance(out, torch.Tensor) and out.ndim == 4:  # (B, H, W, C) when flatten=False
             self.embed_tokens = int(out.shape[1] * out.shape[2])

@@ -41,7 +41,7 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
-from ..core.base import SparseModel
+from ..core.base import SparseModel, logits_of
 from ..core.hosts import host_for
 from ..core.layouts import check_finite
 from ..core.losses import classification_loss
@@ -54,6 +54,7 @@ from ..files import RunLock, atomic_write, prepare_output_dir
 from ..progress import progress_bar
 from ..runtime.device import amp_dtype, autocast
 from ..weights.formats import read_checkpoint, save_model
+from ..weights.hf import hf_folder, is_hf_spec
 from .config import REFERENCE_BATCH, REFERENCE_LR, TrainConfig
 from .distributed import DistEnv, init_distributed
 from .loaders import build_datasets, build_loaders, check_all_images, readable, steps_per_epoch
@@ -302,7 +303,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
         x, y = state.mixup(x, y)  # y becomes soft targets (B, K) with label smoothing folded in
     with autocast(state.device, state.dtype):
         if state.teacher is None:  # a dense model: cross-entropy alone
-            loss = classification_loss(state.net(x), y, cfg.smoothing)
+            loss = classification_loss(logits_of(state.net(x)), y, cfg.smoothing)
             terms, keep = {"ce": loss.detach()}, []
         else:
             with torch.no_grad():
@@ -393,7 +394,9 @@ def _preflight(cfg: TrainConfig, env: DistEnv, out: Path, train_set: Optional[Da
     """
     check_model_name(cfg.model)
     for path in (cfg.teacher, cfg.init_checkpoint):
-        if path:
+        if path and is_hf_spec(path):
+            hf_folder(path)  # raises CheckpointError for a missing folder or a hub name
+        elif path:
             read_checkpoint(path)  # raises CheckpointError for missing or unreadable files
     resume_from = resume_path(cfg, out)
     clear_earlier = False
@@ -402,7 +405,10 @@ def _preflight(cfg: TrainConfig, env: DistEnv, out: Path, train_set: Optional[Da
     kwargs, info = dict(cfg.timm_kwargs), None
     if train_set is None:
         info = resolve_dataset(cfg.dataset, cfg.data_dir)
-        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **kwargs}
+        # A transformers model runs at its own size (config.image_size or its image processor's crop).
+        hf = any(is_hf_spec(s) for s in (cfg.model, cfg.teacher, cfg.init_checkpoint))
+        size = {} if hf else {"img_size": info.img_size}
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **size, **kwargs}
     return resume_from, clear_earlier, kwargs, info
 
 

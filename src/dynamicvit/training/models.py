@@ -15,19 +15,29 @@ from ..core.hosts import Host
 from ..core.losses import DynamicSpatialLoss, DynamicViTLoss, LogitDistillLoss
 from ..core.settings import KeepRatioSampler
 from ..core.spatial import DynamicSpatial, dense_targets
+from ..data import num_classes_of
 from ..errors import ConfigError
 from ..weights.build import create_backbone, load, sparsify
 from ..weights.formats import load_weights
+from ..weights.hf import hf_folder, is_hf_spec
 from .config import TrainConfig
 
 _logger = logging.getLogger(__name__)
 
-# Learnable tokens the reference does not train when fine-tuning (and never decays).
-FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
+# Learnable tokens the reference does not train when fine-tuning (and never decays): timm's names, then
+# transformers' (CLIP's position table is an embedding layer's weight).
+FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token", "position_embeddings", "distillation_token",
+                 "register_tokens", "class_embedding", "position_embedding.weight")
+
+
+def is_frozen_token(name: str) -> bool:
+    """True for a parameter name that ends with one of `FROZEN_TOKENS`."""
+    return any(name == t or name.endswith("." + t) for t in FROZEN_TOKENS)
 
 
 def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict, overrides: dict, role: str) -> nn.Module:
-    """A dense timm model from a checkpoint: ours (`save_model`, training) or plain timm / DeiT weights.
+    """A dense model from a checkpoint: ours (`save_model`, training) or plain timm / DeiT weights; or a
+    transformers model from a folder ("hf:DIR").
 
     `weights.build.load` reads the file and checks it (a `name` that contradicts the stored settings is
     an error naming both); this adds only that the model must be dense.
@@ -38,7 +48,10 @@ def load_dense(path: Union[str, os.PathLike], name: Optional[str], kwargs: dict,
         overrides: the user's timm arguments, applied over the settings stored in our checkpoints.
         role: "teacher" or "initial weights", for messages.
     """
-    model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role)
+    if is_hf_spec(path):
+        model = load(path, overrides={**kwargs, **overrides})
+    else:
+        model = load(path, name, overrides=overrides, plain_kwargs=kwargs, role=role)
     if isinstance(model, SparseModel):
         raise ConfigError(
             f"the {role} {path} is a {type(model).__name__} (it holds prediction modules); the {role} must be a "
@@ -84,18 +97,18 @@ def _teacher(cfg: TrainConfig, kwargs: dict) -> nn.Module:
     """The dense teacher: `cfg.teacher`, or timm's pretrained model with `cfg.pretrained`."""
     if cfg.teacher:
         return load_dense(cfg.teacher, cfg.model, kwargs, cfg.timm_kwargs, "teacher")
-    if not cfg.pretrained:
+    if not (cfg.pretrained or is_hf_spec(cfg.model)):  # a transformers folder brings its weights
         raise ConfigError(
             "fine-tuning a DynamicViT needs a dense teacher: pass --teacher PATH (a dense checkpoint, e.g. the "
             "model.safetensors of `dynamicvit train --dense`) or --pretrained (timm's weights), or use --dense"
         )
     teacher = create_backbone(_need_model(cfg), pretrained=True, **kwargs)
     default_classes = teacher.pretrained_cfg.get("num_classes")
-    if default_classes and default_classes != teacher.num_classes:
+    if default_classes and default_classes != num_classes_of(teacher):
         _logger.warning(
             "the pretrained teacher's head was re-initialized for %d classes, so it teaches nothing: "
             "train a dense teacher first (dynamicvit train --dense --pretrained ...) and pass it with --teacher",
-            teacher.num_classes,
+            num_classes_of(teacher),
         )
     return teacher
 
@@ -109,6 +122,9 @@ def _need_model(cfg: TrainConfig) -> str:
 def check_model_name(name: Optional[str]) -> None:
     """Fail fast on an unknown timm name (before any data is read)."""
     if name is None:
+        return
+    if is_hf_spec(name):
+        hf_folder(name)  # raises for a missing folder or a hub name
         return
     import timm
 
@@ -125,7 +141,7 @@ def freeze_tokens(model: nn.Module) -> list[str]:
     """
     frozen = []
     for name, p in model.named_parameters():
-        if name.split(".")[-1] in FROZEN_TOKENS:
+        if is_frozen_token(name):
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -148,7 +164,7 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
             continue
         # New parameters (prediction modules; fast paths of ConvNeXt/Swin) train at the full lr from the start.
         part = "predictors" if name.startswith(getattr(model, "new_parameter_prefixes", "predictors.")) else "backbone"
-        decay = p.ndim > 1 and name.split(".")[-1] not in skip
+        decay = p.ndim > 1 and name.split(".")[-1] not in skip and not is_frozen_token(name)
         group = groups.setdefault(
             (part, decay),
             {
@@ -192,6 +208,6 @@ def teacher_targets(teacher: nn.Module, host: Optional[Host], x: torch.Tensor) -
     """
     if host is None:
         return dense_targets(teacher, x)
-    feats = host.model.forward_features(x)  # (B, P + N, C), normed
+    feats = host.features(x)  # (B, P + N, C), normed
     logits = host.class_logits(feats)
     return (host.logits(feats) if logits is None else logits), host.distill_targets(feats)

@@ -4,7 +4,8 @@
 rebuilds a file that carries our settings.
 
 ViT-style models become a `DynamicViT` (token pruning); hierarchical ones (ConvNeXt, Swin) a
-`DynamicSpatial` (spatial sparsification of stage 3, `core.spatial`).
+`DynamicSpatial` (spatial sparsification of stage 3, `core.spatial`). "hf:DIR" names a Hugging Face
+transformers model folder instead of a timm name (`weights.hf`).
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import torch.nn as nn
 from ..core.base import SparseModel
 from ..core.hosts import is_spatial
 from ..core.layouts import filter_dense_state, has_predictor_weights, load_state, to_own_keys
+from ..core.settings import DEFAULT_KEEP_RATIO
 from ..core.spatial import DynamicSpatial
 from ..core.vit import DynamicViT
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..files import PathLike
 from ..text import printable
+from . import hf
 from .formats import load_weights, read_checkpoint, settings_win
 
 # Architectures registered with timm as `dynamicvit_<name>` on `import dynamicvit`.
@@ -71,7 +74,9 @@ def create_model(
 
     Args:
         name: a timm ViT, LV-ViT, ConvNeXt or Swin name, e.g. `deit_small_patch16_224`, `lvvit_s`,
-            `convnext_tiny`, `swin_tiny_patch4_window7_224` (a `dynamicvit_` prefix is accepted).
+            `convnext_tiny`, `swin_tiny_patch4_window7_224` (a `dynamicvit_` prefix is accepted), or
+            "hf:DIR", a local folder of a transformers ViT, DeiT, DINOv2 or CLIP vision model (written by
+            its `save_pretrained`, or by `dynamicvit.save_pretrained` with trained prediction modules).
         pretrained: load timm's pretrained weights (downloads from the hub).
         checkpoint_path: a local file: timm/original weights, a reference DynamicViT / DynamicCNN /
             DynamicSwin checkpoint, or ours.
@@ -88,6 +93,13 @@ def create_model(
             the checkpoint's setting, else off); excludes `fuse_dropped`.
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
+    if hf.is_hf_spec(name):
+        if stage_ratios is not None or pretrained:
+            raise ConfigError(f"{name}: a transformers folder brings its own weights; stage_ratios and pretrained do not apply")
+        model = hf.load_folder(name, keep_ratio, prune_locs, sparse=True, fuse_dropped=fuse_dropped, **timm_kwargs)
+        if checkpoint_path is not None:
+            load_weights(model, checkpoint_path)
+        return model
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     checkpoint = None
     if checkpoint_path is not None:
@@ -151,6 +163,8 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
             "dynamicvit.create_model(NAME, checkpoint_path=PATH) and name the architecture"
         )
     _, kwargs = settings_win(settings, path, timm_kwargs=overrides)
+    if "transformers" in settings:
+        return _rebuild_transformers(path, state, settings, kwargs)
     if settings.get("kind") == "dense":
         # ConvNeXt's img_size goes to its config
         model = built_from_settings(path, state, lambda: create_backbone(settings["model_name"], **kwargs))
@@ -177,6 +191,22 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
     return model
 
 
+def _rebuild_transformers(path: PathLike, state: dict, settings: dict, overrides: dict) -> nn.Module:
+    """`_rebuild` of a transformers model: the class and config the settings hold (built on the meta device
+    first, as timm models are), then the weights."""
+    def build() -> nn.Module:
+        backbone = hf.rebuild_backbone(settings["transformers"], overrides)
+        if settings.get("kind") == "dense":
+            return backbone
+        return DynamicViT(backbone, settings["keep_ratio"], settings["prune_locs"],
+                          fuse_dropped=bool(settings.get("fuse_dropped", False)),
+                          keep_ratio_range=settings.get("keep_ratio_range"))
+
+    model = built_from_settings(path, state, build)
+    load_state(model, state, source=f"checkpoint {path}")
+    return model
+
+
 def load(
     path: PathLike,
     model_name: Optional[str] = None,
@@ -194,6 +224,8 @@ def load(
 
     - A file with our settings is rebuilt from them (`load_model`); an explicit `model_name` or
       `prune_locs` that contradicts them is an error naming both.
+    - "hf:DIR", a transformers model folder: the model it holds, sparse when the folder has our
+      prediction modules or `sparse` is asked for (`weights.hf.load_folder`).
     - Plain weights carry no architecture: `model_name` is required. Weights with prediction modules
       (the authors' checkpoints, our state dicts) give a DynamicViT / DynamicSpatial; dense weights
       give the dense timm model, or with `sparse` one wrapped with fresh prediction modules (as
@@ -209,6 +241,8 @@ def load(
             file is read once either way).
     """
     overrides = dict(overrides or {})
+    if hf.is_hf_spec(path):
+        return hf.load_folder(path, keep_ratio, prune_locs, sparse=sparse, **overrides)
     plain_kwargs = dict(overrides if plain_kwargs is None else plain_kwargs)
     name = model_name[len(PREFIX):] if model_name and model_name.startswith(PREFIX) else model_name
     state, settings = checkpoint if checkpoint is not None else read_checkpoint(path)
@@ -227,7 +261,6 @@ def load(
     return model
 
 
-DEFAULT_KEEP_RATIO = 0.7
 # How many more values than a file's tensors hold a model built from its settings may have (fresh modules,
 # a position embedding resized on request) before the settings count as describing another model.
 SIZE_SLACK = 2**24
@@ -265,9 +298,12 @@ def built_from_settings(path: PathLike, state: dict, build: Callable[[], nn.Modu
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs) -> nn.Module:
-    """`timm.create_model` with clear errors for unknown names and failed downloads."""
+    """`timm.create_model` with clear errors for unknown names and failed downloads; "hf:DIR" loads the
+    transformers model of a local folder (with its own weights, whatever `pretrained` says)."""
     import timm
 
+    if hf.is_hf_spec(name):
+        return hf.build_backbone(name, **timm_kwargs)
     if not timm.is_model(name):
         candidates = timm.list_models("*vit*") + timm.list_models("deit*") + timm.list_models("convnext*") + timm.list_models("swin*")
         close = difflib.get_close_matches(name, candidates, n=3)
@@ -313,7 +349,8 @@ def sparsify(
     fuse_dropped: bool = False,
     merge_dropped: bool = False,
 ) -> Union[DynamicViT, DynamicSpatial]:
-    """Wrap a timm ViT, ConvNeXt or Swin the user already has (weights shared, not copied)."""
+    """Wrap a timm ViT, ConvNeXt or Swin, or a transformers ViT, DeiT, DINOv2 or CLIP vision model, that the
+    user already has (weights shared, not copied). A transformers model runs at its config.image_size."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}

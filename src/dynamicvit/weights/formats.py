@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..core.base import SparseModel
+from ..core.hosts.hf import ATTN_IMPLEMENTATIONS, SUPPORTED, HFHost, is_transformers_model
 from ..core.layouts import load_foreign_state
 from ..errors import CheckpointError
 from ..files import PathLike, atomic_write
@@ -51,6 +52,10 @@ def model_settings(model: nn.Module) -> dict:
     if isinstance(model, SparseModel):
         settings = model.settings()
         return {"format_version": FORMAT_VERSION, **settings, "timm_kwargs": architecture_kwargs(settings["timm_kwargs"])}
+    if is_transformers_model(model):
+        host = HFHost(model)
+        return {"format_version": FORMAT_VERSION, "kind": "dense", "model_name": host.architecture, "timm_kwargs": {},
+                **host.settings()}
     name = getattr(model, "pretrained_cfg", {}).get("architecture")
     if name is None:
         raise CheckpointError(f"cannot tell which timm architecture {type(model).__name__} is; save its state_dict instead")
@@ -110,7 +115,7 @@ def read_checkpoint(path: PathLike, bad_settings: str = "raise") -> tuple[dict[s
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: check the path (a .safetensors, .pth or .pt file)")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it")
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it (a transformers model folder: hf:{path})")
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):
@@ -165,7 +170,8 @@ def check_settings(raw: Any, path: PathLike) -> dict:
     only `ARCHITECTURE_KWARGS` with plain finite values (an image size of at most `MAX_IMAGE_SIDE`),
     the sparsity settings and the parts of `extra` that are used (class names, training dataset) must
     have their types. Whether the values build a model of the file's size is checked when it is built
-    (`weights.build`).
+    (`weights.build`). A transformers model ("hf:CLASS") is described by a `transformers` entry instead
+    of a timm name (`check_transformers`).
 
     Raises:
         CheckpointError: naming the file and what is wrong with its settings.
@@ -181,7 +187,9 @@ def check_settings(raw: Any, path: PathLike) -> dict:
         raise CheckpointError(f"{where} have format version {short_repr(version)}; this dynamicvit reads up to "
                               f"{FORMAT_VERSION}, upgrade it")
     name = settings.get("model_name")
-    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+    if "transformers" in settings or (isinstance(name, str) and name.startswith("hf:")):
+        check_transformers(settings, where)
+    elif not isinstance(name, str) or ":" in name or not timm.is_model(name):
         raise CheckpointError(
             f"{where} name the model {short_repr(name)}, which is not a timm architecture here; to use the weights, "
             "name the architecture: dynamicvit.create_model(NAME, checkpoint_path=PATH)"
@@ -280,6 +288,55 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A finite int or float that is not a bool (Python's JSON reads NaN and Infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# config.json entries that make transformers run custom code or load other packages: never stored.
+REFUSED_CONFIG_KEYS = frozenset({"auto_map", "quantization_config", "custom_pipelines", "trust_remote_code"})
+
+
+def check_transformers(settings: dict, where: str) -> None:
+    """Check the `transformers` entry of stored settings: a supported class (by name, never imported
+    from elsewhere), its config as plain JSON with the class's model_type and nothing that runs custom
+    code, the attention implementation, the run size and the image processor's settings."""
+    block = settings.get("transformers")
+    if not isinstance(block, dict):
+        raise CheckpointError(f"{where} name a transformers model {settings.get('model_name')!r} but hold no "
+                              "`transformers` entry describing it; the file is damaged")
+    name, config = block.get("class"), block.get("config")
+    if name not in SUPPORTED or settings.get("model_name") != f"hf:{name}":
+        raise CheckpointError(f"{where} name the transformers class {name!r} (model {settings.get('model_name')!r}); "
+                              f"supported: {', '.join(SUPPORTED)}")
+    if not isinstance(config, dict) or not _plain_json(config):
+        raise CheckpointError(f"{where} hold a transformers config that is not a JSON object of plain values")
+    refused = sorted(REFUSED_CONFIG_KEYS & set(config))
+    if refused:
+        raise CheckpointError(f"{where} hold a transformers config with {refused}, which could run custom code; refused")
+    if config.get("model_type") != SUPPORTED[name].model_type:
+        raise CheckpointError(f"{where} hold a {name} config of model_type {config.get('model_type')!r}, not "
+                              f"{SUPPORTED[name].model_type!r}")
+    if block.get("attn_implementation") not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"{where} hold attn_implementation {block.get('attn_implementation')!r}; expected one of "
+                              f"{ATTN_IMPLEMENTATIONS}")
+    size = block.get("img_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(is_int(v) and 0 < v <= MAX_IMAGE_SIDE for v in size)):
+        raise CheckpointError(f"{where} hold img_size {size!r}; expected [height, width]")
+    processor = block.get("processor")
+    if processor is not None and not (isinstance(processor, dict) and _plain_json(processor)):
+        raise CheckpointError(f"{where} hold image-processor settings that are not a JSON object of plain values")
+    if settings.get("timm_kwargs"):
+        raise CheckpointError(f"{where} hold timm arguments for a transformers model; the file is damaged")
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Numbers, strings, booleans, None, and lists / string-keyed objects of them (a few levels deep)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, list):
+        return all(_plain_json(v, depth + 1) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain_json(v, depth + 1) for k, v in value.items())
 
 
 def _plain(value: Any) -> bool:

@@ -5,7 +5,8 @@ masked. A `Host` (base.py) says only how one family of backbones differs: how im
 how block i runs with masked attention, how logits come out of the final tokens, what token
 distillation compares, and how foreign checkpoints map onto the backbone.
 
-`host_for(model)` picks the family of a timm model; families are tried in `FAMILIES` order.
+`host_for(model)` picks the family of a timm model (or of a Hugging Face transformers model, `hf.py`);
+families are tried in `FAMILIES` order.
 
 Hierarchical backbones (ConvNeXt, Swin) keep their 2-D maps and are sparsified by `DynamicSpatial`
 (`core.spatial`) through a `SpatialHost` (`spatial_base.py`); `spatial_host_for(model)` picks theirs.
@@ -19,12 +20,13 @@ import torch.nn as nn
 from ...errors import UnsupportedModelError
 from .base import Host
 from .convnext import ConvNeXtHost
+from .hf import HFHost
 from .lvvit import LVViTHost
 from .spatial_base import SpatialHost
 from .swin import SwinHost
 from .vit import ViTHost
 
-FAMILIES: tuple[type[Host], ...] = (ViTHost, LVViTHost)  # token sequences: `DynamicViT`
+FAMILIES: tuple[type[Host], ...] = (ViTHost, LVViTHost, HFHost)  # token sequences: `DynamicViT`
 SPATIAL_FAMILIES: tuple[type[SpatialHost], ...] = (ConvNeXtHost, SwinHost)  # 2-D maps: `DynamicSpatial`
 
 
@@ -51,7 +53,8 @@ def host_for(model: nn.Module) -> Host:
     raise UnsupportedModelError(
         f"{type(inner).__name__} is not a supported backbone (supported families: {names}); DynamicViT "
         "supports ViT-style timm models such as deit_small_patch16_224, deit_base_patch16_224, vit_tiny_patch16_224, "
-        "LV-ViT (lvvit_s, lvvit_m), ConvNeXt (convnext_tiny, ...) and Swin (swin_tiny_patch4_window7_224, ...)"
+        "LV-ViT (lvvit_s, lvvit_m), ConvNeXt (convnext_tiny, ...), Swin (swin_tiny_patch4_window7_224, ...) and "
+        "transformers' ViT, DeiT, DINOv2 and CLIP vision models"
     )
 
 
@@ -83,6 +86,7 @@ __all__ = [
     "LVViTHost",
     "SPATIAL_FAMILIES",
     "ConvNeXtHost",
+    "HFHost",
     "Host",
     "SpatialHost",
     "SwinHost",

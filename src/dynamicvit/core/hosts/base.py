@@ -11,7 +11,31 @@ import torch
 import torch.nn as nn
 
 
-class Host:
+class BackboneInfo:
+    """What the data module and the commands read about a host's backbone (`model`), with timm's answers;
+    token and hierarchical hosts alike."""
+
+    model: nn.Module
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's pretrained config of the backbone: architecture, input size, normalization, crop, classes."""
+        return self.model.pretrained_cfg
+
+    @property
+    def preprocessing(self) -> Optional[dict]:
+        """How the backbone's own release prepares evaluation images, as `data.eval_config` describes it,
+        when the family prescribes it exactly (transformers: the image processor's settings); None: the
+        data module derives it from `pretrained_cfg`."""
+        return None
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The class names the backbone carries (transformers: `config.id2label`), or None."""
+        return None
+
+
+class Host(BackboneInfo):
     """How DynamicViT drives one backbone of a family. Holds the backbone, owns no parameters.
 
     A host is a plain object (not a module): the backbone's weights stay under `backbone.` in the
@@ -22,6 +46,8 @@ class Host:
     # What token distillation compares on the final kept tokens: "mse" on features or "kl" on
     # per-token class distributions (see `distill_targets`).
     token_distill: ClassVar[Literal["mse", "kl"]] = "mse"
+    # Whether `block` takes token sizes (proportional attention), which merging dropped tokens needs.
+    merges_tokens: ClassVar[bool] = True
     # Evenly spaced stages for `depth` blocks by default (`config.default_prune_locs`).
 
     def __init__(self, model: nn.Module):
@@ -84,6 +110,22 @@ class Host:
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @property
+    def patch_embed(self) -> Optional[nn.Module]:
+        """The module that turns images into patch tokens (where MAC counting attributes the embedding)."""
+        return getattr(self.model, "patch_embed", None)
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules after the last block: final norm and heads (MAC counting's `head` stage)."""
+        names = ("norm", "fc_norm", "attn_pool", "head", "head_dist", "aux_head")
+        return [m for n in names if isinstance(m := getattr(self.model, n, None), nn.Module)]
+
+    # -- where the backbone comes from ----------------------------------------------------------
+
+    def settings(self) -> dict:
+        """What checkpoints store to rebuild the backbone beyond a timm name and timm arguments."""
+        return {}
+
     # -- forward pieces --------------------------------------------------------------------------
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,6 +145,10 @@ class Host:
         """The final norm, (B, P + n, C)."""
         return self.model.norm(x)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The dense backbone's final normed tokens (B, P + N, C): what a teacher's targets come from."""
+        return self.model.forward_features(images)
+
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class logits (B, K) from the final normed tokens (B, P + n, C).
 
@@ -111,6 +157,15 @@ class Host:
                 every patch token in `x` counts (the inference path, where dropped tokens are gone).
         """
         raise NotImplementedError
+
+    def outputs(self, x: torch.Tensor, kept_indices: list[torch.Tensor]):
+        """What a sparse model returns in eval mode from its final normed tokens (B, P + n, C): the
+        logits for timm families (as timm classifiers do); transformers hosts return an output object.
+
+        Args:
+            kept_indices: per stage, the kept patch tokens' indices into the original grid, (B, k_s).
+        """
+        return self.logits(x)
 
     def class_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The prediction that CE and the logit distillation train, (B, K), when it is not `logits`

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from ...errors import ConfigError
+from .base import BackboneInfo
 
 
-class SpatialHost:
+class SpatialHost(BackboneInfo):
     """How `DynamicSpatial` drives one hierarchical backbone. Holds the backbone, owns no parameters."""
 
     family: ClassVar[str] = "?"
