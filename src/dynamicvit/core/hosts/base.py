@@ -5,7 +5,7 @@ currently in the sequence (n = N on the training path), C width, K classes.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -93,6 +93,12 @@ class Host:
     def block(self, i: int, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Block i on tokens (B, P + n, C); with `policy` (B, P + n, 1), dropped tokens are masked out
         of attention (they cannot influence any other token)."""
+        raise NotImplementedError
+
+    def block_with(self, i: int, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Block i on tokens (..., M, C) with `attention` in place of its own attention module: it takes
+        the normed tokens and returns the attention branch's output (projection included), same shape.
+        The masked training path and the packed per-image inference path run blocks this way."""
         raise NotImplementedError
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -244,7 +244,10 @@ class LVViTHost(Host):
         blk = self.blocks[i]
         if policy is None:
             return blk(x)
-        return blk(x, attention=lambda t: masked_attention(blk.attn, t, policy))
+        return self.block_with(i, x, lambda t: masked_attention(blk.attn, t, policy))
+
+    def block_with(self, i: int, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self.blocks[i](x, attention=attention)
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """head(class token) + 0.5 * max of aux_head over the kept patch tokens, (B, K).
