@@ -238,16 +238,18 @@ def _fold(p, segs, sc, score, patches, order, valid, kept_counts, P) -> tuple[to
     now folded in (`fold_dropped`, on the patches padded per image), carried unchanged where it drops none."""
     B, kmax, C = len(p.counts), score.shape[1], p.x.shape[1]
     dev = p.x.device
-    padded = patches.new_zeros(B, kmax, C).index_put_((sc.image, sc.pos), patches)
-    kept_here = torch.zeros_like(valid).scatter_(1, order, valid)  # (B, kmax) by place
-    present = torch.arange(kmax, device=dev) < sc.counts[:, None]
-    weight = torch.sigmoid(score) * (present & ~kept_here)  # sigmoid(-inf) = 0 on the padding
     has = torch.tensor(p.fused, device=dev)
     prev_rows = torch.tensor([s + P + k for s, k in zip(segs.starts, p.counts)], device=dev).clamp(max=segs.total - 1)
     previous = torch.where(has[:, None], p.x[prev_rows], 0.0).unsqueeze(1)  # (B, 1, C)
-    held = p.fused_weight.view(B, 1, 1)
-    token, total = fold_dropped(padded, weight, previous, held.to(padded.dtype))
-    dropped = torch.tensor([k < n for k, n in zip(kept_counts, p.counts)], device=dev)
+    drops = [k < n for k, n in zip(kept_counts, p.counts)]
+    if not any(drops):  # only carried tokens (as the fixed budget, which folds only when a stage drops)
+        return previous.view(B, C), p.fused_weight
+    padded = patches.new_zeros(B, kmax, C).index_put_((sc.image, sc.pos), patches)
+    kept_here = torch.zeros_like(valid).scatter_(1, order, valid)  # (B, kmax) by place
+    present = torch.arange(kmax, device=dev) < sc.counts[:, None]
+    weight = torch.sigmoid(score) * (present & ~kept_here)  # (B, kmax); sigmoid(-inf) = 0 on the padding
+    token, total = fold_dropped(padded, weight, previous, p.fused_weight.view(B, 1, 1).to(padded.dtype))
+    dropped = torch.tensor(drops, device=dev)
     token = torch.where(dropped[:, None, None], token, previous)
     total = torch.where(dropped, total.view(B).float(), p.fused_weight)
     return token.view(B, C), total

@@ -836,10 +836,13 @@ def _criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The objective of the model's kind: DynamicViT's, or the hierarchical one (per-stage r_s, feature
     distillation over all positions) for ConvNeXt / Swin."""
     if isinstance(model, DynamicSpatial):
+        if cfg.budget != "fixed":
+            raise ConfigError("--budget per-image is for ViTs and LV-ViTs; ConvNeXt and Swin keep their maps at a fixed "
+                              "budget: drop --budget")
         return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
     return DynamicViTLoss(
         model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
-        token_distill=model.host.token_distill,
+        token_distill=model.host.token_distill, budget=cfg.budget,
     )
 
 

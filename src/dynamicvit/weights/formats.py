@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..core.base import SparseModel
 from ..core.layouts import load_foreign_state
+from ..core.settings import BUDGETS
 from ..errors import CheckpointError
 from ..files import PathLike, atomic_write
 
@@ -205,7 +206,35 @@ def check_settings(raw: Any, path: PathLike) -> dict:
             raise CheckpointError(f"{where} hold keep_ratio {ratio!r}; expected a number")
         if not isinstance(locs, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in locs):
             raise CheckpointError(f"{where} hold prune_locs {locs!r}; expected a list of block indices")
+        _check_budget(settings, where)
     return settings
+
+
+def _check_budget(settings: dict, where: str) -> None:
+    """The per-image budget's settings: budget, thresholds {keep ratio: [t_s per stage]}, min_keep."""
+    budget = settings.get("budget", "fixed")
+    if budget not in BUDGETS:
+        raise CheckpointError(f"{where} hold budget {budget!r}; expected one of {', '.join(BUDGETS)}")
+    table, least = settings.get("thresholds", {}), settings.get("min_keep", 1)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise CheckpointError(f"{where} hold min_keep {least!r}; expected a whole number of tokens, at least 1")
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{where} hold thresholds of type {type(table).__name__}; expected {{keep ratio: [t_1, ...]}}")
+    for ratio, values in table.items():
+        try:
+            ok = 0 < float(ratio) <= 1 and isinstance(values, list) and len(values) == len(settings["prune_locs"])
+        except ValueError:
+            ok = False
+        if not ok or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1 for t in values):
+            raise CheckpointError(
+                f"{where} hold thresholds {ratio!r}: {values!r}; expected a keep ratio in (0, 1] with one threshold in "
+                f"(0, 1) per stage ({len(settings['prune_locs'])}); recalibrate with `dynamicvit calibrate`"
+            )
+    if budget == "per-image" and not any(abs(float(r) - settings["keep_ratio"]) < 1e-9 for r in table):
+        raise CheckpointError(
+            f"{where} ask for the per-image budget at keep ratio {settings['keep_ratio']} but hold no thresholds for it; "
+            "recalibrate with `dynamicvit calibrate`"
+        )
 
 
 def _plain(value: Any) -> bool:
