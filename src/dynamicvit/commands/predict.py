@@ -24,6 +24,7 @@ from typing import Optional
 
 from ..files import OutputNames, prepare_output_dir
 from ._common import model_kwargs
+from ._model import add_budget_argument, set_budget
 
 HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra timm.create_model arguments for --model (JSON object or key=value pairs)")
     add("--keep-ratio", type=float, default=None,
         help="keep ratio (default: the checkpoint's; fixed in an ONNX file, so not allowed with --onnx)")
+    add_budget_argument(parser)
     add("--top-k", type=int, default=5, help="classes to report per image (default: %(default)s)")
     add("--json", action="store_true", help="print one JSON object with every result and every skipped file")
     add("--batch-size", type=int, default=32, help="images per forward (default: %(default)s)")
@@ -65,6 +67,7 @@ class Runner:
     preprocessing: dict
     class_names: Optional[list]
     description: str
+    last_counts: object = None  # per-image budget: () -> the last batch's kept counts (B, S)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,14 +120,17 @@ def run(args: argparse.Namespace) -> int:
             logits = runner.predict(x).float().cpu()
         probs = logits.softmax(-1)
         top = probs.topk(min(args.top_k, probs.shape[-1]), dim=-1)
+        counts = runner.last_counts().tolist() if runner.last_counts else None
         for i, name in enumerate(names):
             preds = [
                 {"class": int(c), "name": _name(runner.class_names, int(c)), "probability": float(p)}
                 for p, c in zip(top.values[i], top.indices[i])
             ]
-            results.append({"file": name, "predictions": preds})
+            results.append({"file": name, "predictions": preds, **({"kept_counts": counts[i]} if counts else {})})
             if not args.json:  # as they come, above the progress bar
-                bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds), file=sys.stdout)
+                kept = f" [kept {'/'.join(map(str, counts[i]))}]" if counts else ""
+                bar.write(f"{name}: " + ", ".join(f"{p['name']} {p['probability']:.1%}" for p in preds) + kept,
+                          file=sys.stdout)
         if out_dir is not None:
             _draw(runner, x, names, results[-len(names):], out_names, len(results) - len(names))
     bar.close()
@@ -172,6 +178,7 @@ def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import visualize as vis
     from ..core.base import backbone_of
+    from ..core.budget import CountRecorder
     from ..core.vit import DynamicViT
     from ..data import preprocessing_config
     from ..runtime import deploy
@@ -192,22 +199,24 @@ def _torch_runner(args, runtime: str) -> Runner:
     else:
         _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
         model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
-    if args.keep_ratio is not None:
-        if not isinstance(model, DynamicViT):
-            from ..errors import ConfigError
+    if args.keep_ratio is not None and not isinstance(model, DynamicViT):
+        from ..errors import ConfigError
 
-            raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a DynamicViT")
-        model.set_keep_ratio(args.keep_ratio)
+        raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a DynamicViT")
+    set_budget(model, args.keep_ratio, args.budget)
+    per_image = getattr(model, "budget", "fixed") == "per-image"
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
     num_classes = backbone_of(model).num_classes
     names = deploy.checkpoint_class_names(settings, num_classes) or deploy.default_class_names(model)
     preprocessing = preprocessing_config(model, train_dataset)
     kind = f"keep ratio {model.keep_ratio}, tokens kept {list(model.keep_counts())}" if isinstance(model, DynamicViT) else "dense"
+    if per_image:
+        kind = f"keep ratio {model.keep_ratio}, per-image budget (tokens kept on average {list(model.keep_counts())})"
     source = args.checkpoint or f"{args.model} (random weights)"
 
-    if runtime == "auto":
-        runtime = "onnxruntime" if args.checkpoint and device.type == "cpu" else "eager"
+    if runtime == "auto":  # the per-image budget has no ONNX graph (export_onnx says why)
+        runtime = "onnxruntime" if args.checkpoint and device.type == "cpu" and not per_image else "eager"
     if runtime == "onnxruntime":
         if device.type != "cpu":
             from ..errors import ConfigError
@@ -227,7 +236,9 @@ def _torch_runner(args, runtime: str) -> Runner:
         return runner
 
     model.to(device)
-    forward = deploy.compile(model) if runtime == "compile" else model
+    recorder = CountRecorder(model).eval() if per_image else None
+    runnable = model if recorder is None else recorder
+    forward = deploy.compile(runnable) if runtime == "compile" else runnable
 
     def predict(x):
         return forward(x.to(device))
@@ -236,7 +247,8 @@ def _torch_runner(args, runtime: str) -> Runner:
         return vis.kept_token_masks(model, x.to(device))
 
     return Runner(runtime, predict, masks if isinstance(model, DynamicViT) else None, preprocessing, names,
-                  f"{source} ({kind}) in PyTorch ({runtime}, {device})")
+                  f"{source} ({kind}) in PyTorch ({runtime}, {device})",
+                  recorder.last if recorder is not None else None)
 
 
 def _cached_export(model, args, class_names, preprocessing) -> Path:

@@ -208,6 +208,10 @@ class CountRecorder(nn.Module):
         self._counts.append(counts.detach().cpu())
         return out.logits
 
+    def last(self) -> torch.Tensor:
+        """The counts of the last batch, (B, S)."""
+        return self._counts[-1]
+
     def counts(self) -> torch.Tensor:
         """The counts recorded so far, (M, S)."""
         if not self._counts:

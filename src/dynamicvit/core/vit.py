@@ -146,6 +146,7 @@ class DynamicViT(SparseModel):
                           fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range,
                           budget=budget or self.budget, thresholds=self.thresholds, min_keep=self.config.min_keep)
         twin.predictors = self.predictors
+        twin.packed_attention = self.packed_attention
         return twin
 
     def set_keep_ratio(self, keep_ratio: float, budget: Optional[str] = None) -> None:

@@ -50,6 +50,7 @@ from . import deploy
 from .device import amp_dtype as resolve_amp
 from .device import autocast, device_name, num_threads, resolve_device, synchronize
 from .flops import count_macs, default_input_size
+from .image_macs import PerImageMacs
 
 _logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def compare_throughput(
     min_repeat_s: float = 0.05,
     measure_memory: bool = True,
     progress: bool = False,
+    images: Optional[torch.Tensor] = None,
 ) -> dict[str, BenchResult]:
     """Time several models on the same batch, interleaved, and report the median of each.
 
@@ -110,6 +112,8 @@ def compare_throughput(
             e.g. at batch 1, are too brief to time one by one).
         measure_memory: also measure peak memory (one extra forward per model).
         progress: show a progress bar on stderr.
+        images: the batch to time on, (batch_size, *input_size); default a random one. (Under the
+            per-image budget the work depends on the images.)
 
     Returns:
         name -> `BenchResult`, in the order of `models`.
@@ -121,7 +125,9 @@ def compare_throughput(
     dev = resolve_device(device)
     amp = resolve_amp(amp_dtype, dev)
     names = list(models)
-    x = torch.randn(batch_size, *input_size, device=dev)
+    x = torch.randn(batch_size, *input_size, device=dev) if images is None else images.to(dev)
+    if tuple(x.shape) != (batch_size, *input_size):
+        raise ConfigError(f"images of shape {tuple(x.shape)} given for batch size {batch_size} of {tuple(input_size)}")
     with num_threads(threads):
         for m in models.values():
             m.to(dev).eval()
@@ -282,6 +288,7 @@ def run_benchmark(
     compile_mode: str = "default",
     model_name: Optional[str] = None,
     progress: bool = False,
+    budget: Optional[str] = None,
 ) -> list[dict]:
     """Dense model vs DynamicViT at several keep ratios, one row per (runtime, batch size, keep ratio).
 
@@ -304,6 +311,8 @@ def run_benchmark(
         runtimes: any of "torch", "compile", "onnxruntime".
         onnx_dir: where the ONNX files go (default: a temporary folder, removed afterwards).
         compile_mode: torch.compile mode of the "compile" runtime ("reduce-overhead": CUDA graphs on a GPU).
+        budget: "fixed" or "per-image" for the DynamicViTs (default: `base`'s). Under the per-image
+            budget the GMACs and kept counts of a row are the means over the timed batch.
         Others: as in `compare_throughput`.
 
     Returns:
@@ -317,11 +326,13 @@ def run_benchmark(
     if not isinstance(base, SparseModel) and min(ratios) < 1.0:
         base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
     dense = base.backbone if isinstance(base, SparseModel) else base
-    models = {r: dense if r == 1.0 else base.at_keep_ratio(r) for r in ratios}
+    twin = (lambda r: base.at_keep_ratio(r, budget)) if budget else base.at_keep_ratio
+    models = {r: dense if r == 1.0 else twin(r) for r in ratios}
     for m in models.values():
         m.eval()
     size = tuple(input_size or default_input_size(dense))
-    macs = {r: count_macs(m, size) for r, m in models.items()}
+    per_image = {r for r, m in models.items() if getattr(m, "budget", "fixed") == "per-image"}
+    macs = {r: count_macs(m, size) for r, m in models.items() if r not in per_image}
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     if "onnxruntime" in runtimes and (dev.type != "cpu" or amp_dtype is not None):
@@ -348,16 +359,18 @@ def run_benchmark(
         }
         for bs in batch_sizes:
             _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
+            x = torch.randn(bs, *size, device=dev)
             try:
                 results = compare_throughput(
                     {_key(*k): m for k, m in runnable.items()}, size, bs, device=dev, repeats=repeats,
                     warmup=warmup, amp_dtype=amp_dtype, threads=threads, measure_memory=False, progress=progress,
+                    images=x,
                 )
             except Exception as e:
                 if "compile" in runtimes and not isinstance(e, ConfigError):
                     raise ConfigError(f"torch.compile failed: {type(e).__name__}: {e}; run without the compile runtime") from e
                 raise
-            x = torch.randn(bs, *size, device=dev)
+            batch_macs = {r: batch_mean_macs(models[r], x) for r in per_image}
             for rt in runtimes:
                 base_rate = results[_key(rt, 1.0)].images_per_s
                 for r in ratios:
@@ -365,24 +378,33 @@ def run_benchmark(
                     measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
                     with num_threads(threads):
                         peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
+                    total, counts = batch_macs[r] if r in per_image else (macs[r].total, None)
                     rows.append(dict(
                         runtime=rt,
                         keep_ratio=r,
+                        budget=getattr(m, "budget", None),
                         batch_size=bs,
                         images_per_s=res.images_per_s,
                         latency_ms=res.latency_ms,
                         latency_ms_per_image=res.latency_ms / bs,
                         speedup=res.images_per_s / base_rate,
-                        gmacs=macs[r].gmacs,
-                        macs_ratio=macs[r].total / macs[1.0].total,
-                        params=macs[r].params,
+                        gmacs=total / 1e9,
+                        macs_ratio=total / macs[1.0].total,
+                        params=sum(p.numel() for p in m.parameters()),
                         peak_memory_mb=peak,
-                        keep_counts=list(m.keep_counts()) if isinstance(m, SparseModel) else [],
+                        keep_counts=counts or (list(m.keep_counts()) if isinstance(m, SparseModel) else []),
                         times_ms=res.times_ms,
                         compile=rt == "compile",
                         **settings,
                     ))
     return rows
+
+
+def batch_mean_macs(model: nn.Module, images: torch.Tensor) -> tuple[float, list[float]]:
+    """A per-image model's mean MACs and mean kept counts per stage over `images`."""
+    with torch.inference_mode():
+        counts = model.forward_pruned(images.to(next(model.parameters()).device)).kept_counts.cpu()
+    return float(PerImageMacs.of(model).per_image(counts).mean()), counts.double().mean(0).tolist()
 
 
 def runtime_model(
@@ -456,6 +478,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     ]
     for r in rows:
         ratio = "1.0 (dense)" if r["keep_ratio"] >= 1.0 else f"{r['keep_ratio']:g}"
+        if r.get("budget") == "per-image":
+            ratio += " per-image (mean GMACs)"
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         runtime = r.get("runtime", "compile" if r.get("compile") else "torch")
         lines.append(

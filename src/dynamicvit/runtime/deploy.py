@@ -301,6 +301,13 @@ def _model_to_export(model: nn.Module, keep_ratio: Optional[float], dense: bool)
         _check_backbone_export(model)
         return model
     _check_backbone_export(model.backbone)
+    if model.budget != "fixed":
+        raise ConfigError(
+            "ONNX export of the per-image budget is not supported: each image keeps its own number of tokens, so the "
+            "packed batch's shapes depend on the data and one ONNX graph cannot hold them; export the fixed budget "
+            "(model.at_keep_ratio(rho, budget='fixed'), `dynamicvit export --budget fixed`), whose MACs the calibration "
+            "matches on average, or serve the per-image model with PyTorch (dynamicvit.compile)"
+        )
     return model if keep_ratio is None or keep_ratio == model.keep_ratio else model.at_keep_ratio(keep_ratio).eval()
 
 
