@@ -22,6 +22,12 @@ No token ever meets another image's, so an image's output does not depend on the
 A batch whose images all hold the same number of tokens (one image, or thresholds that keep every
 token) runs the backbone's own blocks on (B, L, C).
 
+Under torch.compile the bookkeeping between stages (scores, counts, which rows to keep: it depends on
+the data) runs eagerly, and each stage's blocks are compiled with dynamic shapes: one graph per stage,
+not one per batch. There "auto" takes "padded" on the CPU, whose inputs are tensors only; the
+kernels that loop over the images in Python ("loop", "groups", "blockdiag") would recompile for
+every new set of lengths.
+
 `forward_padded` is a plain implementation of the same budget (images padded to the longest, padded
 keys masked out, the prediction modules' reference layout, a loop over images) that the tests hold
 the packed one to.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Optional, Sequence
 
@@ -70,7 +77,13 @@ def threshold_logits(thresholds: Sequence[float]) -> list[float]:
 
 class Segments:
     """Where each image's rows are in a packed sequence, and the index tensors each kernel needs
-    (built once per stage, on first use)."""
+    (built once per stage; those of the Python-loop kernels on first use).
+
+    Attributes:
+        cu: cumulative offsets (B + 1,), int32, as varlen kernels take them.
+        padded: (rows (B, Lmax) with padding at row 0, valid (B, Lmax), flat positions of the valid
+            ones (T,)) for the padded kernel.
+    """
 
     def __init__(self, lengths: Sequence[int], device: torch.device):
         self.lengths = list(lengths)
@@ -83,21 +96,12 @@ class Segments:
         self.total = ends[-1]
         self.max_len = max(self.lengths)
         self.equal = len(set(self.lengths)) == 1
-
-    @cached_property
-    def cu(self) -> torch.Tensor:
-        """Cumulative offsets (B + 1,), int32, as varlen kernels take them."""
-        return torch.tensor([0, *(b for _, b in self.bounds)], dtype=torch.int32, device=self.device)
-
-    @cached_property
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows (B, Lmax) with padding at row 0, valid (B, Lmax), flat positions of the valid ones (T,))."""
-        n = torch.tensor(self.lengths, device=self.device)
-        start = torch.tensor(self.starts, device=self.device)
-        col = torch.arange(self.max_len, device=self.device)
+        self.cu = torch.tensor(ends, dtype=torch.int32, device=device)
+        n = torch.tensor(self.lengths, device=device)
+        col = torch.arange(self.max_len, device=device)
         valid = col < n[:, None]
-        rows = (start[:, None] + col).masked_fill(~valid, 0)
-        return rows, valid, valid.flatten().nonzero().squeeze(1)
+        rows = (self.cu[:-1, None].long() + col).masked_fill(~valid, 0)
+        self.padded = (rows, valid, valid.flatten().nonzero().squeeze(1))
 
     @cached_property
     def groups(self) -> list[torch.Tensor]:
@@ -132,7 +136,8 @@ class Segments:
         return out
 
 
-class Packed(NamedTuple):
+@dataclass
+class Packed:
     """A batch as one sequence (see the module docstring).
 
     Attributes:
@@ -156,8 +161,14 @@ class Packed(NamedTuple):
         index = torch.arange(N, device=x.device).repeat(B)
         return cls(x.reshape(B * M, C), [N] * B, [False] * B, index, x.new_zeros(B, dtype=torch.float32))
 
-    def lengths(self, num_prefix_tokens: int) -> list[int]:
-        return [num_prefix_tokens + k + f for k, f in zip(self.counts, self.fused)]
+    def segments(self, num_prefix_tokens: int) -> Segments:
+        return Segments([num_prefix_tokens + k + f for k, f in zip(self.counts, self.fused)], self.x.device)
+
+
+@torch.compiler.disable
+def _pack(x: torch.Tensor, num_prefix_tokens: int) -> tuple[Packed, Segments]:
+    p = Packed.of_dense(x, num_prefix_tokens)
+    return p, p.segments(num_prefix_tokens)
 
 
 def _patch_rows(p: Packed, segs: Segments, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +195,7 @@ class StageScores(NamedTuple):
     counts: torch.Tensor
 
 
+@torch.compiler.disable
 def _score(model: nn.Module, stage: int, p: Packed, segs: Segments, P: int) -> tuple[StageScores, torch.Tensor]:
     rows, image, pos = _patch_rows(p, segs, P)
     patches = p.x[rows]  # (Tp, C)
@@ -192,14 +204,15 @@ def _score(model: nn.Module, stage: int, p: Packed, segs: Segments, P: int) -> t
     return StageScores(margin, image, pos, counts), patches
 
 
+@torch.compiler.disable
 def _prune(
     model: nn.Module, stage: int, p: Packed, segs: Segments, threshold: float, return_scores: bool,
-) -> tuple[Packed, torch.Tensor, list[int], Optional[torch.Tensor]]:
+) -> tuple[Packed, Segments, torch.Tensor, list[int], Optional[torch.Tensor]]:
     """One stage of the per-image budget.
 
     Returns:
-        (the packed batch after the stage, kept grid indices (B, max count) padded with -1, each image's
-        count, keep log-probabilities on the grid (B, N) or None).
+        (the packed batch after the stage and its segments, kept grid indices (B, max count) padded
+        with -1, each image's count, keep log-probabilities on the grid (B, N) or None).
     """
     P, B, dev = model.num_prefix_tokens, len(p.counts), p.x.device
     sc, patches = _score(model, stage, p, segs, P)
@@ -230,7 +243,7 @@ def _prune(
     if return_scores:
         scores = sc.margin.new_full((B, model.num_patches), math.nan)
         scores[sc.image, p.index] = F.logsigmoid(sc.margin)
-    return packed, kept, kept_counts, scores
+    return packed, packed.segments(P), kept, kept_counts, scores
 
 
 def _fold(p, segs, sc, score, patches, order, valid, kept_counts, P) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +282,13 @@ def _note_clamped(model: nn.Module, stage: int, clamped: int, batch: int) -> Non
 # -- blocks and head ----------------------------------------------------------------------------
 
 
+def _blocks(model: nn.Module, first: int, last: int, x: torch.Tensor, segs: Optional[Segments]) -> torch.Tensor:
+    """Blocks first..last-1 on the dense batch (segs None) or on a packed one."""
+    for i in range(first, last):
+        x = model.host.block(i, x) if segs is None else packed_block(model, i, x, segs)
+    return x
+
+
 def packed_block(model: nn.Module, i: int, x: torch.Tensor, segs: Segments) -> torch.Tensor:
     """Block i on a packed sequence (T, C): per-token layers on all rows, attention per image."""
     host = model.host
@@ -299,7 +319,7 @@ def resolve_kernel(kind: str, q: torch.Tensor) -> str:
             return "varlen"
         if _has_flash_attn():
             return "flash"
-    return "padded" if q.is_cuda else "loop"
+    return "padded" if q.is_cuda or torch.compiler.is_compiling() else "loop"
 
 
 def _has_flash_attn() -> bool:
@@ -372,6 +392,7 @@ def _padded(q, k, v, segs: Segments, scale: float) -> torch.Tensor:
 KERNELS = {"varlen": _varlen, "flash": _flash, "loop": _loop, "groups": _groups, "blockdiag": _blockdiag, "padded": _padded}
 
 
+@torch.compiler.disable
 def _logits(model: nn.Module, p: Packed, segs: Segments) -> torch.Tensor:
     """Class logits (B, K) from the final packed tokens; the fused tokens are left out, pooling runs per image."""
     host, P, B = model.host, model.num_prefix_tokens, len(p.counts)
@@ -415,30 +436,20 @@ def stage_scores(model: nn.Module, images: torch.Tensor, thresholds: Sequence[fl
     return out
 
 
+@torch.compiler.disable(recursive=False)  # under torch.compile: the functions it calls are compiled, each on its own
 def _run(model, images, thresholds, return_scores: bool = False, stop_at: Optional[int] = None):
-    host = model.host
-    x = host.embed(images)
-    P = model.num_prefix_tokens
-    p, segs = None, None
+    P, locs = model.num_prefix_tokens, model.prune_locs
+    x = _blocks(model, 0, locs[0], model.host.embed(images), None)
+    p, segs = _pack(x, P)
     kept, counts, scores = [], [], []
-    stage_at = model._stage_at()
-    for i in range(host.depth):
-        stage = stage_at.get(i)
-        if stage is not None:
-            if p is None:
-                p = Packed.of_dense(x, P)
-                segs = Segments(p.lengths(P), x.device)
-            if stage == stop_at:
-                return _score(model, stage, p, segs, P)[0]
-            p, idx, n, sc = _prune(model, stage, p, segs, thresholds[stage], return_scores)
-            segs = Segments(p.lengths(P), x.device)
-            kept.append(idx)
-            counts.append(n)
-            scores.append(sc)
-        if p is None:
-            x = host.block(i, x)
-        else:
-            p = p._replace(x=packed_block(model, i, p.x, segs))
+    for stage, (first, last) in enumerate(zip(locs, [*locs[1:], model.host.depth])):
+        if stage == stop_at:
+            return _score(model, stage, p, segs, P)[0]
+        p, segs, idx, n, sc = _prune(model, stage, p, segs, thresholds[stage], return_scores)
+        p.x = _blocks(model, first, last, p.x, segs)
+        kept.append(idx)
+        counts.append(n)
+        scores.append(sc)
     logits = _logits(model, p, segs)
     kept_counts = torch.tensor(counts, device=logits.device).T.contiguous()  # (B, S)
     return PrunedOutput(logits, kept, scores if return_scores else None, kept_counts)
