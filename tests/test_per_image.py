@@ -22,6 +22,7 @@ from dynamicvit.runtime.flops import _MacCounter, count_macs
 from dynamicvit.runtime.image_macs import PerImageMacs, macs_summary
 
 from conftest import scramble, tiny_model
+from test_cli_deploy import checkpoint  # noqa: F401 - a Fashion-MNIST-shaped DynamicViT saved by dynamicvit
 
 VARIANTS = {
     "vit": ("vit_tiny_patch16_224", {}),
@@ -300,19 +301,6 @@ def test_varlen_on_a_gpu_matches_the_padded_reference():
 
 # -- the command line ----------------------------------------------------------------------------
 
-FMNIST_KWARGS = dict(img_size=28, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-
-
-@pytest.fixture
-def fmnist_checkpoint(tmp_path):
-    """A Fashion-MNIST-shaped DynamicViT with decisive predictors, saved by dynamicvit."""
-    torch.manual_seed(0)
-    model = dynamicvit.create_model("vit_tiny_patch16_224", keep_ratio=0.7, prune_locs=(1, 2, 3), **FMNIST_KWARGS)
-    for p in model.predictors:
-        scramble(p, 0.3)
-    return dynamicvit.save_model(model, tmp_path / "dvit.safetensors", extra={"train_config": {"dataset": "fashion-mnist"}})
-
-
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     from dynamicvit import cli
 
@@ -322,7 +310,7 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 @pytest.mark.fashion_mnist
-def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, fmnist_checkpoint, capsys):
+def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, checkpoint, capsys):
     import json
 
     from conftest import require_fashion_mnist
@@ -330,7 +318,7 @@ def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, fmnist_checkp
     require_fashion_mnist()
     data = ["--subset", "300", "--num-workers", "0"]
     cal = tmp_path / "cal.safetensors"
-    code, out, err = _cli(capsys, "calibrate", "--checkpoint", fmnist_checkpoint, "--keep-ratio", "0.5,0.7", "--output",
+    code, out, err = _cli(capsys, "calibrate", "--checkpoint", checkpoint, "--keep-ratio", "0.5,0.7", "--output",
                           cal, "--json", *data)
     assert code == 0, err
     report = json.loads(out)
@@ -338,7 +326,7 @@ def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, fmnist_checkp
     for c in report["calibration"]:
         assert all(abs(m - t) <= 0.5 for m, t in zip(c["mean_counts"], c["target_counts"]))
     # The input is untouched, the output uses the per-image budget.
-    assert dynamicvit.load(fmnist_checkpoint).budget == "fixed" and dynamicvit.load(cal).budget == "per-image"
+    assert dynamicvit.load(checkpoint).budget == "fixed" and dynamicvit.load(cal).budget == "per-image"
 
     code, out, err = _cli(capsys, "eval", "--checkpoint", cal, "--keep-ratio", "0.5,0.7", "--json", *data)
     assert code == 0, err
@@ -369,20 +357,20 @@ def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, fmnist_checkp
 
 
 @pytest.mark.fashion_mnist
-def test_bad_per_image_requests_are_one_line_and_exit_2(tmp_path, fmnist_checkpoint, capsys):
+def test_bad_per_image_requests_are_one_line_and_exit_2(tmp_path, checkpoint, capsys):
     from conftest import require_fashion_mnist
 
     require_fashion_mnist()
-    code, _, err = _cli(capsys, "eval", "--checkpoint", fmnist_checkpoint, "--budget", "per-image", "--subset", "8")
+    code, _, err = _cli(capsys, "eval", "--checkpoint", checkpoint, "--budget", "per-image", "--subset", "8")
     assert code == 2 and "no calibrated thresholds for keep ratio 0.7" in err and "dynamicvit calibrate" in err
-    code, _, err = _cli(capsys, "calibrate", "--checkpoint", fmnist_checkpoint, "--keep-ratio", "0.5", "--min-keep", "50",
+    code, _, err = _cli(capsys, "calibrate", "--checkpoint", checkpoint, "--keep-ratio", "0.5", "--min-keep", "50",
                         "--output", tmp_path / "c.safetensors", "--subset", "8", "--num-workers", "0")
     assert code == 2 and "min_keep 50 is larger than the sequence (49 patch tokens)" in err
     assert not (tmp_path / "c.safetensors").exists()
-    code, _, err = _cli(capsys, "calibrate", "--checkpoint", fmnist_checkpoint, "--keep-ratio", "0.5", "--output",
-                        fmnist_checkpoint, "--overwrite")
+    code, _, err = _cli(capsys, "calibrate", "--checkpoint", checkpoint, "--keep-ratio", "0.5", "--output",
+                        checkpoint, "--overwrite")
     assert code == 2 and "is the input checkpoint" in err
-    code, _, err = _cli(capsys, "export", "--checkpoint", fmnist_checkpoint, "--budget", "per-image", "--output",
+    code, _, err = _cli(capsys, "export", "--checkpoint", checkpoint, "--budget", "per-image", "--output",
                         tmp_path / "m.onnx")
     assert code == 2 and "no calibrated thresholds" in err and err.count("\n") == 1
 
