@@ -395,3 +395,23 @@ def test_bench_rows_of_the_per_image_budget():
     assert 0 < row["macs_ratio"] < 1 and "0.5 per-image (mean GMACs)" in to_markdown(rows)
     fixed = run_benchmark(model, [0.5], [3], repeats=1, warmup=1, budget="fixed")[1]
     assert fixed["budget"] == "fixed" and fixed["keep_counts"] == [32, 16, 8]
+
+
+@pytest.mark.slow
+def test_speed_benchmark_dry_run(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "per_image_speed.py"
+    spec = importlib.util.spec_from_file_location("per_image_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--dry-run", "--batch-sizes", "1,3", "--kernels", "loop,padded", "--json", str(tmp_path / "r.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| 3 | per-image, padded |" in table and "| 1 | fixed |" in table
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 6
+    for r in rows:  # the same mean token count per stage in every row of a batch size
+        fixed = next(f for f in rows if f["model"] == "fixed" and f["batch_size"] == r["batch_size"])
+        assert r["mean_counts"] == pytest.approx(fixed["mean_counts"], abs=0.5)
