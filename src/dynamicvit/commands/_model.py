@@ -65,6 +65,7 @@ def at_keep_ratio(base, keep_ratio: float, budget: Optional[str] = None):
     """The dense timm model for keep ratio 1.0, else a sparse model at `keep_ratio` sharing `base`'s weights
     (under `budget`, see `check_budget`; None: the model's own)."""
     from ..core.base import SparseModel, backbone_of
+    from ..core.vit import DynamicViT
     from ..weights.build import sparsify
 
     check_budget(base, budget)
@@ -73,7 +74,7 @@ def at_keep_ratio(base, keep_ratio: float, budget: Optional[str] = None):
     if not isinstance(base, SparseModel):
         _logger.warning("the checkpoint holds a dense model: its prediction modules are untrained (random)")
         return sparsify(base, keep_ratio)
-    return base.at_keep_ratio(keep_ratio, budget) if budget else base.at_keep_ratio(keep_ratio)
+    return base.at_keep_ratio(keep_ratio, budget) if isinstance(base, DynamicViT) else base.at_keep_ratio(keep_ratio)
 
 
 BUDGET_HELP = ("fixed: every image keeps int(N * rho^s) tokens at stage s; per-image: each image keeps the tokens "
@@ -99,9 +100,12 @@ def check_budget(model, budget: Optional[str]) -> None:
 
 
 def set_budget(model, keep_ratio: Optional[float], budget: Optional[str]) -> None:
-    """`model.set_keep_ratio(keep_ratio, budget)` for the command line (either may be None: unchanged)."""
+    """`model.set_keep_ratio(keep_ratio, budget)` for the command line (either may be None: unchanged;
+    models without a per-image budget take "fixed" as what they have)."""
+    from ..core.vit import DynamicViT
+
     check_budget(model, budget)
-    if budget is not None:
+    if budget is not None and isinstance(model, DynamicViT):
         model.set_keep_ratio(model.keep_ratio if keep_ratio is None else keep_ratio, budget=budget)
     elif keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)

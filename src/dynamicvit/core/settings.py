@@ -106,7 +106,7 @@ class SparsityConfig:
             raise ConfigError(
                 f"the per-image budget has no calibrated thresholds for keep ratio {self.keep_ratio:g} (calibrated: "
                 f"{have}); run `dynamicvit calibrate --checkpoint IN --dataset DATA --keep-ratio {self.keep_ratio:g} "
-                "--output OUT` (or dynamicvit.core.budget.calibrate_thresholds), or use budget='fixed'"
+                "--output OUT` (or dynamicvit.calibrate_thresholds), or use budget='fixed'"
             )
         return found
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.base import SparseModel
+from ..core.vit import DynamicViT
 from ..errors import ConfigError
 from ..extras import require
 from ..files import atomic_write
@@ -326,7 +327,9 @@ def run_benchmark(
     if not isinstance(base, SparseModel) and min(ratios) < 1.0:
         base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
     dense = base.backbone if isinstance(base, SparseModel) else base
-    twin = (lambda r: base.at_keep_ratio(r, budget)) if budget else base.at_keep_ratio
+    if budget == "per-image" and not isinstance(base, DynamicViT):
+        raise ConfigError(f"the per-image budget is for token models (ViT, DeiT, LV-ViT), not {type(base).__name__}")
+    twin = (lambda r: base.at_keep_ratio(r, budget)) if budget and isinstance(base, DynamicViT) else base.at_keep_ratio
     models = {r: dense if r == 1.0 else twin(r) for r in ratios}
     for m in models.values():
         m.eval()
