@@ -19,8 +19,9 @@ runs per image, by one of `ATTENTION_KERNELS` (chosen per model with `set_packed
 on the CPU, where a call costs little next to an image's linear layers.
 
 No token ever meets another image's, so an image's output does not depend on the rest of the batch.
-A batch whose images all hold the same number of tokens (one image, or thresholds that keep every
-token) runs the backbone's own blocks on (B, L, C).
+A batch whose images all hold the same number of tokens (thresholds that keep every token) runs the
+backbone's own blocks on (B, L, C); a single image takes the fixed budget's path with each stage's
+count read off its scores (`_run_single`: no packing, a few operators more than the fixed budget).
 
 Under torch.compile the bookkeeping between stages (scores, counts, which rows to keep: it depends on
 the data) runs eagerly, and each stage's blocks are compiled with dynamic shapes: one graph per stage,
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import PrunedOutput
-from .ops import fold_dropped
+from .ops import fold_dropped, select_tokens
 
 _logger = logging.getLogger(__name__)
 
@@ -438,6 +439,8 @@ def stage_scores(model: nn.Module, images: torch.Tensor, thresholds: Sequence[fl
 
 @torch.compiler.disable(recursive=False)  # under torch.compile: the functions it calls are compiled, each on its own
 def _run(model, images, thresholds, return_scores: bool = False, stop_at: Optional[int] = None):
+    if images.shape[0] == 1 and stop_at is None:
+        return _run_single(model, images, thresholds, return_scores)
     P, locs = model.num_prefix_tokens, model.prune_locs
     x = _blocks(model, 0, locs[0], model.host.embed(images), None)
     p, segs = _pack(x, P)
@@ -453,6 +456,67 @@ def _run(model, images, thresholds, return_scores: bool = False, stop_at: Option
     logits = _logits(model, p, segs)
     kept_counts = torch.tensor(counts, device=logits.device).T.contiguous()  # (B, S)
     return PrunedOutput(logits, kept, scores if return_scores else None, kept_counts)
+
+
+# -- one image --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Single:
+    """The state of one image between stages: patch tokens held (n), their grid index (1, n), the fused
+    token's weight (1, 1, 1) once there is one."""
+
+    n: int
+    index: Optional[torch.Tensor] = None
+    fused_weight: Optional[torch.Tensor] = None
+
+
+@torch.compiler.disable(recursive=False)
+def _run_single(model, images, thresholds, return_scores: bool) -> PrunedOutput:
+    """The per-image budget of a single image: the sequence stays (1, L, C), each stage keeps the top k
+    patch tokens where k is the count its scores earn."""
+    host, P, locs = model.host, model.num_prefix_tokens, model.prune_locs
+    x = _blocks(model, 0, locs[0], host.embed(images), None)
+    state = _Single(model.num_patches)
+    kept, counts, scores = [], [], []
+    for stage, (first, last) in enumerate(zip(locs, [*locs[1:], host.depth])):
+        x, score = _prune_single(model, stage, x, state, thresholds[stage], return_scores)
+        x = _blocks(model, first, last, x, None)
+        kept.append(state.index)
+        counts.append(state.n)
+        scores.append(score)
+    logits = _single_logits(model, x, state.n)
+    return PrunedOutput(logits, kept, scores if return_scores else None, torch.tensor([counts], device=x.device))
+
+
+@torch.compiler.disable
+def _prune_single(model, stage: int, x: torch.Tensor, state: _Single, threshold: float, return_scores: bool):
+    """One stage on one image (1, P + n [+ 1], C): (the tokens after it, its keep log-probabilities on the grid or None)."""
+    P, n = model.num_prefix_tokens, state.n
+    margin = model.predictors[stage].keep_margin(x[:, P : P + n])  # (1, n, 1)
+    above, least = int((margin >= threshold).sum()), min(model.config.min_keep, n)
+    if above < least and not torch.compiler.is_compiling():
+        _note_clamped(model, stage, 1, 1)
+    k = max(above, least)
+    tokens, keep = select_tokens(x[:, : P + n], margin, k, P)  # (1, P + k, C), (1, k)
+    fused = x[:, P + n :] if state.fused_weight is not None else None
+    if model.fuse_dropped and k < n:
+        weight = torch.sigmoid(margin.view(1, n)).scatter(1, keep, 0.0)  # the tokens dropped now
+        token, state.fused_weight = fold_dropped(x[:, P : P + n], weight, fused, state.fused_weight)
+        tokens = torch.cat([tokens, token], dim=1)
+    elif fused is not None:
+        tokens = torch.cat([tokens, fused], dim=1)
+    grid = state.index if state.index is not None else torch.arange(n, device=x.device).view(1, n)
+    score = None
+    if return_scores:
+        score = margin.new_full((1, model.num_patches), math.nan).scatter(1, grid, F.logsigmoid(margin.view(1, n)))
+    state.index, state.n = grid.gather(1, keep), k
+    return tokens, score
+
+
+@torch.compiler.disable
+def _single_logits(model, x: torch.Tensor, n: int) -> torch.Tensor:
+    return model.host.logits(model.host.norm(x[:, : model.num_prefix_tokens + n]))
 
 
 # -- the padded reference -----------------------------------------------------------------------
