@@ -415,3 +415,19 @@ def test_speed_benchmark_dry_run(tmp_path, capsys):
     for r in rows:  # the same mean token count per stage in every row of a batch size
         fixed = next(f for f in rows if f["model"] == "fixed" and f["batch_size"] == r["batch_size"])
         assert r["mean_counts"] == pytest.approx(fixed["mean_counts"], abs=0.5)
+
+
+def test_auto_takes_varlen_on_a_gpu_in_half_precision(monkeypatch):
+    from dynamicvit.core.packed import resolve_kernel
+
+    q = torch.zeros(4, 2, 8)
+    assert resolve_kernel("auto", q) == "loop" and resolve_kernel("padded", q) == "padded"
+
+    class OnCuda:  # what resolve_kernel reads of a query tensor on a GPU
+        is_cuda, dtype = True, torch.bfloat16
+
+    assert resolve_kernel("auto", OnCuda()) == "varlen"  # torch ships torch.nn.attention.varlen
+    OnCuda.dtype = torch.float32
+    assert resolve_kernel("auto", OnCuda()) == "padded"
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU in fp16/bf16 only"):
+        packed._varlen_attn(q)

@@ -316,17 +316,20 @@ def resolve_kernel(kind: str, q: torch.Tensor) -> str:
     if check_kernel(kind) != "auto":
         return kind
     if q.is_cuda and q.dtype in _HALF:
-        if hasattr(torch.nn.attention, "varlen"):
+        if _has_module("torch.nn.attention.varlen"):
             return "varlen"
-        if _has_flash_attn():
+        if _has_module("flash_attn"):
             return "flash"
     return "padded" if q.is_cuda or torch.compiler.is_compiling() else "loop"
 
 
-def _has_flash_attn() -> bool:
+def _has_module(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("flash_attn") is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _need_cuda_half(kind: str, q: torch.Tensor) -> None:
