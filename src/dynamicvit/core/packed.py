@@ -349,6 +349,7 @@ def _varlen_attn(q: torch.Tensor):
 
 
 def _varlen(q, k, v, segs: Segments, scale: float) -> torch.Tensor:
+    q, k, v = (t.contiguous() for t in (q, k, v))  # views of the qkv rows; a copy costs little next to a block
     return _varlen_attn(q)(q, k, v, segs.cu, segs.cu, segs.max_len, segs.max_len, scale=scale)
 
 
@@ -357,6 +358,7 @@ def _flash(q, k, v, segs: Segments, scale: float) -> torch.Tensor:
     from ..extras import require
 
     flash = require("flash_attn", "packed attention 'flash'")
+    q, k, v = (t.contiguous() for t in (q, k, v))
     return flash.flash_attn_varlen_func(q, k, v, segs.cu, segs.cu, segs.max_len, segs.max_len, softmax_scale=scale)
 
 
