@@ -344,6 +344,9 @@ def test_calibrate_then_eval_flops_visualize_and_predict(tmp_path, checkpoint, c
     flops = json.loads(out)
     assert flops["mean_gmacs"] == pytest.approx(per_image[0]["gmacs"]) and sum(flops["histogram"]["counts"]) == 300
     assert flops["min_gmacs"] < flops["fixed_budget_gmacs"] < flops["max_gmacs"]
+    by_class = flops["by_class"]  # what the predictors spend per class
+    assert len(by_class) == 10 and sum(c["images"] for c in by_class.values()) == 300
+    assert sum(c["images"] * c["mean_gmacs"] for c in by_class.values()) / 300 == pytest.approx(flops["mean_gmacs"])
 
     code, _, err = _cli(capsys, "visualize", "--checkpoint", cal, "--dataset", "fashion-mnist", "--num-samples", "3",
                         "--output", tmp_path / "pics", "--contact-sheet")

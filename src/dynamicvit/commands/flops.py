@@ -66,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _over_dataset(args: argparse.Namespace, model, name: str) -> int:
-    """MACs per image over a dataset: the mean, the spread and a histogram."""
+    """MACs per image over a dataset: the mean, the spread, a histogram and the kept counts per class."""
     import torch
 
     from ..core.budget import CountRecorder
-    from ..data import build_dataset, square_img_size
-    from ..errors import ConfigError
-    from ..evaluate import evaluate
+    from ..data import build_dataset, drop_unreadable, resolve_dataset, square_img_size
+    from ..errors import ConfigError, DataError
+    from ..progress import progress_bar
     from ..runtime.flops import count_macs
     from ..runtime.image_macs import PerImageMacs, macs_summary
 
@@ -84,23 +84,48 @@ def _over_dataset(args: argparse.Namespace, model, name: str) -> int:
     dataset = build_dataset(args.dataset, "val", img_size=square_img_size(model), data_dir=args.data_dir,
                             subset=args.subset, pretrained_cfg=model.pretrained_cfg)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.num_workers)
-    recorder = CountRecorder(model)
-    evaluate(recorder, loader, "cpu", "none", progress=not args.json)
-    counts = recorder.counts()
-    summary = macs_summary(PerImageMacs.of(model).per_image(counts), bins=args.bins)
+    recorder, labels = CountRecorder(model.eval()), []
+    with torch.inference_mode():
+        for images, y in progress_bar(loader, desc="flops", enabled=not args.json):
+            images, y, _ = drop_unreadable(images, y)
+            if len(y):
+                recorder(images)
+                labels.append(y)
+    if not labels:
+        raise DataError(f"no readable images in {args.dataset}")
+    counts, labels = recorder.counts(), torch.cat(labels)
+    macs = PerImageMacs.of(model).per_image(counts)
+    summary = macs_summary(macs, bins=args.bins)
+    classes = resolve_dataset(args.dataset, args.data_dir).classes
+    by_class = {
+        (classes[c] if c < len(classes) else str(c)): {
+            "images": int((labels == c).sum()),
+            "mean_keep_counts": counts[labels == c].double().mean(0).tolist(),
+            "mean_gmacs": float(macs[(labels == c).numpy()].mean()) / 1e9,
+        }
+        for c in sorted(set(labels.tolist()))
+    }
     result = {"model": name, "keep_ratio": model.keep_ratio, "budget": model.budget, "dataset": args.dataset,
               "fixed_budget_gmacs": count_macs(model.at_keep_ratio(model.keep_ratio, budget="fixed")).gmacs,
-              "mean_keep_counts": counts.double().mean(0).tolist(), **summary}
+              "mean_keep_counts": counts.double().mean(0).tolist(), **summary, "by_class": by_class}
     if args.json:
         print(json_text(result))
         return 0
-    print(f"DynamicViT on {name}, keep ratio {model.keep_ratio}, {model.budget} budget; {summary['images']} images of "
-          f"{args.dataset}")
-    print(f"GMACs per image: mean {summary['mean_gmacs']:.5g}, std {summary['std_gmacs']:.3g}, min {summary['min_gmacs']:.5g}, "
-          f"max {summary['max_gmacs']:.5g} (fixed budget: {result['fixed_budget_gmacs']:.5g})")
+    _print_over_dataset(result, name, args.dataset)
+    return 0
+
+
+def _print_over_dataset(result: dict, name: str, dataset: str) -> None:
+    print(f"DynamicViT on {name}, keep ratio {result['keep_ratio']}, {result['budget']} budget; {result['images']} images "
+          f"of {dataset}")
+    print(f"GMACs per image: mean {result['mean_gmacs']:.5g}, std {result['std_gmacs']:.3g}, min {result['min_gmacs']:.5g}, "
+          f"max {result['max_gmacs']:.5g} (fixed budget: {result['fixed_budget_gmacs']:.5g})")
     print("mean patch tokens kept per stage: " + " / ".join(f"{c:.2f}" for c in result["mean_keep_counts"]))
-    hist = summary["histogram"]
+    hist = result["histogram"]
     top = max(hist["counts"]) or 1
     for n, lo, hi in zip(hist["counts"], hist["edges_gmacs"], hist["edges_gmacs"][1:]):
         print(f"{lo:>10.5g} - {hi:<10.5g} {n:>7} {'#' * round(40 * n / top)}")
-    return 0
+    print(f"{'class':<24} {'images':>7} {'tokens kept (mean per stage)':>30} {'GMACs':>9}")
+    for cls, row in result["by_class"].items():
+        kept = " / ".join(f"{c:.1f}" for c in row["mean_keep_counts"])
+        print(f"{cls[:24]:<24} {row['images']:>7} {kept:>30} {row['mean_gmacs']:>9.5g}")
