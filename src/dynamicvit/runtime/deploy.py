@@ -553,7 +553,9 @@ def compile(
     test checks it). Because every stage keeps a fixed number of tokens, every shape except the batch
     is static, so `mode="reduce-overhead"` captures the whole pruned model, top-k and gather included,
     as one CUDA graph on a GPU: batch-1 latency is then one graph launch instead of hundreds of kernel
-    launches. On the CPU that mode behaves like "default".
+    launches. On the CPU that mode behaves like "default". Under the per-image budget the token counts
+    depend on the images: the bookkeeping between stages runs eagerly and each stage's blocks compile
+    once with dynamic shapes (several graphs, so `fullgraph=True` is refused by torch there).
 
     Args:
         model: a DynamicViT or a dense timm model, in eval mode.
