@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         model.cpu()
         row = {
             "keep_ratio": ratio,
-            "budget": getattr(model, "budget", None),
+            "budget": getattr(model, "budget", "fixed") if is_dynamic else None,
             "keep_counts": list(model.keep_counts()) if is_dynamic else None,
             **metrics,
             "gmacs": macs.gmacs if macs is not None else None,
