@@ -147,3 +147,27 @@ def test_a_range_is_checked_against_the_model_and_recorded(caplog):
         assert not caplog.records
         model.set_keep_ratio(0.3)
     assert "outside the range 0.4..1 this model was trained for" in caplog.text
+
+
+def test_per_image_training_pulls_the_batch_mean_at_each_drawn_ratio(tmp_path, monkeypatch):
+    seen = []
+    loss = DynamicViTLoss.forward
+
+    def spy_loss(self, output, target, teacher_logits=None, teacher_tokens=None, keep_ratio=None):
+        total, terms = loss(self, output, target, teacher_logits, teacher_tokens, keep_ratio)
+        batch = ratio_loss(output.decisions, keep_ratio, over="batch").item()
+        seen.append((self.budget, keep_ratio, terms["ratio"].item(), batch))
+        return total, terms
+
+    monkeypatch.setattr(DynamicViTLoss, "forward", spy_loss)
+    cfg = config(tmp_path, epochs=1, max_steps_per_epoch=3, keep_ratios="0.4:1.0", keep_ratio=0.7, budget="per-image",
+                 clip_grad=1.0)
+    train(cfg, train_set=synthetic(24))
+    assert len(seen) == 3 and len({rho for _, rho, _, _ in seen}) == 3
+    assert all(budget == "per-image" and term == pytest.approx(batch) for budget, _, term, batch in seen)
+    cfg = train_cmd.config_from_args(parse("--budget", "per-image"))
+    assert cfg.budget == "per-image" and train_cmd.config_from_args(parse()).budget == "fixed"
+    with pytest.raises(SystemExit):
+        parse("--budget", "sometimes")
+    with pytest.raises(ConfigError, match="budget must be one of"):
+        TrainConfig(budget="sometimes").validate()

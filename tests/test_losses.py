@@ -133,3 +133,35 @@ def test_ratio_loss_pulls_the_realized_ratio_to_the_target(images):
         realized = [d.mean().item() for d in model.forward_masked(images).decisions]
     for s, r in enumerate(realized, start=1):
         assert abs(r - keep_ratio**s) < 0.15, (s, realized)
+
+
+def test_per_image_budget_pulls_the_batch_mean_not_each_image():
+    # Stage 1 keeps 3/4 and 1/4 (batch mean 0.5), stage 2 keeps 2/4 and 0/4 (batch mean 0.25).
+    # rho = 0.5: the batch means sit at 0.5 and 0.25 exactly, so the batch form costs nothing while
+    # the per-image form charges both images: ((0.25^2 + 0.25^2)/2 + (0.25^2 + 0.25^2)/2) / 2 = 0.0625.
+    decisions = _decisions()
+    assert ratio_loss(decisions, 0.5, over="batch").item() == pytest.approx(0.0, abs=1e-7)
+    assert ratio_loss(decisions, 0.5).item() == pytest.approx(0.0625, abs=1e-7)
+    # rho = 0.6: (0.5 - 0.6)^2 = 0.01 and (0.25 - 0.36)^2 = 0.0121, mean 0.01105.
+    assert ratio_loss(decisions, 0.6, over="batch").item() == pytest.approx(0.01105, abs=1e-7)
+    with pytest.raises(ValueError, match="over must be"):
+        ratio_loss(decisions, 0.6, over="token")
+
+
+def test_per_image_loss_lets_images_differ_and_takes_the_step_ratio():
+    out = _output()
+    target = torch.tensor([1, 3])
+    fixed, per_image = DynamicViTLoss(0.7), DynamicViTLoss(0.7, budget="per-image")
+    for rho in (None, 0.5):  # elastic training passes the ratio drawn for the step
+        _, f = fixed(out, target, keep_ratio=rho)
+        _, p = per_image(out, target, keep_ratio=rho)
+        r = 0.7 if rho is None else rho
+        assert f["ratio"].item() == pytest.approx(ratio_loss(out.decisions, r).item())
+        assert p["ratio"].item() == pytest.approx(ratio_loss(out.decisions, r, over="batch").item())
+        assert f["ce"] == p["ce"]
+    # The gradient of the batch form reaches every image's decisions (through the batch mean).
+    decisions = [d.clone().requires_grad_(True) for d in _decisions()]
+    ratio_loss(decisions, 0.6, over="batch").backward()
+    assert all((d.grad != 0).all() for d in decisions)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        DynamicViTLoss(0.7, budget="sometimes")

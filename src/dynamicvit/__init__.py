@@ -4,9 +4,11 @@ and dynamic spatial sparsification for timm's ConvNeXt and Swin (the journal ver
 Three ways to get a model: `create_model(name)` builds one from a timm name (or "hf:DIR", a Hugging Face
 transformers model folder), `sparsify(model)` wraps a timm or transformers model you have, `load(path)`
 opens any checkpoint file. `save_model` writes one that `load` rebuilds (`save_pretrained` a folder that
-transformers reads too); `export_onnx`, `compile`, `fast_patch_embed` and `fused_masked_attention` make it faster.
+transformers reads too); `export_onnx`, `compile`, `fast_patch_embed` and `fused_masked_attention` make it
+faster; `calibrate_thresholds` prepares the per-image budget (`model.set_keep_ratio(rho, budget="per-image")`).
 """
 from .core.base import DynamicViTOutput, PrunedOutput, SparseModel
+from .core.budget import calibrate_thresholds
 from .core.ops import PredictionModule
 from .core.settings import SparsityConfig, SpatialConfig
 from .core.spatial import DynamicSpatial
@@ -40,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "UnsupportedModelError",
     "__version__",
+    "calibrate_thresholds",
     "compile",
     "create_model",
     "export_onnx",

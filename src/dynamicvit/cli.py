@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, speed, pictures.",
     "train": "Train a dense ViT or fine-tune a DynamicViT from a dense teacher.",
     "eval": "Top-1/top-5 of a model on a dataset at a chosen keep ratio, plus its MACs.",
+    "calibrate": "Calibrate per-image budget thresholds on a dataset and write them into a checkpoint.",
     "visualize": "Draw the tokens a DynamicViT keeps at each stage.",
     "flops": "Count multiply-accumulates (GMACs) and parameters, per stage and in total.",
     "bench": "Throughput and latency of dense vs DynamicViT, side by side.",

@@ -63,7 +63,8 @@ class TokenMasks:
         stage_keep_prob: (B, S, gh, gw), each stage's keep probability, NaN where the patch had
             been dropped at an earlier stage.
         kept_indices: per stage, (B, k_s) int64 indices into the row-major patch grid, in the order
-            the tokens sit in the model's sequence (chained across stages).
+            the tokens sit in the model's sequence (chained across stages); under the per-image budget
+            k_s is the largest count and a row ends in -1 after the image's own count.
         logits: (B, num_classes) classifier output of the inference path.
         keep_counts: patch tokens kept after each stage.
         patch_size: (ph, pw) pixels per patch.
@@ -72,6 +73,8 @@ class TokenMasks:
         merged_into: (B, S, gh, gw) int64 for a model that merges its dropped tokens
             (`merge_dropped`): the row-major grid index of the kept patch holding each patch after
             stage s (a kept patch holds itself); None otherwise.
+        image_counts: per-image budget: the patch tokens each image kept after each stage, (B, S);
+            None under the fixed budget (every image keeps `keep_counts`).
     """
 
     masks: np.ndarray
@@ -83,6 +86,7 @@ class TokenMasks:
     patch_size: tuple[int, int]
     fused: bool = False
     merged_into: Optional[np.ndarray] = None
+    image_counts: Optional[np.ndarray] = None
 
     @property
     def merged(self) -> bool:
@@ -112,6 +116,7 @@ class TokenMasks:
             patch_size=self.patch_size,
             fused=self.fused,
             merged_into=None if self.merged_into is None else self.merged_into[sel],
+            image_counts=None if self.image_counts is None else self.image_counts[sel],
         )
 
     @staticmethod
@@ -120,17 +125,30 @@ class TokenMasks:
         if not parts:
             raise ConfigError("no masks to join")
         first = parts[0]
+        per_image = any(p.image_counts is not None for p in parts)
         return TokenMasks(
             masks=np.concatenate([p.masks for p in parts]),
             keep_prob=np.concatenate([p.keep_prob for p in parts]),
             stage_keep_prob=np.concatenate([p.stage_keep_prob for p in parts]),
-            kept_indices=[np.concatenate([p.kept_indices[s] for p in parts]) for s in range(first.num_stages)],
+            kept_indices=[_join_rows([p.kept_indices[s] for p in parts]) for s in range(first.num_stages)],
             logits=np.concatenate([p.logits for p in parts]),
             keep_counts=first.keep_counts,
             patch_size=first.patch_size,
             fused=first.fused,
             merged_into=None if first.merged_into is None else np.concatenate([p.merged_into for p in parts]),
+            image_counts=np.concatenate([p.counts() for p in parts]) if per_image else None,
         )
+
+    def counts(self, index: Optional[int] = None) -> np.ndarray:
+        """Patch tokens kept after each stage, (B, S), or (S,) of image `index`."""
+        counts = self.image_counts if self.image_counts is not None else np.tile(self.keep_counts, (len(self), 1))
+        return counts if index is None else counts[index]
+
+
+def _join_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack (B_i, k_i) index arrays whose widths may differ (per-image budget), padding with -1."""
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1) for p in parts])
 
 
 def as_dynamicvit(model: nn.Module):
@@ -168,10 +186,12 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
     finally:
         model.train(was_training)
     S = len(model.prune_locs)
-    kept = [torch.cat([o.kept_indices[s] for o in outs]).cpu() for s in range(S)]  # each (B, k_s)
-    masks = torch.zeros(B, S, N, dtype=torch.bool)
+    kept = [torch.from_numpy(_join_rows([o.kept_indices[s].cpu().numpy() for o in outs])) for s in range(S)]  # (B, k_s)
+    masks = torch.zeros(B, S, N + 1, dtype=torch.bool)  # column N takes the -1 padding of a per-image budget
     for s, idx in enumerate(kept):
-        masks[:, s].scatter_(1, idx, True)
+        masks[:, s].scatter_(1, idx.masked_fill(idx < 0, N), True)
+    masks = masks[..., :N]
+    per_image = outs[0].kept_counts is not None
     log_p = torch.stack([torch.cat([o.keep_scores[s] for o in outs]) for s in range(S)], dim=1)  # (B, S, N)
     prob = log_p.float().exp().cpu().numpy().reshape(B, S, gh, gw)
     merged_into = None
@@ -188,6 +208,7 @@ def kept_token_masks(model: nn.Module, images: torch.Tensor, batch_size: int = 6
         patch_size=tuple(model.patch_size),  # ConvNeXt / Swin: positions of the stage-3 map
         fused=getattr(model, "fuse_dropped", False),
         merged_into=merged_into,
+        image_counts=torch.cat([o.kept_counts for o in outs]).cpu().numpy() if per_image else None,
     )
 
 
@@ -386,11 +407,13 @@ def token_panels(
     return panels
 
 
-def stage_titles(keep_counts: Sequence[int], num_patches: int, fused: bool = False, merged: bool = False) -> list[str]:
+def stage_titles(keep_counts: Sequence, num_patches: int, fused: bool = False, merged: bool = False) -> list[str]:
     """Panel titles; `fused`: the faded patches live on, averaged into one fused token; `merged`: they
-    live on in the kept token outlined with them."""
+    live on in the kept token outlined with them. A count may be a word ("per image": the images of a
+    contact sheet keep their own counts)."""
     more = " + fused" if fused else " + merged" if merged else ""
-    return ["original"] + [f"stage {s}: {k}/{num_patches}{more}" for s, k in enumerate(keep_counts, 1)] + ["p(keep), stage 1"]
+    kept = [f"{k}/{num_patches}" if not isinstance(k, str) else k for k in keep_counts]
+    return ["original"] + [f"stage {s}: {k}{more}" for s, k in enumerate(kept, 1)] + ["p(keep), stage 1"]
 
 
 # -- draw ---------------------------------------------------------------------------------------
@@ -581,7 +604,7 @@ def render_tokens(
     N = int(np.prod(tm.grid_size))
     return compose(
         [panels],
-        col_titles=stage_titles(tm.keep_counts, N, tm.fused, tm.merged),
+        col_titles=stage_titles(tm.counts(index), N, tm.fused, tm.merged),
         heading=title,
         colorbar=(len(panels) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(image.shape[:2], min_size),
@@ -610,9 +633,15 @@ def render_contact_sheet(
         token_panels(img, tm.masks[i], tm.keep_prob[i], tm.patch_size, None if tm.merged_into is None else tm.merged_into[i])
         for i, img in enumerate(images)
     ]
+    N = int(np.prod(tm.grid_size))
+    col_titles = stage_titles(tm.keep_counts, N, tm.fused, tm.merged)
+    if tm.image_counts is not None:  # each image keeps its own count: in its row title
+        col_titles = stage_titles(["per image"] * tm.num_stages, N, tm.fused, tm.merged)
+        kept = [f"kept {'/'.join(map(str, tm.counts(i)))} of {N}" for i in range(len(images))]
+        titles = [f"{t} ({k})" for t, k in zip(titles, kept)] if titles is not None else kept
     return compose(
         rows,
-        col_titles=stage_titles(tm.keep_counts, int(np.prod(tm.grid_size)), tm.fused, tm.merged),
+        col_titles=col_titles,
         row_titles=list(titles) if titles is not None else None,
         colorbar=(len(rows[0]) - 1, 0.0, 1.0, CMAP),
         scale=scale_factor(images.shape[1:3], min_size),

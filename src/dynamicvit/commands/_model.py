@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Optional
 
 from ._common import int_list, model_kwargs, positive_int
 
@@ -61,14 +62,51 @@ def build_base_model(args: argparse.Namespace, keep_ratio: float = 0.7):
     return create_model(name, keep_ratio=keep_ratio, prune_locs=locs, **kwargs)
 
 
-def at_keep_ratio(base, keep_ratio: float):
-    """The dense timm model for keep ratio 1.0, else a sparse model at `keep_ratio` sharing `base`'s weights."""
+def at_keep_ratio(base, keep_ratio: float, budget: Optional[str] = None):
+    """The dense timm model for keep ratio 1.0, else a sparse model at `keep_ratio` sharing `base`'s weights
+    (under `budget`, see `check_budget`; None: the model's own)."""
     from ..core.base import SparseModel, backbone_of
+    from ..core.vit import DynamicViT
     from ..weights.build import sparsify
 
-    if keep_ratio >= 1.0:
+    check_budget(base, budget)
+    if keep_ratio >= 1.0 and budget != "per-image":
         return backbone_of(base)
     if not isinstance(base, SparseModel):
         _logger.warning("the checkpoint holds a dense model: its prediction modules are untrained (random)")
         return sparsify(base, keep_ratio)
-    return base.at_keep_ratio(keep_ratio)
+    return base.at_keep_ratio(keep_ratio, budget) if isinstance(base, DynamicViT) else base.at_keep_ratio(keep_ratio)
+
+
+BUDGET_HELP = ("fixed: every image keeps int(N * rho^s) tokens at stage s; per-image: each image keeps the tokens "
+               "scored above thresholds that `dynamicvit calibrate` chose, as many as it needs (default: the checkpoint's)")
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    from ..core.settings import BUDGETS
+
+    parser.add_argument("--budget", choices=BUDGETS, default=None, help=BUDGET_HELP)
+
+
+def check_budget(model, budget: Optional[str]) -> None:
+    """A clear error when `--budget per-image` is asked of a model that has no per-image budget."""
+    from ..core.vit import DynamicViT
+    from ..errors import ConfigError
+
+    if budget == "per-image" and not isinstance(model, DynamicViT):
+        raise ConfigError(
+            f"--budget per-image is for token models (ViT, DeiT, LV-ViT); {type(model).__name__} "
+            f"({getattr(model, 'family', 'dense')}) keeps its maps at the fixed budget: drop --budget"
+        )
+
+
+def set_budget(model, keep_ratio: Optional[float], budget: Optional[str]) -> None:
+    """`model.set_keep_ratio(keep_ratio, budget)` for the command line (either may be None: unchanged;
+    models without a per-image budget take "fixed" as what they have)."""
+    from ..core.vit import DynamicViT
+
+    check_budget(model, budget)
+    if budget is not None and isinstance(model, DynamicViT):
+        model.set_keep_ratio(model.keep_ratio if keep_ratio is None else keep_ratio, budget=budget)
+    elif keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)

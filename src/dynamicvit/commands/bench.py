@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ._model import add_model_arguments, build_base_model, model_name
+from ._model import add_budget_argument, add_model_arguments, build_base_model, check_budget, model_name
 
 from ._common import float_list, non_negative_int, positive_int, positive_int_list
 
@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the compile runtime; reduce-overhead = CUDA graphs on a GPU (default: %(default)s)")
     parser.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
+    add_budget_argument(parser)
+    parser.add_argument("--packed-attention", default=None, metavar="KERNEL",
+                        help="--budget per-image: how attention runs on the packed batch: auto, varlen, flash, loop, "
+                        "groups, blockdiag or padded (default: auto)")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed repetitions per model (default: %(default)s)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed forwards per model first (default: %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as a JSON list")
@@ -78,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--keep-ratios must be in (0, 1]; got {args.keep_ratios}")
     batch_sizes = [args.batch_size] if args.batch_size is not None else (args.batch_sizes or [32, 1])
     base = build_base_model(args, keep_ratio=min(r for r in args.keep_ratios))
+    check_budget(base, args.budget)
+    if args.packed_attention is not None:
+        from ..core.packed import set_packed_attention
+
+        set_packed_attention(base, args.packed_attention)
     if not isinstance(base, SparseModel):
         _logger.warning("the checkpoint holds a dense model: the DynamicViTs get untrained prediction modules")
     if args.checkpoint is None:
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         compile_mode=args.compile_mode,
         model_name=getattr(base, "model_name", None) or model_name(args),
         progress=True,
+        budget=args.budget,
     )
     json_path, md_path, plot_path = args.json_path, args.markdown, args.plot
     if args.output:

@@ -1,7 +1,8 @@
 """`dynamicvit eval`: top-1/top-5 of a model on a dataset at one or more keep ratios, plus its MACs.
 
 A DynamicViT is evaluated on its inference path (tokens removed), so the MACs printed are the ones
-the accuracy was measured at. The keep ratio can be changed without retraining.
+the accuracy was measured at. The keep ratio can be changed without retraining. Under the per-image
+budget (--budget per-image) the MACs are the mean over the images evaluated, from each image's counts.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 
 from ..errors import ConfigError
 from ._common import float_list, json_text, model_kwargs, non_negative_int, positive_int
+from ._model import add_budget_argument, check_budget, set_budget
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST when missing")
     parser.add_argument("--keep-ratio", type=float_list, default=None,
                         help="keep ratio(s) to evaluate at, e.g. 0.7 or 0.5,0.7,0.9 (default: the model's)")
+    add_budget_argument(parser)
     parser.add_argument("--crop-pct", type=float, default=None,
                         help="ImageFolder: resize to size / crop-pct and center crop (default: the model's pretrained "
                         "config; the paper's recipes evaluate at 0.875); 384 px and up: the image is warped whole")
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.base import SparseModel
+    from ..core.budget import CountRecorder
     from ..core.hosts import any_host
     from ..data import bad_images_error, build_dataset, check_images, check_model_fits, resolve_dataset, square_img_size
     from ..runtime.device import resolve_device
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.checkpoint, args.model, overrides=args.timm_kwargs, plain_kwargs={
         "num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size, **args.timm_kwargs})
     check_model_fits(model, info)
+    check_budget(model, args.budget)
     is_dynamic = isinstance(model, SparseModel)
     ratios = args.keep_ratio or [model.keep_ratio if is_dynamic else 1.0]
     if not is_dynamic and args.keep_ratio:
@@ -74,23 +79,29 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for ratio in ratios:
         if is_dynamic:
-            model.set_keep_ratio(ratio)
-        macs = _count_macs(model, (in_chans, img_size, img_size))
+            set_budget(model, ratio, args.budget)
+        per_image = getattr(model, "budget", "fixed") == "per-image"
+        macs = None if per_image else _count_macs(model, (in_chans, img_size, img_size))
         model.to(device)
-        runnable = model
+        recorder = CountRecorder(model) if per_image else None
+        runnable = model if recorder is None else recorder
         if args.compile:
             from ..runtime.deploy import compile as compile_model
 
-            runnable = compile_model(model.eval())
+            runnable = compile_model(runnable.eval())
         metrics = _evaluate_or_hint(args, runnable, loader, device)
         model.cpu()
-        rows.append({
+        row = {
             "keep_ratio": ratio,
+            "budget": getattr(model, "budget", "fixed") if is_dynamic else None,
             "keep_counts": list(model.keep_counts()) if is_dynamic else None,
             **metrics,
             "gmacs": macs.gmacs if macs is not None else None,
-            "params_m": macs.params / 1e6 if macs is not None else None,
-        })
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        }
+        if per_image:
+            row.update(_per_image_macs(model, recorder.counts()))
+        rows.append(row)
 
     for r in rows:
         if r["unreadable"]:
@@ -103,11 +114,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     kind = f"{type(model).__name__} ({getattr(model, 'model_name', '')})" if is_dynamic else "dense model"
     print(f"{kind} on {info.name} val, {rows[0]['images']} images")
-    print(f"{'keep ratio':>10} {'tokens kept':>14} {'top-1':>7} {'top-5':>7} {'loss':>7} {'GMACs':>8}")
+    print(f"{'keep ratio':>10} {'budget':>9} {'tokens kept':>17} {'top-1':>7} {'top-5':>7} {'loss':>7} {'GMACs':>8}")
     for r in rows:
-        counts = "/".join(str(c) for c in r["keep_counts"]) if r["keep_counts"] else "all"
+        counts = r.get("mean_keep_counts") or r["keep_counts"]
+        counts = "/".join(f"{c:g}" if isinstance(c, int) else f"{c:.1f}" for c in counts) if counts else "all"
         gmacs = f"{r['gmacs']:>8.4g}" if r["gmacs"] is not None else f"{'n/a':>8}"
-        print(f"{r['keep_ratio']:>10.3f} {counts:>14} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['loss']:>7.4f} {gmacs}")
+        print(f"{r['keep_ratio']:>10.3f} {r['budget'] or 'dense':>9} {counts:>17} {r['top1']:>7.2f} {r['top5']:>7.2f} "
+              f"{r['loss']:>7.4f} {gmacs}")
+    if any(r.get("mean_keep_counts") for r in rows):
+        print("per-image budget: tokens kept and GMACs are means over the images (each image keeps its own count)")
     if rows[0]["gmacs"] is None:
         print("MACs unavailable: dynamicvit.runtime.flops is not installed")
     return 0
@@ -131,6 +146,18 @@ def _evaluate_or_hint(args, model, loader, device) -> dict:
         first = text.splitlines()[0][:200] if text else type(e).__name__
         raise ConfigError(f"out of memory evaluating batches of {args.batch_size} images on {device} ({first}); "
                           f"lower --batch-size, e.g. --batch-size {max(1, args.batch_size // 8)}") from None
+
+
+def _per_image_macs(model, counts) -> dict:
+    """The mean (and spread) of the MACs per image and of the kept counts, from each image's counts (M, S)."""
+    from ..runtime.image_macs import PerImageMacs, macs_summary
+
+    summary = macs_summary(PerImageMacs.of(model).per_image(counts))
+    return {
+        "gmacs": summary["mean_gmacs"],
+        "gmacs_std": summary["std_gmacs"],
+        "mean_keep_counts": counts.double().mean(0).tolist(),
+    }
 
 
 def _count_macs(model, input_size):

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from ._model import add_model_arguments, build_base_model
+from ._model import add_budget_argument, add_model_arguments, build_base_model, set_budget
 
 HELP = "Export the inference path to ONNX (checked with ONNX Runtime), optionally int8-quantized."
 
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", required=True, metavar="FILE", help="the .onnx file to write")
     add("--keep-ratio", type=float, default=None, help="keep ratio fixed into the graph (default: the checkpoint's, else 0.7)")
     add("--dense", action="store_true", help="export the backbone without pruning (for side-by-side comparison)")
+    add_budget_argument(parser)
     add("--opset", type=int, default=None, help="ONNX opset (default 18)")
     add("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
         help="torch.onnx exporter: dynamo (torch.export + onnxscript) or torchscript (tracing) (default: %(default)s)")
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path} already exists; choose another --output or pass --overwrite")
     settings = read_settings(args.checkpoint) if args.checkpoint and not is_hf_spec(args.checkpoint) else None
     model = build_base_model(args, keep_ratio=args.keep_ratio or 0.7).eval()
+    if args.budget is not None:  # the keep ratio goes to export_onnx, which exports a twin at it
+        set_budget(model, None, args.budget)
     if args.quantize:
         _check_dataset_fits(args, model)
     if args.checkpoint is None and not is_hf_spec(args.model):

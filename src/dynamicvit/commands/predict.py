@@ -25,6 +25,7 @@ from typing import Optional
 from ..files import OutputNames, prepare_output_dir
 from ..text import printable
 from ._common import json_text, model_kwargs
+from ._model import add_budget_argument, set_budget
 
 HELP = "Classify image files and folders (top-k with class names); optionally draw the kept tokens."
 
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra timm.create_model arguments for --model (JSON object or key=value pairs)")
     add("--keep-ratio", type=float, default=None,
         help="keep ratio (default: the checkpoint's; fixed in an ONNX file, so not allowed with --onnx)")
+    add_budget_argument(parser)
     add("--top-k", type=int, default=5, help="classes to report per image (default: %(default)s)")
     add("--json", action="store_true", help="print one JSON object with every result and every skipped file")
     add("--batch-size", type=int, default=32, help="images per forward (default: %(default)s)")
@@ -67,6 +69,7 @@ class Runner:
     preprocessing: dict
     class_names: Optional[list]
     description: str
+    last_counts: object = None  # per-image budget: () -> the last batch's kept counts (B, S)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,13 +156,15 @@ def _classify(args, runner: "Runner", files: list, failed: list, out_names: Opti
             failed.append((name, NON_FINITE))
             _logger.warning("skipping %s: %s", printable(name), NON_FINITE)
         non_finite += int((~finite).sum())
-        batch = [_prediction(name, p, runner.class_names, args.top_k) for name, p, ok in
-                 zip(names, logits.softmax(-1), finite) if ok]
+        counts = runner.last_counts().tolist() if runner.last_counts else None  # per-image budget: (B, S)
+        batch = [{**_prediction(name, p, runner.class_names, args.top_k), **({"kept_counts": counts[i]} if counts else {})}
+                 for i, (name, p, ok) in enumerate(zip(names, logits.softmax(-1), finite)) if ok]
         results += batch
         if not args.json:  # as they come, above the progress bar (tqdm.write moves a bar on a terminal)
             for r in batch:
+                kept = f" [kept {'/'.join(map(str, r['kept_counts']))}]" if "kept_counts" in r else ""
                 tqdm.write(f"{printable(r['file'])}: " + ", ".join(
-                    f"{p['name']} {p['probability']:.1%}" for p in r["predictions"]), file=sys.stdout)
+                    f"{p['name']} {p['probability']:.1%}" for p in r["predictions"]) + kept, file=sys.stdout)
         if out_names is not None and batch:
             _draw(runner, x[finite], [r["file"] for r in batch], batch, out_names, len(results) - len(batch))
     bar.close()
@@ -207,6 +212,7 @@ def _torch_runner(args, runtime: str) -> Runner:
 
     from .. import visualize as vis
     from ..core.base import SparseModel, logits_of
+    from ..core.budget import CountRecorder
     from ..data import num_classes_of, preprocessing_config
     from ..runtime import deploy
     from ..runtime.device import resolve_device
@@ -230,13 +236,13 @@ def _torch_runner(args, runtime: str) -> Runner:
     else:
         _logger.warning("random weights (--model without --checkpoint): the predictions are meaningless")
         model = create_model(args.model, keep_ratio=args.keep_ratio or 0.7, **args.model_kwargs)
-    if args.keep_ratio is not None:
-        if not isinstance(model, SparseModel):
-            from ..errors import ConfigError
+    if args.keep_ratio is not None and not isinstance(model, SparseModel):
+        from ..errors import ConfigError
 
-            raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a sparse model "
-                              "(DynamicViT, DynamicSpatial)")
-        model.set_keep_ratio(args.keep_ratio)
+        raise ConfigError(f"{args.checkpoint} holds a dense model; --keep-ratio needs a sparse model "
+                          "(DynamicViT, DynamicSpatial)")
+    set_budget(model, args.keep_ratio, args.budget)
+    per_image = getattr(model, "budget", "fixed") == "per-image"
     model.eval()
     train_dataset = (((settings or {}).get("extra") or {}).get("train_config") or {}).get("dataset")
     num_classes = num_classes_of(model)
@@ -244,10 +250,12 @@ def _torch_runner(args, runtime: str) -> Runner:
     preprocessing = preprocessing_config(model, train_dataset)
     sparse = isinstance(model, SparseModel)
     kind = deploy.sparsity_summary(deploy.sparsity_settings(model))
+    if per_image:
+        kind = f"keep ratio {model.keep_ratio}, per-image budget (tokens kept on average {list(model.keep_counts())})"
     source = args.checkpoint or (args.model if hf_source else f"{args.model} (random weights)")
 
-    if runtime == "auto":
-        runtime = "onnxruntime" if args.checkpoint and not hf_source and device.type == "cpu" else "eager"
+    if runtime == "auto":  # the per-image budget has no ONNX graph (export_onnx says why)
+        runtime = "onnxruntime" if args.checkpoint and not hf_source and device.type == "cpu" and not per_image else "eager"
     if runtime == "onnxruntime":
         if device.type != "cpu":
             from ..errors import ConfigError
@@ -267,7 +275,9 @@ def _torch_runner(args, runtime: str) -> Runner:
         return runner
 
     model.to(device)
-    forward = deploy.compile(model) if runtime == "compile" else model
+    recorder = CountRecorder(model).eval() if per_image else None
+    runnable = model if recorder is None else recorder
+    forward = deploy.compile(runnable) if runtime == "compile" else runnable
 
     def predict(x):
         return logits_of(forward(x.to(device)))
@@ -276,7 +286,8 @@ def _torch_runner(args, runtime: str) -> Runner:
         return vis.kept_token_masks(model, x.to(device))
 
     return Runner(runtime, predict, masks if sparse else None, preprocessing, names,
-                  f"{source} ({kind}) in PyTorch ({runtime}, {device})")
+                  f"{source} ({kind}) in PyTorch ({runtime}, {device})",
+                  recorder.last if recorder is not None else None)
 
 
 def _cached_runner(model, args, class_names, preprocessing, description: str) -> Runner:

@@ -32,6 +32,8 @@ FLAG_HELP = {
     "keep_ratios": "elastic training: LO:HI (e.g. 0.4:1.0, uniform), low:LO:HI (small ratios drawn more often) or A,B,C, a keep ratio drawn per step (default: --keep-ratio only)",
     "fuse_dropped": "fold each stage's dropped tokens into one extra token instead of discarding them",
     "merge_dropped": "add each dropped token into its most similar kept token (size-weighted; excludes --fuse-dropped)",
+    "budget": "fixed, or per-image: the ratio loss holds the batch's mean kept fraction at rho^s, not each image's "
+    "(calibrate the thresholds afterwards with `dynamicvit calibrate`)",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "
     "ConvNeXt/Swin: block indices inside stage 3, default the authors' table)",
     "timm_kwargs": "timm.create_model arguments: a JSON object ('{\"drop_path_rate\": 0.1}') or key=value pairs",
@@ -77,6 +79,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.settings import BUDGETS
     from ..data import BAD_IMAGE_MODES
     from ..runtime.device import AMP_MODES
     from ..training.config import RECIPES, TrainConfig
@@ -99,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=list(RECIPES), **common)
         elif f.name == "bad_images":
             parser.add_argument(flag, choices=BAD_IMAGE_MODES, **common)
+        elif f.name == "budget":
+            parser.add_argument(flag, choices=BUDGETS, **common)
         elif f.name == "timm_kwargs":  # one spelling for every command: --model-kwargs (--timm-kwargs still works)
             parser.add_argument("--model-kwargs", flag, type=model_kwargs, metavar="KWARGS", **common)
         elif kind == "bool":

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 from ..files import OutputNames, prepare_output_dir
 from ._common import float_list, model_kwargs, non_negative_int, positive_float, positive_float_list, positive_int
+from ._model import add_budget_argument, set_budget
 
 HELP = "Draw the tokens a DynamicViT keeps at each stage."
 
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DeiT weights for --model; without it the prediction modules are random")
     add("--output", required=True, metavar="DIR", help="folder for the pictures")
     add("--keep-ratio", type=float, default=None, help="rho (default: the checkpoint's, else 0.7)")
+    add_budget_argument(parser)
     add("--img-size", type=positive_int, default=None, help="input resolution (default: the model's)")
     add("--model-kwargs", "--timm-kwargs", type=model_kwargs, default={}, metavar="KWARGS",
         help="extra timm.create_model arguments, as a JSON object ('{\"in_chans\": 1}') or comma-separated "
@@ -116,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
         drawn = _draw_images(model, batches, names, mean, std, class_names, args, entries)
 
     if args.html and entries:
-        notes = [f"{getattr(model, 'model_name', '')}, keep ratio {model.keep_ratio}, "
-                 f"tokens kept per stage {list(model.keep_counts())} of {model.num_patches}"]
+        kept = (f"tokens kept per stage {list(model.keep_counts())} of {model.num_patches}"
+                if getattr(model, "budget", "fixed") == "fixed" else
+                f"per-image budget: each image keeps its own count (on average {list(model.keep_counts())} of "
+                f"{model.num_patches})")
+        notes = [f"{getattr(model, 'model_name', '')}, keep ratio {model.keep_ratio}, {kept}"]
         if not trained:
             notes.append("Warning: random prediction modules; the kept tokens are arbitrary.")
         page = vis.write_html(names.claim_file("index", ".html"), entries, notes=notes, embed=args.embed)
@@ -187,8 +192,7 @@ def load_model(args: argparse.Namespace):
     if not isinstance(model, SparseModel):
         _logger.info("the checkpoint holds a dense model; adding fresh prediction modules")
         model = sparsify(model)
-    if args.keep_ratio is not None:
-        model.set_keep_ratio(args.keep_ratio)
+    set_budget(model, args.keep_ratio, args.budget)
     return model, trained, train_dataset
 
 

@@ -48,6 +48,8 @@ class PrunedOutput:
         logits: classifier output, (B, num_classes).
         kept_indices: per stage, the kept patch tokens (positions, for DynamicSpatial) as indices into
             the original grid (row-major, 0..N-1), each (B, k_s), in the order they sit in the sequence.
+            Under a per-image budget k_s is the largest count of the batch and an image's row ends in
+            -1 after its own `kept_counts`.
         keep_scores: per stage (only when asked for), the predictor's log-probability of "keep" for
             every original patch, (B, N), NaN where the token had been dropped at an earlier stage.
         merged_into: per stage (only when asked for, and only for a model that merges its dropped
@@ -55,6 +57,7 @@ class PrunedOutput:
             (a kept patch holds itself).
         tokens: DynamicViT: the final normed tokens the logits come from, (B, P + k, C): the prefix tokens,
             then the kept patch tokens in the order of `kept_indices[-1]`.
+        kept_counts: per-image budget only: the patch tokens each image kept after each stage, (B, S).
     """
 
     logits: torch.Tensor
@@ -62,6 +65,7 @@ class PrunedOutput:
     keep_scores: Optional[list[torch.Tensor]] = None
     merged_into: Optional[list[torch.Tensor]] = None
     tokens: Optional[torch.Tensor] = None
+    kept_counts: Optional[torch.Tensor] = None
 
 
 class SparseModel(nn.Module):

@@ -5,6 +5,10 @@ L = CE(student, labels)
   + distill_weight * KL(teacher || student)               (batchmean, T = 1)
   + token_weight   * token distillation                   (over tokens kept at the end)
 
+With the per-image budget (`budget="per-image"`) the ratio term pulls the batch's mean kept fraction
+toward rho^s instead of each image's: (mean_b mean_i D_{b,i,s} - rho^s)^2, so an easy image may keep
+fewer tokens and a hard one more, as long as the batch keeps rho^s on average.
+
 Token distillation follows the host (`Host.token_distill`): for ViTs the MSE between the student's
 and the teacher's final patch tokens; for LV-ViT the KL divergence between their per-token aux-head
 class distributions. For LV-ViT the reference trains the class head alone (`DynamicViTOutput.
@@ -22,35 +26,44 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
+RatioOver = Literal["image", "batch"]
+BUDGET_RATIO: dict[str, RatioOver] = {"fixed": "image", "per-image": "batch"}  # what the ratio term averages
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def ratio_loss(decisions: Sequence[torch.Tensor], keep_ratio: float) -> torch.Tensor:
+def ratio_loss(decisions: Sequence[torch.Tensor], keep_ratio: float, over: RatioOver = "image") -> torch.Tensor:
     """Pull the fraction of kept tokens of stage s (1-based) toward keep_ratio ** s.
 
     Args:
         decisions: per-stage keep decisions, each (B, N), 1 = kept (hierarchical: a token dropped
             at stage s is 0 in every later stage).
         keep_ratio: rho.
+        over: "image": every image's fraction is pulled (the paper, the fixed budget); "batch": the
+            batch's mean fraction is (the per-image budget).
 
     Returns:
-        mean over stages of mean_b (mean_i D_{b,i,s} - rho^s)^2, a scalar.
+        mean over stages of mean_b (mean_i D_{b,i,s} - rho^s)^2 ("image") or of
+        (mean_b mean_i D_{b,i,s} - rho^s)^2 ("batch"), a scalar.
     """
-    return stage_ratio_loss(decisions, [keep_ratio**s for s in range(1, len(decisions) + 1)])
+    return stage_ratio_loss(decisions, [keep_ratio**s for s in range(1, len(decisions) + 1)], over)
 
 
-def stage_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
+def stage_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float], over: RatioOver = "image") -> torch.Tensor:
     """Pull the fraction of kept tokens (positions) of each stage toward its own target.
 
     Args:
         decisions: per-stage keep decisions, each (B, N) (or (B, H, W)), 1 = kept.
         targets: the target fraction per stage (rho^s for ViTs, r_s for hierarchical models).
+        over: "image" (each image's fraction) or "batch" (the batch's mean fraction), as in `ratio_loss`.
 
     Returns:
-        mean over stages of mean_b (mean_i D_{b,i,s} - target_s)^2, a scalar.
+        mean over stages of mean_b (mean_i D_{b,i,s} - target_s)^2 (or the batch form), a scalar.
     """
+    if over not in ("image", "batch"):
+        raise ValueError(f"over must be 'image' or 'batch', got {over!r}")
     if not decisions:
         raise ValueError("the ratio loss needs at least one stage of decisions")
     if len(targets) != len(decisions):
@@ -58,6 +71,8 @@ def stage_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float]
     terms = []
     for d, target in zip(decisions, targets):
         realized = d.float().flatten(1).mean(dim=1)  # (B,)
+        if over == "batch":
+            realized = realized.mean()
         terms.append(((realized - target) ** 2).mean())
     return torch.stack(terms).mean()
 
@@ -147,7 +162,8 @@ class DynamicViTLoss(nn.Module):
     Call it with the student's training output (`DynamicViTOutput`), the targets and the teacher's
     logits and per-token targets (`train.teacher_targets`); it returns the total and each term
     (detached, for logging). `token_distill` is the host's (`Host.token_distill`): "mse" or "kl".
-    Without teacher outputs the distillation terms are left out.
+    Without teacher outputs the distillation terms are left out. `budget` is the budget the model
+    is trained for: "fixed" pulls every image to rho^s, "per-image" the batch's mean (see the module doc).
     """
 
     def __init__(
@@ -158,11 +174,15 @@ class DynamicViTLoss(nn.Module):
         token_weight: float = 0.5,
         smoothing: float = 0.1,
         token_distill: Literal["mse", "kl"] = "mse",
+        budget: str = "fixed",
     ):
         super().__init__()
         if token_distill not in TOKEN_DISTILL:
             raise ValueError(f"token_distill must be one of {sorted(TOKEN_DISTILL)}, got {token_distill!r}")
+        if budget not in BUDGET_RATIO:
+            raise ValueError(f"budget must be one of {sorted(BUDGET_RATIO)}, got {budget!r}")
         self.token_distill = token_distill
+        self.budget = budget
         self.keep_ratio = keep_ratio
         self.ratio_weight = ratio_weight
         self.distill_weight = distill_weight
@@ -193,7 +213,8 @@ class DynamicViTLoss(nn.Module):
         """
         logits = output.logits if getattr(output, "class_logits", None) is None else output.class_logits
         ce = classification_loss(logits, target, self.smoothing)
-        ratio = ratio_loss(output.decisions, self.keep_ratio if keep_ratio is None else keep_ratio)
+        rho = self.keep_ratio if keep_ratio is None else keep_ratio
+        ratio = ratio_loss(output.decisions, rho, BUDGET_RATIO[self.budget])
         total = ce + self.ratio_weight * ratio
         terms = {"ce": ce.detach(), "ratio": ratio.detach()}
         if teacher_logits is not None:
@@ -210,7 +231,7 @@ class DynamicViTLoss(nn.Module):
         return (
             f"keep_ratio={self.keep_ratio}, ratio_weight={self.ratio_weight}, "
             f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}, "
-            f"token_distill={self.token_distill!r}"
+            f"token_distill={self.token_distill!r}, budget={self.budget!r}"
         )
 
 

@@ -116,7 +116,9 @@ class PredictionModule(nn.Module):
         """
         return self.keep_margin(x[:, num_prefix_tokens:]).squeeze(-1)
 
-    def keep_margin(self, patches: torch.Tensor) -> torch.Tensor:
+    def keep_margin(
+        self, patches: torch.Tensor, segments: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
         """l_keep - l_drop of every patch token, (B, n, 1): the inference path's ranking score.
 
         The same function as `logits` without a policy (equal to ~1e-6), in as few operators as
@@ -130,13 +132,21 @@ class PredictionModule(nn.Module):
         layout of `logits`) avoids that copy for two more view operators per stage.
 
         Args:
-            patches: the patch tokens, (B, n, C), without prefix tokens.
+            patches: the patch tokens, (B, n, C), without prefix tokens; or the patch tokens of a
+                packed batch, (T, C), with `segments`.
+            segments: for packed patches, (image of each row (T,), patch tokens per image (B,)): the
+                global feature is then each image's own mean.
         """
         w = self._inference_weights()
         norm, fc_in, fc1 = self.in_conv[0], self.in_conv[1], self.out_conv[2]
-        h = _gelu(F.linear(norm(patches), fc_in.weight, fc_in.bias))  # (B, n, C)
+        h = _gelu(F.linear(norm(patches), fc_in.weight, fc_in.bias))  # (B, n, C) or (T, C)
         local, glob = h.split(h.shape[-1] // 2, dim=-1)  # (B, n, C/2) each
-        z = F.linear(local, w.local).add_(F.linear(glob.mean(dim=1, keepdim=True), w.glob, w.bias))
+        if segments is None:
+            z = F.linear(local, w.local).add_(F.linear(glob.mean(dim=1, keepdim=True), w.glob, w.bias))
+        else:
+            image, counts = segments
+            mean = glob.new_zeros(counts.shape[0], glob.shape[-1]).index_add_(0, image, glob) / counts[:, None]
+            z = F.linear(local, w.local).add_(F.linear(mean, w.glob, w.bias)[image])  # (T, C/2)
         z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))  # (B, n, C/4)
         return F.linear(z, w.margin, w.margin_bias)
 

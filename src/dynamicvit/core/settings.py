@@ -1,5 +1,6 @@
 """Sparsification settings, validated once: where to prune, how many tokens (or positions) each stage
-keeps, what happens to the dropped ones, and the range of keep ratios an elastic model is trained for.
+keeps (a fixed count, or per image above calibrated thresholds), what happens to the dropped ones, and
+the range of keep ratios an elastic model is trained for.
 
 `SparsityConfig` is a DynamicViT's (token hosts), `SpatialConfig` a DynamicSpatial's (ConvNeXt, Swin),
 `KeepRatioSampler` the keep ratios elastic training draws from.
@@ -10,9 +11,15 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from ..errors import ConfigError
+
+# How many patch tokens a stage keeps: "fixed" keeps int(N * rho^s) in every image (the paper's rule);
+# "per-image" keeps those scored above a calibrated threshold, so the count follows the image.
+BUDGETS = ("fixed", "per-image")
+# Calibrated thresholds: per keep ratio, one threshold on p(keep) per stage.
+ThresholdTable = Union[Mapping[float, Sequence[float]], Sequence[tuple[float, Sequence[float]]]]
 
 
 # The paper's rho for DeiT: the keep ratio of a model built without one.
@@ -52,12 +59,22 @@ class SparsityConfig:
             the later stages and attention is proportional to them (log size as a bias on each
             key). Excludes `fuse_dropped`: once every dropped token lives on in a kept one, nothing
             is left to fold.
+        budget: "fixed" (int(N * rho^s) tokens per stage in every image) or "per-image" (stage s keeps
+            the tokens whose p(keep) reaches the threshold calibrated for this keep ratio, at least
+            `min_keep` and never more than the image still has).
+        thresholds: calibrated per-image thresholds, ((keep ratio, (t_1, ..., t_S)), ...) sorted by
+            ratio; t_s in [0, 1), 0 keeps every token. Chosen so that the mean kept count over a
+            sample equals the fixed budget's (`dynamicvit.core.budget.calibrate_thresholds`).
+        min_keep: the fewest patch tokens an image keeps at any stage under the per-image budget.
     """
 
     keep_ratio: float = 0.7
     prune_locs: tuple[int, ...] = (3, 6, 9)
     fuse_dropped: bool = False
     merge_dropped: bool = False
+    budget: str = "fixed"
+    thresholds: tuple[tuple[float, tuple[float, ...]], ...] = ()
+    min_keep: int = 1
 
     @classmethod
     def create(
@@ -68,6 +85,9 @@ class SparsityConfig:
         num_patches: int,
         fuse_dropped: bool = False,
         merge_dropped: bool = False,
+        budget: str = "fixed",
+        thresholds: Optional[ThresholdTable] = None,
+        min_keep: int = 1,
     ) -> "SparsityConfig":
         """Validate the settings against a model of `depth` blocks and `num_patches` patch tokens."""
         locs = default_prune_locs(depth) if prune_locs is None else _as_locs(prune_locs)
@@ -79,7 +99,8 @@ class SparsityConfig:
                 "fuse_dropped and merge_dropped are two homes for the dropped tokens (one fused token, or the most "
                 "similar kept token); choose one"
             )
-        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped, merge_dropped=merge_dropped)
+        cfg = cls(keep_ratio=_as_ratio(keep_ratio), prune_locs=locs, fuse_dropped=fuse_dropped, merge_dropped=merge_dropped,
+                  budget=budget, thresholds=_as_table(thresholds or (), len(locs)), min_keep=min_keep)
         cfg.validate(depth, num_patches)
         return cfg
 
@@ -93,7 +114,24 @@ class SparsityConfig:
     def replace(self, **changes) -> "SparsityConfig":
         return dataclasses.replace(self, **changes)
 
+    def thresholds_at(self, keep_ratio: float) -> Optional[tuple[float, ...]]:
+        """The per-stage thresholds calibrated for `keep_ratio`, or None."""
+        return next((t for r, t in self.thresholds if abs(r - keep_ratio) < 1e-9), None)
+
+    def stage_thresholds(self) -> tuple[float, ...]:
+        """The thresholds the per-image budget uses at this keep ratio; a clear error when none were calibrated."""
+        found = self.thresholds_at(self.keep_ratio)
+        if found is None:
+            have = ", ".join(f"{r:g}" for r, _ in self.thresholds) or "none"
+            raise ConfigError(
+                f"the per-image budget has no calibrated thresholds for keep ratio {self.keep_ratio:g} (calibrated: "
+                f"{have}); run `dynamicvit calibrate --checkpoint IN --dataset DATA --keep-ratio {self.keep_ratio:g} "
+                "--output OUT` (or dynamicvit.calibrate_thresholds), or use budget='fixed'"
+            )
+        return found
+
     def validate(self, depth: int, num_patches: int) -> None:
+        _check_budget(self, num_patches)
         _as_ratio(self.keep_ratio)
         locs = _as_locs(self.prune_locs)
         bad = [i for i in locs if not 0 < i < depth]
@@ -102,6 +140,44 @@ class SparsityConfig:
                 f"prune_locs {list(locs)} has block indices {bad} out of range: the model has {depth} "
                 f"blocks, so each location must be in 1..{depth - 1} (pruning happens before that block)"
             )
+
+
+def _check_budget(cfg: SparsityConfig, num_patches: int) -> None:
+    if cfg.budget not in BUDGETS:
+        raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {cfg.budget!r}")
+    m = cfg.min_keep
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ConfigError(f"min_keep must be a whole number of tokens, at least 1, got {m!r}")
+    if m > num_patches:
+        raise ConfigError(
+            f"min_keep {m} is larger than the sequence ({num_patches} patch tokens); use at most {num_patches}"
+        )
+    if cfg.budget == "per-image":
+        cfg.stage_thresholds()
+
+
+def _as_table(table: ThresholdTable, num_stages: int) -> tuple[tuple[float, tuple[float, ...]], ...]:
+    """Calibrated thresholds as sorted ((keep ratio, per-stage thresholds), ...), each checked."""
+    items = table.items() if isinstance(table, Mapping) else table
+    out = {}
+    for ratio, values in items:
+        r = _as_ratio(float(ratio) if isinstance(ratio, str) else ratio)
+        try:
+            ts = tuple(float(t) for t in values)
+        except (TypeError, ValueError):
+            raise ConfigError(f"thresholds for keep ratio {r:g} must be numbers, got {values!r}") from None
+        if len(ts) != num_stages:
+            raise ConfigError(
+                f"thresholds for keep ratio {r:g} give {len(ts)} values for {num_stages} stages; give one per stage"
+            )
+        bad = [t for t in ts if not 0.0 <= t < 1.0]  # NaN fails too
+        if bad:
+            raise ConfigError(
+                f"threshold(s) {bad} for keep ratio {r:g} are outside (0, 1): a threshold is a keep probability "
+                "(0 keeps every token, 1 would keep none); recalibrate with `dynamicvit calibrate`"
+            )
+        out[r] = ts
+    return tuple(sorted(out.items()))
 
 
 def _as_ratio(keep_ratio) -> float:

@@ -28,17 +28,21 @@ decides only where the dropped ones go, and never into a prefix token. The train
 token in the sequence and merges the newly dropped ones into the kept ones in place
 (`ops.merge_masked`): for the same decisions it computes what the inference path computes. Until a
 stage drops a token (keep ratio 1.0) there are no sizes and the blocks are the backbone's own.
+
+Under the per-image budget (`set_keep_ratio(rho, budget="per-image")`) each image keeps the tokens
+scored above calibrated thresholds and the batch runs packed (`core.packed`).
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from .base import DynamicViTOutput, PrunedOutput, SparseModel
+from . import packed
 from .hosts import Host, host_for
 from .ops import (PredictionModule, fold_dropped, merge_into_kept, merge_masked, prune_tokens, ratio_shift,
                   sample_keep, select_tokens, split_positions)
@@ -64,7 +68,15 @@ class DynamicViT(SparseModel):
         keep_ratio_range: (low, high), the keep ratios an elastic model was trained for (recorded
             in checkpoints; a keep ratio outside it is allowed, with a warning). None: trained at
             `keep_ratio` alone, as in the paper.
+        budget, thresholds, min_keep: the per-image budget (see `SparsityConfig`); thresholds are
+            {keep ratio: (t_1, ..., t_S)} as `dynamicvit.core.budget.calibrate_thresholds` finds them.
+
+    Attributes:
+        packed_attention: how the per-image budget computes attention on the packed batch (one of
+            `core.packed.ATTENTION_KERNELS`; set it with `core.packed.set_packed_attention`).
     """
+
+    packed_attention: str = "auto"
 
     def __init__(
         self,
@@ -76,15 +88,16 @@ class DynamicViT(SparseModel):
         fuse_dropped: bool = False,
         keep_ratio_range: Optional[Sequence[float]] = None,
         merge_dropped: bool = False,
+        budget: str = "fixed",
+        thresholds: Optional[Mapping[float, Sequence[float]]] = None,
+        min_keep: int = 1,
     ):
         super().__init__()
         self.host: Host = host_for(backbone)
         self.backbone = backbone
-        self.config = SparsityConfig.create(
-            keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped, merge_dropped
-        )
-        if merge_dropped and not self.host.merges_tokens:
-            raise ConfigError(f"merge_dropped is not supported for {self.host.family} models yet; use fuse_dropped")
+        self.config = SparsityConfig.create(keep_ratio, prune_locs, self.host.depth, self.num_patches, fuse_dropped,
+                                            merge_dropped, budget, thresholds, min_keep)
+        self._check_host_supports(self.config)
         self.keep_ratio_range: Optional[tuple[float, float]] = None
         if keep_ratio_range is not None:
             self.set_keep_ratio_range(keep_ratio_range)
@@ -120,6 +133,16 @@ class DynamicViT(SparseModel):
     def merge_dropped(self) -> bool:
         return self.config.merge_dropped
 
+    @property
+    def budget(self) -> str:
+        """"fixed" (int(N * rho^s) tokens per stage) or "per-image" (above calibrated thresholds)."""
+        return self.config.budget
+
+    @property
+    def thresholds(self) -> dict[float, tuple[float, ...]]:
+        """The calibrated per-image thresholds, {keep ratio: (t_1, ..., t_S)} (empty if none)."""
+        return dict(self.config.thresholds)
+
     def settings(self) -> dict:
         return {
             "kind": "dynamicvit",
@@ -131,19 +154,29 @@ class DynamicViT(SparseModel):
             **({"fuse_dropped": True} if self.fuse_dropped else {}),
             **({"merge_dropped": True} if self.merge_dropped else {}),
             **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
+            **({"budget": self.budget} if self.budget != "fixed" else {}),
+            **({"thresholds": {repr(r): list(t) for r, t in self.config.thresholds}, "min_keep": self.config.min_keep}
+               if self.config.thresholds else {}),
             **self.host.settings(),  # transformers: the class and its config
         }
 
-    def at_keep_ratio(self, keep_ratio: float) -> "DynamicViT":
+    def at_keep_ratio(self, keep_ratio: float, budget: Optional[str] = None) -> "DynamicViT":
+        """A twin at `keep_ratio` (and `budget`, default this model's) sharing every module."""
         twin = DynamicViT(self.backbone, keep_ratio, self.prune_locs, self.model_name, self.timm_kwargs,
                           fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range,
-                          merge_dropped=self.merge_dropped)
+                          merge_dropped=self.merge_dropped, budget=budget or self.budget, thresholds=self.thresholds,
+                          min_keep=self.config.min_keep)
         twin.predictors = self.predictors
+        twin.packed_attention = self.packed_attention
         return twin
 
-    def set_keep_ratio(self, keep_ratio: float) -> None:
-        """Change how many tokens each stage keeps; no retraining needed."""
-        self.config = self._config_at(keep_ratio)
+    def set_keep_ratio(self, keep_ratio: float, budget: Optional[str] = None) -> None:
+        """Change how many tokens each stage keeps; no retraining needed.
+
+        Args:
+            budget: "fixed" or "per-image" (needs thresholds calibrated for `keep_ratio`); None: unchanged.
+        """
+        self.config = self._config_at(keep_ratio, budget=budget or self.budget)
         low, high = self.keep_ratio_range or (self.keep_ratio, self.keep_ratio)
         if self.keep_ratio_range is not None and not low - 1e-9 <= self.keep_ratio <= high + 1e-9:
             _logger.warning(
@@ -159,12 +192,33 @@ class DynamicViT(SparseModel):
             raise ConfigError(f"keep_ratio_range must be (low, high), got {keep_ratio_range!r}") from None
         if low > high:
             raise ConfigError(f"keep_ratio_range ({low}, {high}) is empty; give (low, high) with low <= high")
+        self._config_at(low, budget="fixed")  # raises when the smallest ratio keeps no token at some stage
         self.keep_ratio_range = (low, high)
 
-    def _config_at(self, keep_ratio: float) -> SparsityConfig:
-        return SparsityConfig.create(
-            keep_ratio, self.prune_locs, self.host.depth, self.num_patches, self.fuse_dropped, self.merge_dropped
-        )
+    def set_thresholds(self, thresholds: Mapping[float, Sequence[float]], min_keep: Optional[int] = None) -> None:
+        """Add (or replace) per-image thresholds, {keep ratio: (t_1, ..., t_S)} with t_s in [0, 1) (0 keeps
+        every token); `min_keep`: the fewest patch tokens an image keeps per stage (None: unchanged)."""
+        table = {**self.thresholds, **dict(thresholds)}
+        self.config = self._config_at(self.keep_ratio, thresholds=table,
+                                      min_keep=self.config.min_keep if min_keep is None else min_keep)
+
+    def _config_at(self, keep_ratio: float, **changes) -> SparsityConfig:
+        cfg = self.config
+        settings = {**dict(fuse_dropped=cfg.fuse_dropped, merge_dropped=cfg.merge_dropped, budget=cfg.budget,
+                           thresholds=cfg.thresholds, min_keep=cfg.min_keep), **changes}
+        config = SparsityConfig.create(keep_ratio, self.prune_locs, self.host.depth, self.num_patches, **settings)
+        self._check_host_supports(config)
+        return config
+
+    def _check_host_supports(self, config: SparsityConfig) -> None:
+        """Refuse the settings this host family cannot run (one line naming the alternative)."""
+        if config.merge_dropped and not self.host.merges_tokens:
+            raise ConfigError(f"merge_dropped is not supported for {self.host.family} models yet; use fuse_dropped")
+        if config.budget == "per-image" and not self.host.packs_tokens:
+            raise ConfigError(f"the per-image budget is not supported for {self.host.family} models yet; "
+                              "use budget='fixed'")
+        if config.budget == "per-image" and config.merge_dropped:
+            raise ConfigError("the per-image budget does not run merged tokens yet; use fuse_dropped or budget='fixed'")
 
     def extra_repr(self) -> str:
         text = f"keep_ratio={self.keep_ratio}, prune_locs={self.prune_locs}, keep_counts={self.keep_counts()}"
@@ -172,6 +226,8 @@ class DynamicViT(SparseModel):
             text += ", fuse_dropped=True"
         if self.merge_dropped:
             text += ", merge_dropped=True"
+        if self.budget != "fixed":
+            text += f", budget={self.budget!r}, thresholds={self.config.stage_thresholds()}, min_keep={self.config.min_keep}"
         if self.keep_ratio_range is not None:
             text += f", keep_ratio_range={self.keep_ratio_range}"
         return text
@@ -252,6 +308,8 @@ class DynamicViT(SparseModel):
             return self.forward_masked(x, **train_kwargs)
         if x.shape[0] == 0:  # some hosts' layers cannot run an empty batch
             return self.empty_output(x).logits
+        if self.budget == "per-image":
+            return self.forward_pruned(x).logits
         tokens, kept, _, _ = self._pruned_tokens(x, return_scores=False)
         return self.host.outputs(tokens, kept)
 
@@ -264,6 +322,8 @@ class DynamicViT(SparseModel):
         """
         if x.shape[0] == 0:
             return self.empty_output(x, return_scores)
+        if self.budget == "per-image":
+            return packed.forward_packed(self, x, return_scores)
         x, kept, scores, merged_into = self._pruned_tokens(x, return_scores)
         return PrunedOutput(self.host.logits(x), kept, scores if return_scores else None, merged_into or None, tokens=x)
 

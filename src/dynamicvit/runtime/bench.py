@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.base import SparseModel
+from ..core.vit import DynamicViT
 from ..errors import ConfigError
 from ..extras import require
 from ..files import atomic_write
@@ -50,6 +51,7 @@ from . import deploy
 from .device import amp_dtype as resolve_amp
 from .device import autocast, device_name, num_threads, resolve_device, synchronize
 from .flops import MacsReport, count_macs, default_input_size
+from .image_macs import PerImageMacs
 
 _logger = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ def compare_throughput(
     min_repeat_s: float = 0.05,
     measure_memory: bool = True,
     progress: bool = False,
+    images: Optional[torch.Tensor] = None,
 ) -> dict[str, BenchResult]:
     """Time several models on the same batch, interleaved, and report the median of each.
 
@@ -110,6 +113,8 @@ def compare_throughput(
             e.g. at batch 1, are too brief to time one by one).
         measure_memory: also measure peak memory (one extra forward per model).
         progress: show a progress bar on stderr.
+        images: the batch to time on, (batch_size, *input_size); default a random one. (Under the
+            per-image budget the work depends on the images.)
 
     Returns:
         name -> `BenchResult`, in the order of `models`.
@@ -121,7 +126,9 @@ def compare_throughput(
     dev = resolve_device(device)
     amp = resolve_amp(amp_dtype, dev)
     names = list(models)
-    x = torch.randn(batch_size, *input_size, device=dev)
+    x = torch.randn(batch_size, *input_size, device=dev) if images is None else images.to(dev)
+    if tuple(x.shape) != (batch_size, *input_size):
+        raise ConfigError(f"images of shape {tuple(x.shape)} given for batch size {batch_size} of {tuple(input_size)}")
     with num_threads(threads):
         for m in models.values():
             m.to(dev).eval()
@@ -282,6 +289,7 @@ def run_benchmark(
     compile_mode: str = "default",
     model_name: Optional[str] = None,
     progress: bool = False,
+    budget: Optional[str] = None,
 ) -> list[dict]:
     """Dense model vs DynamicViT at several keep ratios, one row per (runtime, batch size, keep ratio).
 
@@ -304,6 +312,8 @@ def run_benchmark(
         runtimes: any of "torch", "compile", "onnxruntime".
         onnx_dir: where the ONNX files go (default: a temporary folder, removed afterwards).
         compile_mode: torch.compile mode of the "compile" runtime ("reduce-overhead": CUDA graphs on a GPU).
+        budget: "fixed" or "per-image" for the DynamicViTs (default: `base`'s). Under the per-image
+            budget the GMACs and kept counts of a row are the means over the timed batch.
         Others: as in `compare_throughput`.
 
     Returns:
@@ -311,7 +321,7 @@ def run_benchmark(
         same runtime and batch size), gmacs, macs_ratio, peak_memory_mb, keep_counts and the settings.
     """
     runtimes = _check_runtimes(["compile"] if compile and tuple(runtimes) == ("torch",) else runtimes)
-    lineup = _Lineup.of(base, keep_ratios, input_size)
+    lineup = _Lineup.of(base, keep_ratios, input_size, budget)
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     if "onnxruntime" in runtimes and (dev.type != "cpu" or amp_dtype is not None):
@@ -338,35 +348,44 @@ def run_benchmark(
         }
         for bs in batch_sizes:
             _logger.info("timing %d models at batch size %d on %s", len(runnable), bs, settings["device_name"])
-            results = _time_together(runnable, lineup.size, bs, compiled="compile" in runtimes, **timing)
-            rows += _rows(lineup, runnable, results, runtimes, bs, timing, settings)
+            x = torch.randn(bs, *lineup.size, device=dev)  # one batch for timing, memory and per-image MACs
+            results = _time_together(runnable, lineup.size, bs, compiled="compile" in runtimes, images=x, **timing)
+            rows += _rows(lineup, runnable, results, runtimes, x, timing, settings)
     return rows
 
 
 @dataclass
 class _Lineup:
-    """The models a keep-ratio sweep times: one per ratio, 1.0 being the dense model, with their MACs."""
+    """The models a keep-ratio sweep times: one per ratio, 1.0 being the dense model, with their MACs
+    (per-image models: counted per batch, from what each image kept)."""
 
     base: nn.Module  # the sparse model whose prediction modules every ratio shares (or the dense model alone)
     dense: nn.Module
     ratios: list[float]  # descending, 1.0 first
     models: dict[float, nn.Module]
-    macs: dict[float, MacsReport]
+    macs: dict[float, MacsReport]  # the fixed-budget ratios
+    per_image: set[float]  # the ratios whose models run the per-image budget
     size: tuple[int, ...]  # (C, H, W)
 
     @classmethod
-    def of(cls, base: nn.Module, keep_ratios: Sequence[float], input_size: Optional[Sequence[int]]) -> "_Lineup":
+    def of(cls, base: nn.Module, keep_ratios: Sequence[float], input_size: Optional[Sequence[int]],
+           budget: Optional[str] = None) -> "_Lineup":
         ratios = sorted({float(r) for r in keep_ratios} | {1.0}, reverse=True)
         if 1.0 not in {float(r) for r in keep_ratios}:
             _logger.info("adding keep ratio 1.0 (the dense baseline) to the comparison")
         if not isinstance(base, SparseModel) and min(ratios) < 1.0:
             base = sparsify(base, 1.0)  # one set of (untrained) prediction modules shared by all ratios
         dense = base.backbone if isinstance(base, SparseModel) else base
-        models = {r: dense if r == 1.0 else base.at_keep_ratio(r) for r in ratios}
+        if budget == "per-image" and not isinstance(base, DynamicViT):
+            raise ConfigError(f"the per-image budget is for token models (ViT, DeiT, LV-ViT), not {type(base).__name__}")
+        twin = (lambda r: base.at_keep_ratio(r, budget)) if budget and isinstance(base, DynamicViT) else base.at_keep_ratio
+        models = {r: dense if r == 1.0 else twin(r) for r in ratios}
         for m in models.values():
             m.eval()
         size = tuple(input_size or default_input_size(dense))
-        return cls(base, dense, ratios, models, {r: count_macs(m, size) for r, m in models.items()}, size)
+        per_image = {r for r, m in models.items() if getattr(m, "budget", "fixed") == "per-image"}
+        macs = {r: count_macs(m, size) for r, m in models.items() if r not in per_image}
+        return cls(base, dense, ratios, models, macs, per_image, size)
 
 
 def _time_together(runnable: dict, size: tuple[int, ...], batch_size: int, compiled: bool, **timing) -> dict[str, BenchResult]:
@@ -381,37 +400,47 @@ def _time_together(runnable: dict, size: tuple[int, ...], batch_size: int, compi
         raise
 
 
-def _rows(lineup: _Lineup, runnable: dict, results: dict, runtimes: Sequence[str], batch_size: int, timing: dict,
+def _rows(lineup: _Lineup, runnable: dict, results: dict, runtimes: Sequence[str], x: torch.Tensor, timing: dict,
           settings: dict) -> list[dict]:
-    """The rows of one batch size: speed against the same runtime's dense model, MACs, peak memory."""
+    """The rows of one batch size `x`: speed against the same runtime's dense model, MACs, peak memory."""
     dev, amp_dtype, threads = timing["device"], timing["amp_dtype"], timing["threads"]
-    x = torch.randn(batch_size, *lineup.size, device=dev)
+    batch_size, dense_macs = x.shape[0], lineup.macs[1.0].total
+    batch_macs = {r: batch_mean_macs(lineup.models[r], x) for r in lineup.per_image}
     rows = []
     for rt in runtimes:
         base_rate = results[_key(rt, 1.0)].images_per_s
         for r in lineup.ratios:
-            res, m, macs = results[_key(rt, r)], lineup.models[r], lineup.macs
+            res, m = results[_key(rt, r)], lineup.models[r]
             measurable = rt == "torch" or (rt == "compile" and dev.type == "cuda")
             with num_threads(threads):
                 peak = peak_memory_mb(runnable[(rt, r)], x, dev, amp_dtype) if measurable else None
+            total, counts = batch_macs[r] if r in lineup.per_image else (lineup.macs[r].total, None)
             rows.append(dict(
                 runtime=rt,
                 keep_ratio=r,
+                budget=getattr(m, "budget", None),
                 batch_size=batch_size,
                 images_per_s=res.images_per_s,
                 latency_ms=res.latency_ms,
                 latency_ms_per_image=res.latency_ms / batch_size,
                 speedup=res.images_per_s / base_rate,
-                gmacs=macs[r].gmacs,
-                macs_ratio=macs[r].total / macs[1.0].total,
-                params=macs[r].params,
+                gmacs=total / 1e9,
+                macs_ratio=total / dense_macs,
+                params=sum(p.numel() for p in m.parameters()),
                 peak_memory_mb=peak,
-                keep_counts=list(m.keep_counts()) if isinstance(m, SparseModel) else [],
+                keep_counts=counts or (list(m.keep_counts()) if isinstance(m, SparseModel) else []),
                 times_ms=res.times_ms,
                 compile=rt == "compile",
                 **settings,
             ))
     return rows
+
+
+def batch_mean_macs(model: nn.Module, images: torch.Tensor) -> tuple[float, list[float]]:
+    """A per-image model's mean MACs and mean kept counts per stage over `images`."""
+    with torch.inference_mode():
+        counts = model.forward_pruned(images.to(next(model.parameters()).device)).kept_counts.cpu()
+    return float(PerImageMacs.of(model).per_image(counts).mean()), counts.double().mean(0).tolist()
 
 
 def runtime_model(
@@ -485,6 +514,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     ]
     for r in rows:
         ratio = "1.0 (dense)" if r["keep_ratio"] >= 1.0 else f"{r['keep_ratio']:g}"
+        if r.get("budget") == "per-image":
+            ratio += " per-image (mean GMACs)"
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         runtime = r.get("runtime", "compile" if r.get("compile") else "torch")
         lines.append(

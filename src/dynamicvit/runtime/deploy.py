@@ -436,6 +436,13 @@ def _model_to_export(model: nn.Module, keep_ratio: Optional[float], dense: bool)
         _check_backbone_export(model)
         return model
     _check_backbone_export(model.backbone)
+    if model.budget != "fixed":
+        raise ConfigError(
+            "ONNX export of the per-image budget is not supported: each image keeps its own number of tokens, so the "
+            "packed batch's shapes depend on the data and one ONNX graph cannot hold them; export the fixed budget "
+            "(model.at_keep_ratio(rho, budget='fixed'), `dynamicvit export --budget fixed`), whose MACs the calibration "
+            "matches on average, or serve the per-image model with PyTorch (dynamicvit.compile)"
+        )
     return model if keep_ratio is None or keep_ratio == model.keep_ratio else model.at_keep_ratio(keep_ratio).eval()
 
 
@@ -686,7 +693,9 @@ def compile(
     test checks it). Because every stage keeps a fixed number of tokens, every shape except the batch
     is static, so `mode="reduce-overhead"` captures the whole pruned model, top-k and gather included,
     as one CUDA graph on a GPU: batch-1 latency is then one graph launch instead of hundreds of kernel
-    launches. On the CPU that mode behaves like "default".
+    launches. On the CPU that mode behaves like "default". Under the per-image budget the token counts
+    depend on the images: the bookkeeping between stages runs eagerly and each stage's blocks compile
+    once with dynamic shapes (several graphs, so `fullgraph=True` is refused by torch there).
 
     Args:
         model: a sparse model or a dense timm model, in eval mode.

@@ -341,6 +341,12 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
         A `MacsReport`.
     """
     model = _unwrap(model)
+    if getattr(model, "budget", "fixed") != "fixed":
+        raise ConfigError(
+            "under the per-image budget the MACs depend on each image's kept counts: count them over images with "
+            "dynamicvit.runtime.image_macs.PerImageMacs (`dynamicvit flops --budget per-image --dataset DATA`), "
+            "or count the fixed budget (model.at_keep_ratio(rho, budget='fixed')), whose MACs calibration matches on average"
+        )
     size = tuple(int(v) for v in (input_size or default_input_size(model)))
     if len(size) != 3:
         raise ConfigError(f"input_size must be (C, H, W), got {tuple(input_size)}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from ..core.settings import KeepRatioSampler
+from ..core.settings import BUDGETS, KeepRatioSampler
 from ..data import BAD_IMAGE_MODES
 from ..errors import ConfigError
 from ..runtime.device import AMP_MODES
@@ -148,6 +148,8 @@ class TrainConfig:
     # keep_ratio alone (the paper's recipe). The model's keep ratio at inference stays keep_ratio.
     fuse_dropped: bool = False  # fold each stage's dropped tokens into one extra token instead of discarding them
     merge_dropped: bool = False  # add each dropped token into its most similar kept token (excludes fuse_dropped)
+    budget: str = "fixed"  # "per-image": the ratio loss pulls the batch's mean kept fraction to rho^s, not each
+    # image's, so images may keep more or fewer tokens (calibrate thresholds afterwards: dynamicvit calibrate)
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
     timm_kwargs: dict = field(default_factory=dict)  # timm.create_model arguments (drop_path_rate, ...); the
     # dataset fills in num_classes, in_chans and img_size unless given here
@@ -279,6 +281,7 @@ class TrainConfig:
                 f"mixup/cutmix pair images within a batch and need an even batch_size, got {self.batch_size}; "
                 "use an even batch size or pass --mixup 0 --cutmix 0"
             )
+        need(self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.keep_ratios is not None:
             KeepRatioSampler.parse(self.keep_ratios)
         need(not (self.fuse_dropped and self.merge_dropped),

@@ -191,10 +191,13 @@ def build_criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if not isinstance(model, SparseModel):
         return LogitDistillLoss(cfg.distill_weight, cfg.smoothing)
     if isinstance(model, DynamicSpatial):
+        if cfg.budget != "fixed":
+            raise ConfigError("--budget per-image is for ViTs and LV-ViTs; ConvNeXt and Swin keep their maps at a fixed "
+                              "budget: drop --budget")
         return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
     return DynamicViTLoss(
         model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
-        token_distill=model.host.token_distill,
+        token_distill=model.host.token_distill, budget=cfg.budget,
     )
 
 

@@ -124,6 +124,8 @@ def create_model(
     # timm arguments from the file's settings: built as they would be for `load_model`
     model = build() if checkpoint[1] is None else built_from_settings(checkpoint_path, checkpoint[0], build)
     load_weights(model, checkpoint_path, checkpoint)
+    if checkpoint[1] is not None:
+        apply_budget(model, checkpoint[1], keep_ratio)
     return model
 
 
@@ -136,6 +138,17 @@ def _stored_flag(settings: dict, name: str, asked: Optional[bool], path: PathLik
             "(the checkpoint's setting is used)"
         )
     return stored
+
+
+def apply_budget(model: nn.Module, settings: dict, keep_ratio: Optional[float] = None) -> None:
+    """Give a DynamicViT the per-image thresholds and budget stored in its checkpoint's settings (the
+    budget only at the stored keep ratio: another ratio asked for starts at the fixed budget)."""
+    if not isinstance(model, DynamicViT) or not settings.get("thresholds"):
+        return
+    model.set_thresholds({float(r): t for r, t in settings["thresholds"].items()}, min_keep=settings.get("min_keep", 1))
+    same = keep_ratio is None or abs(keep_ratio - settings["keep_ratio"]) < 1e-9
+    if settings.get("budget", "fixed") != "fixed" and same:
+        model.set_keep_ratio(model.keep_ratio, budget=settings["budget"])
 
 
 def load_model(path: PathLike, keep_ratio: Optional[float] = None, **overrides) -> nn.Module:
@@ -183,6 +196,7 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
         )
         if settings.get("keep_ratio_range"):
             model.set_keep_ratio_range(settings["keep_ratio_range"])
+        apply_budget(model, settings)
         return model
 
     model = built_from_settings(path, state, build)

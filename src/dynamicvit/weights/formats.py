@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..core.base import SparseModel
 from ..core.hosts.hf import ATTN_IMPLEMENTATIONS, SUPPORTED, HFHost, is_transformers_model
 from ..core.layouts import load_foreign_state
+from ..core.settings import BUDGETS
 from ..errors import CheckpointError
 from ..files import PathLike, atomic_write
 from ..text import short_repr
@@ -261,6 +262,7 @@ def _check_sparsity(settings: dict, where: str) -> None:
     if settings.get("fuse_dropped") and settings.get("merge_dropped"):
         raise CheckpointError(f"{where} set both fuse_dropped and merge_dropped, which exclude each other; "
                               "the file is damaged or not ours")
+    _check_budget(settings, where)
 
 
 def _check_extra(extra: Any, where: str) -> None:
@@ -337,6 +339,33 @@ def _plain_json(value: Any, depth: int = 0) -> bool:
     if isinstance(value, list):
         return all(_plain_json(v, depth + 1) for v in value)
     return isinstance(value, dict) and all(isinstance(k, str) and _plain_json(v, depth + 1) for k, v in value.items())
+
+
+def _check_budget(settings: dict, where: str) -> None:
+    """The per-image budget's settings: budget, thresholds {keep ratio: [t_s per stage]}, min_keep."""
+    budget = settings.get("budget", "fixed")
+    if budget not in BUDGETS:
+        raise CheckpointError(f"{where} hold budget {short_repr(budget)}; expected one of {', '.join(BUDGETS)}")
+    table, least = settings.get("thresholds", {}), settings.get("min_keep", 1)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise CheckpointError(f"{where} hold min_keep {short_repr(least)}; expected a whole number of tokens, at least 1")
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{where} hold thresholds of type {type(table).__name__}; expected {{keep ratio: [t_1, ...]}}")
+    for ratio, values in table.items():
+        try:
+            ok = 0 < float(ratio) <= 1 and isinstance(values, list) and len(values) == len(settings["prune_locs"])
+        except ValueError:
+            ok = False
+        if not ok or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1 for t in values):
+            raise CheckpointError(
+                f"{where} hold thresholds {short_repr(ratio)}: {short_repr(values)}; expected a keep ratio in (0, 1] with one threshold in "
+                f"(0, 1) per stage ({len(settings['prune_locs'])}); recalibrate with `dynamicvit calibrate`"
+            )
+    if budget == "per-image" and not any(abs(float(r) - settings["keep_ratio"]) < 1e-9 for r in table):
+        raise CheckpointError(
+            f"{where} ask for the per-image budget at keep ratio {settings['keep_ratio']} but hold no thresholds for it; "
+            "recalibrate with `dynamicvit calibrate`"
+        )
 
 
 def _plain(value: Any) -> bool:

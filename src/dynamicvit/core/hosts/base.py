@@ -5,7 +5,7 @@ currently in the sequence (n = N on the training path), C width, K classes.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,8 @@ class Host(BackboneInfo):
     token_distill: ClassVar[Literal["mse", "kl"]] = "mse"
     # Whether `block` takes token sizes (proportional attention), which merging dropped tokens needs.
     merges_tokens: ClassVar[bool] = True
+    # Whether the per-image budget's packed execution can run its blocks (`block_with` on timm attention).
+    packs_tokens: ClassVar[bool] = True
     # Evenly spaced stages for `depth` blocks by default (`config.default_prune_locs`).
 
     def __init__(self, model: nn.Module):
@@ -139,6 +141,12 @@ class Host(BackboneInfo):
         of attention (they cannot influence any other token); with `sizes` (B, P + n), how many original
         tokens each token holds (merged tokens), attention is proportional to them (`ops.size_bias`,
         `ops.masked_softmax`). With neither, the block is the backbone's own, unchanged."""
+        raise NotImplementedError
+
+    def block_with(self, i: int, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Block i on tokens (..., M, C) with `attention` in place of its own attention module: it takes
+        the normed tokens and returns the attention branch's output (projection included), same shape.
+        The masked training path and the packed per-image inference path run blocks this way."""
         raise NotImplementedError
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ class HFHost(Host):
 
     family = "transformers"
     merges_tokens = False  # the layers run as transformers defines them, without a size bias
+    packs_tokens = False  # nor on packed sequences
     # Masked attention on the training path: False computes `masked_softmax` (the reference formula);
     # True runs F.scaled_dot_product_attention with `policy_bias` (see `dynamicvit.fused_masked_attention`).
     fused_masked_attn: bool = False

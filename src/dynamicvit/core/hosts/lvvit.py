@@ -247,7 +247,11 @@ class LVViTHost(Host):
         blk = self.blocks[i]
         if policy is None and sizes is None:
             return blk(x)
-        return blk(x, attention=lambda t: masked_attention(blk.attn, t, policy, sizes=sizes))
+        return self.block_with(i, x, lambda t: masked_attention(blk.attn, t, policy, sizes=sizes))
+
+    def block_with(self, i: int, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Block i with `attention` (normed tokens -> the attention branch's output) in place of its own."""
+        return self.blocks[i](x, attention=attention)
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """head(class token) + 0.5 * max of aux_head over the kept patch tokens, (B, K).

@@ -7,7 +7,7 @@ and distillation tokens, and any image or patch size the backbone supports work 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -87,8 +87,12 @@ class ViTHost(Host):
         blk = self.blocks[i]
         if policy is None and sizes is None:
             return blk(x)
-        attn = masked_attention(blk.attn, blk.norm1(x), policy, self.fused_masked_attn, sizes)
-        x = x + blk.drop_path1(blk.ls1(attn))
+        return self.block_with(i, x, lambda t: masked_attention(blk.attn, t, policy, self.fused_masked_attn, sizes))
+
+    def block_with(self, i: int, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Block i with `attention` (normed tokens -> the attention branch's output) in place of its own."""
+        blk = self.blocks[i]
+        x = x + blk.drop_path1(blk.ls1(attention(blk.norm1(x))))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
