@@ -133,23 +133,8 @@ def compare_throughput(
         for m in models.values():
             m.to(dev).eval()
         run = {name: _runner(models[name], x, dev, amp) for name in names}
-
-        # Warm-up, interleaved too; the last warm-up forward of each model sizes its repetitions.
-        last = {name: 0.0 for name in names}
-        for _ in range(max(warmup, 1)):
-            for name in names:
-                last[name] = _timed(run[name], 1, dev)
-        inner = {name: max(1, min(1000, math.ceil(min_repeat_s / max(last[name], 1e-9)))) for name in names}
-
-        times: dict[str, list[float]] = {name: [] for name in names}
-        bar = _progress(repeats * len(names), f"batch {batch_size}", progress)
-        for r in range(repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(_timed(run[name], inner[name], dev) / inner[name])
-                bar.update(1)
-        bar.close()
-
+        times, inner = _interleaved_times(run, dev, repeats, warmup, min_repeat_s,
+                                          _progress(repeats * len(names), f"batch {batch_size}", progress))
         results = {}
         for name in names:
             latency = statistics.median(times[name])
@@ -164,6 +149,29 @@ def compare_throughput(
                 forwards_per_repeat=inner[name],
             )
     return results
+
+
+def _interleaved_times(run: dict, dev: torch.device, repeats: int, warmup: int, min_repeat_s: float,
+                       bar) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """(seconds per forward in each timed repetition, forwards per repetition), per name of `run`.
+
+    The warm-up is interleaved too, and the last warm-up forward of each model sizes its repetitions;
+    the timed rounds rotate which model starts, so drifts fall on all models alike.
+    """
+    names = list(run)
+    last = {name: 0.0 for name in names}
+    for _ in range(max(warmup, 1)):
+        for name in names:
+            last[name] = _timed(run[name], 1, dev)
+    inner = {name: max(1, min(1000, math.ceil(min_repeat_s / max(last[name], 1e-9)))) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(run[name], inner[name], dev) / inner[name])
+            bar.update(1)
+    bar.close()
+    return times, inner
 
 
 def _runner(model: nn.Module, x: torch.Tensor, dev: torch.device, amp: Optional[torch.dtype]):
