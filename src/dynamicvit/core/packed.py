@@ -460,7 +460,7 @@ def _run(model, images, thresholds, return_scores: bool = False, stop_at: Option
         scores.append(sc)
     logits = _logits(model, p, segs)
     kept_counts = torch.tensor(counts, device=logits.device).T.contiguous()  # (B, S)
-    return PrunedOutput(logits, kept, scores if return_scores else None, kept_counts)
+    return PrunedOutput(logits, kept, scores if return_scores else None, kept_counts=kept_counts)
 
 
 # -- one image --------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def _run_single(model, images, thresholds, return_scores: bool) -> PrunedOutput:
         counts.append(state.n)
         scores.append(score)
     logits = _single_logits(model, x, state.n)
-    return PrunedOutput(logits, kept, scores if return_scores else None, torch.tensor([counts], device=x.device))
+    return PrunedOutput(logits, kept, scores if return_scores else None, kept_counts=torch.tensor([counts], device=x.device))
 
 
 @torch.compiler.disable
@@ -563,7 +563,7 @@ def forward_padded(model: nn.Module, images: torch.Tensor, thresholds: Optional[
     patches, valid = _pad_tokens([s[P:] for s in seqs])
     final = host.norm(torch.cat([torch.stack([s[:P] for s in seqs]), patches], 1))
     logits = host.logits(final, valid.to(final.dtype))
-    return PrunedOutput(logits, kept, None, torch.tensor(counts, device=logits.device).T)
+    return PrunedOutput(logits, kept, None, kept_counts=torch.tensor(counts, device=logits.device).T)
 
 
 def _padded_stage(model, stage, seqs, grids, fused, threshold):
