@@ -96,6 +96,11 @@ class SparseModel(nn.Module):
         return self.config.prune_locs
 
     @property
+    def budget(self) -> str:
+        """"fixed" (the same token count per stage for every image) or "per-image"; spatial models are fixed."""
+        return getattr(self.config, "budget", "fixed")
+
+    @property
     def family(self) -> str:
         """The host family: "vit", "lvvit", "convnext" or "swin"."""
         return self.host.family

@@ -134,11 +134,6 @@ class DynamicViT(SparseModel):
         return self.config.merge_dropped
 
     @property
-    def budget(self) -> str:
-        """"fixed" (int(N * rho^s) tokens per stage) or "per-image" (above calibrated thresholds)."""
-        return self.config.budget
-
-    @property
     def thresholds(self) -> dict[float, tuple[float, ...]]:
         """The calibrated per-image thresholds, {keep ratio: (t_1, ..., t_S)} (empty if none)."""
         return dict(self.config.thresholds)
