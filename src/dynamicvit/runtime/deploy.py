@@ -61,6 +61,7 @@ KEEP_RATIO_KEY = "keep_ratio"
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime >= 1.14 runs it
 MIN_OPSET = {"dynamo": 18, "torchscript": 17}  # 17: the first opset with LayerNormalization
 MAX_OPSET = {"dynamo": 23, "torchscript": 20}
+ONNX_ATTENTION_OPSET = 23  # the first opset with an Attention operator
 VERIFY_BATCH_SIZES = (1, 4)
 FP32_ATOL = 1e-4
 # Two patch scores (keep log-probabilities) closer than this are a tie: which of them survives top-k is decided by rounding,
@@ -492,7 +493,7 @@ def _export(model: nn.Module, path: str, opset: int, exporter: str, outputs: lis
         kwargs.update(dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     try:
         # The exporters print progress and warn about tracing; the command line reports the outcome.
-        with _quiet(), torch.no_grad():
+        with _quiet(), torch.no_grad(), _explicit_attention(graph, opset):
             torch.onnx.export(graph, (example,), path, **kwargs)
     except Exception as e:  # noqa: BLE001 - exporters raise many types; the message says which step failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -500,6 +501,30 @@ def _export(model: nn.Module, path: str, opset: int, exporter: str, outputs: lis
             f"torch.onnx.export ({exporter} exporter, opset {opset}) failed: {type(e).__name__}: {first}; "
             f"try exporter={'torchscript' if exporter == 'dynamo' else 'dynamo'!r} (--exporter)"
         ) from e
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module, opset: int):
+    """Below opset 23, export attention as its products (scale, Q K^T, softmax, @ V), not as
+    F.scaled_dot_product_attention.
+
+    The exporters write that function, at these opsets, with shape arithmetic that runs at every call
+    (Shape, three Slices, two Concats and two Reshapes per block, to transpose the keys); its products
+    need one Transpose, and ONNX Runtime folds the scale into the first product. timm's attention
+    modules compute either form (their `fused_attn` switch, restored afterwards); the verification
+    compares the graph with the model as it runs in PyTorch. From opset 23 the function is one
+    Attention node, so it is left alone.
+    """
+    modules = []
+    if opset < ONNX_ATTENTION_OPSET:
+        modules = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.fused_attn = True
 
 
 def _write_metadata(path: str, metadata: dict[str, str]) -> None:
@@ -582,6 +607,21 @@ def stage_margins(model: SparseModel, x: torch.Tensor) -> torch.Tensor:
 # -- ONNX Runtime -------------------------------------------------------------------------------
 
 
+def session_options(threads: Optional[int] = None):
+    """The ONNX Runtime session options `OnnxModel` runs with (benchmarks profile with the same ones).
+
+    Args:
+        threads: intra-op threads; None: torch's current setting.
+    """
+    ort = require("onnxruntime", "running an ONNX file")
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
+    return opts
+
+
 class OnnxModel(nn.Module):
     """An ONNX Runtime session as a callable model: images (torch, (B, C, H, W)) -> logits (torch).
 
@@ -599,12 +639,9 @@ class OnnxModel(nn.Module):
 
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ConfigError(f"ONNX Runtime cannot load {self.path}: {str(e).strip().splitlines()[0]}") from None
         self.input_name = self.session.get_inputs()[0].name
