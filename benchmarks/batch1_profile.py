@@ -88,13 +88,15 @@ def build_models(args) -> dict:
 
     import dynamicvit
     from dynamicvit.commands._common import model_kwargs
-    from dynamicvit.core.base import PrunedOutput
     from dynamicvit.core.vit import DynamicViT
 
     class FirstK(DynamicViT):
-        """The pruned model's token counts without its machinery: stage s keeps the first k_s patch tokens."""
+        """The pruned model's token counts without its machinery: stage s keeps the first k_s patch tokens.
 
-        def forward_pruned(self, images: torch.Tensor, return_scores: bool = False) -> PrunedOutput:
+        Overrides `_pruned_tokens`, which both `forward` (eager, torch.compile) and `forward_pruned`
+        (the exported graph) run."""
+
+        def _pruned_tokens(self, images: torch.Tensor, return_scores: bool = False):
             host, P, kept = self.host, self.num_prefix_tokens, []
             x = host.embed(images)
             counts, stage_at = self.keep_counts(), self._stage_at()
@@ -104,7 +106,7 @@ def build_models(args) -> dict:
                     x = x[:, : P + k]
                     kept.append(torch.arange(k, device=x.device).expand(x.shape[0], k))
                 x = host.block(i, x)
-            return PrunedOutput(host.logits(host.norm(x)), kept)
+            return host.norm(x), kept, [], []
 
     torch.manual_seed(0)
     pruned = dynamicvit.create_model(args.model, keep_ratio=args.keep_ratio, **model_kwargs(args.model_kwargs)).eval()

@@ -59,4 +59,9 @@ def test_eager_timeline_puts_the_machinery_between_blocks():
     assert {k: v for k, v in ops.items() if k.startswith("blocks")} == {k: v for k, v in dense.items() if k.startswith("blocks")}
     assert set(ops) - set(dense) == {f"pruning, stage {s}" for s in (1, 2, 3)}
     assert all(ops[f"pruning, stage {s}"] >= 10 for s in (1, 2, 3))
+    # first-k runs through `forward` too (eager, torch.compile): no prediction module, no top-k there.
+    first_k = batch1_profile.eager_profile(models["first-k"], "first-k", x, 2, locs, min)["ops"]
+    assert all(first_k.get(f"pruning, stage {s}", 0) <= 3 for s in (1, 2, 3)), first_k
+    with torch.no_grad():
+        assert torch.equal(models["first-k"](x), models["first-k"].forward_pruned(x).logits)
     assert set(result["ms"]) >= {"patch embedding", "norm + head", "total", "pruning, stage 1"}
