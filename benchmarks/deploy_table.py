@@ -8,6 +8,11 @@ Runtime fp32 and ONNX Runtime int8 (dynamic quantization of the linear layers). 
   DeiT-S at 0.7, and 1.40x; torch.compile 1.40x at batch 1; eager 1.6x and 1.30x);
 - torch.compile vs eager on the pruned model at batch 32 and 1 (targets: no slower at 32, faster at 1);
 - int8 + pruning vs fp32 dense, both in ONNX Runtime (reported).
+Each runtime's dense and pruned models are timed together, one runtime after the other: the thread pools
+of ONNX Runtime and of PyTorch's OpenMP keep spinning for work after a run and take the cores from
+whatever runs next, so with all eight interleaved (`--all-interleaved`) each model's time depends on which
+runtime ran before it (on 2 cores, eager DeiT-S timed after an ONNX Runtime session ran 20% slower, and
+pruned vs dense came out upside down). ONNX Runtime sessions run without spinning threads here.
 
 Part 2, accuracy (Fashion-MNIST test set, ONNX Runtime): the shipped dense teacher in fp32 and int8, and
 a fine-tuned DynamicViT (`--finetuned`, e.g. demo-output/finetune/model.safetensors from
@@ -36,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="32,1")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset of the exported graphs (default: export_onnx's)")
+    p.add_argument("--all-interleaved", action="store_true",
+                   help="time all eight models together (default: each runtime's dense and pruned model together)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--teacher", default=None, help="dense Fashion-MNIST checkpoint (default: the shipped teacher)")
@@ -68,14 +75,21 @@ def speed_part(args, folder: Path) -> tuple[str, dict]:
         models[f"compile {tag}"] = runtime_model(m, "compile")
         fp32 = folder / f"{tag}.onnx"
         export_onnx(m, fp32, opset=args.opset, overwrite=True)
-        models[f"ort {tag}"] = OnnxModel(fp32, threads=args.threads)
-        models[f"ort int8 {tag}"] = OnnxModel(quantize_int8(fp32, folder / f"{tag}.int8.onnx", overwrite=True), threads=args.threads)
+        models[f"ort {tag}"] = OnnxModel(fp32, threads=args.threads, spinning=False)
+        models[f"ort int8 {tag}"] = OnnxModel(quantize_int8(fp32, folder / f"{tag}.int8.onnx", overwrite=True),
+                                              threads=args.threads, spinning=False)
     size = tuple(count_macs(dense).input_size)
+    # Each runtime's dense and pruned model timed together, one runtime after the other (--all-interleaved:
+    # all eight together, where each runtime's thread pool still spins while the next one runs).
+    runtimes = ("eager", "compile", "ort", "ort int8")
+    groups = [list(models)] if args.all_interleaved else [[f"{rt} dense", f"{rt} pruned"] for rt in runtimes]
     times = {}
     for bs in [int(s) for s in args.batch_sizes.split(",")]:
-        res = compare_throughput(models, size, bs, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                                 measure_memory=False, progress=True)
-        times[bs] = {name: r.latency_ms for name, r in res.items()}
+        times[bs] = {}
+        for names in groups:
+            res = compare_throughput({n: models[n] for n in names}, size, bs, repeats=args.repeats, warmup=args.warmup,
+                                     threads=args.threads, measure_memory=False, progress=True)
+            times[bs].update({name: r.latency_ms for name, r in res.items()})
 
     def ratio(bs, slow, fast):
         return times[bs][slow] / times[bs][fast]
@@ -85,7 +99,8 @@ def speed_part(args, folder: Path) -> tuple[str, dict]:
     lines = [
         f"{args.model}, keep ratio {args.keep_ratio} vs dense, fp32 unless noted, {size[1]}x{size[2]} px, "
         f"{device_name(torch.device('cpu'))}, {args.threads} threads, torch {torch.__version__}; "
-        f"median of {args.repeats} interleaved repetitions; MACs ratio {macs_ratio:.2f}x; ONNX opset {args.opset or DEFAULT_OPSET}",
+        f"median of {args.repeats} repetitions, interleaved "
+        f"{'across all eight models' if args.all_interleaved else 'within each runtime'}; MACs ratio {macs_ratio:.2f}x; ONNX opset {args.opset or DEFAULT_OPSET}",
         "",
         head,
         "|" + "---|" * (len(sizes) + 2),
@@ -127,9 +142,9 @@ def accuracy_part(args, folder: Path) -> tuple[str, dict]:
         fp32 = export_onnx(model, folder / f"{len(sessions)}.onnx", overwrite=True,
                            class_names=checkpoint_class_names(settings, 10),
                            preprocessing=preprocessing_config(model, "fashion-mnist")).path
-        sessions[f"{label}, fp32"] = OnnxModel(fp32, threads=args.threads)
+        sessions[f"{label}, fp32"] = OnnxModel(fp32, threads=args.threads, spinning=False)
         sessions[f"{label}, int8"] = OnnxModel(quantize_int8(fp32, folder / f"{len(sessions)}.int8.onnx", overwrite=True),
-                                               threads=args.threads)
+                                               threads=args.threads, spinning=False)
     top1 = {name: onnx_accuracy(s, "fashion-mnist", subset=subset, progress=True)["top1"] for name, s in sessions.items()}
     base = "teacher (dense), fp32"
     speed = {}

@@ -468,7 +468,8 @@ def runtime_model(
     if onnx_path is None:
         raise ConfigError("the onnxruntime runtime needs a path to export the model to")
     deploy.export_onnx(model.eval(), onnx_path, overwrite=True)
-    return deploy.OnnxModel(onnx_path, threads=threads)
+    # Timed interleaved with other models: spinning worker threads would slow whatever runs next.
+    return deploy.OnnxModel(onnx_path, threads=threads, spinning=False)
 
 
 def _check_runtimes(runtimes: Sequence[str]) -> list[str]:

@@ -58,7 +58,10 @@ KEPT_NAME = "kept_tokens_{}"  # one output per stage, 1-based
 METADATA_KEY = "dynamicvit"
 CLASS_NAMES_KEY = "class_names"
 KEEP_RATIO_KEY = "keep_ratio"
-DEFAULT_OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime >= 1.14 runs it
+# 18: the dynamo exporter's lowest. Opset 20 writes GELU as ONNX's Gelu operator, which ONNX Runtime fuses
+# with its bias (13 nodes per prediction module instead of 27), but on the 2-core AMD EPYC it was not
+# faster in two runs (benchmarks/ort_settings.py): pruned DeiT-S 1.2% faster in one, 8.8% slower in the other.
+DEFAULT_OPSET = 18
 MIN_OPSET = {"dynamo": 18, "torchscript": 17}  # 17: the first opset with LayerNormalization
 MAX_OPSET = {"dynamo": 23, "torchscript": 20}
 ONNX_ATTENTION_OPSET = 23  # the first opset with an Attention operator
@@ -607,11 +610,14 @@ def stage_margins(model: SparseModel, x: torch.Tensor) -> torch.Tensor:
 # -- ONNX Runtime -------------------------------------------------------------------------------
 
 
-def session_options(threads: Optional[int] = None):
+def session_options(threads: Optional[int] = None, spinning: bool = True):
     """The ONNX Runtime session options `OnnxModel` runs with (benchmarks profile with the same ones).
 
     Args:
         threads: intra-op threads; None: torch's current setting.
+        spinning: let ONNX Runtime's worker threads spin, waiting for work, after each run (its default:
+            the next run starts sooner). Benchmarks that time other models in between turn it off: the
+            spinning threads of one session take the cores from whatever runs next.
     """
     ort = require("onnxruntime", "running an ONNX file")
 
@@ -619,6 +625,8 @@ def session_options(threads: Optional[int] = None):
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -631,16 +639,18 @@ class OnnxModel(nn.Module):
         path: an .onnx file (from `export_onnx`, or any graph with one image input).
         threads: ONNX Runtime intra-op threads; None: torch's current setting.
         providers: ONNX Runtime execution providers; default the CPU.
+        spinning: see `session_options`.
     """
 
-    def __init__(self, path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    def __init__(self, path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 spinning: bool = True):
         super().__init__()
         ort = require("onnxruntime", "running an ONNX file")
 
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+            self.session = ort.InferenceSession(str(self.path), session_options(threads, spinning),
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ConfigError(f"ONNX Runtime cannot load {self.path}: {str(e).strip().splitlines()[0]}") from None
