@@ -59,6 +59,9 @@ _logger = logging.getLogger("frontier")
 VARIANTS = {
     "fused": dict(keep_ratios="low:0.4:1.0", fuse_dropped=True),  # the demo's shipped recipe
     "merged": dict(keep_ratios="low:0.25:1.0", merge_dropped=True),
+    # Without token distillation (as the baseline): a merged token holds several patches, and the
+    # teacher's single token at its place pulls it away from what it holds.
+    "merged-kl": dict(keep_ratios="low:0.25:1.0", merge_dropped=True, token_weight=0.0),
     "merged-0.4": dict(keep_ratios="low:0.4:1.0", merge_dropped=True),
     "fused-0.25": dict(keep_ratios="low:0.25:1.0", fuse_dropped=True),
     "plain-0.25": dict(keep_ratios="low:0.25:1.0", fuse_dropped=False),

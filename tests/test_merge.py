@@ -431,3 +431,29 @@ def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):
     assert cli.main(["visualize", "--checkpoint", str(path), "--output", str(tmp_path / "pics"), str(tmp_path / "in")]) == 0
     assert list((tmp_path / "pics").glob("*.png"))
 
+
+
+def test_dropped_speed_benchmark_times_the_three_homes_on_the_same_tokens():
+    """benchmarks/dropped_speed.py: plain, fused and merged share backbone and predictors, keep as many
+    tokens at one keep ratio, and merging costs MACs on top of discarding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dropped_speed", Path(__file__).resolve().parent.parent / "benchmarks" / "dropped_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=4,depth=6",
+                             "--keep-ratios", "0.5", "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    models = bench.build_models(args)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        kept = {v: models[(v, 0.5)].forward_pruned(x).kept_indices for v in bench.VARIANTS}
+    for v in ("fused", "merged"):  # the first stage sees the same tokens; later ones what the homes made of them
+        assert torch.equal(kept["plain"][0].sort(1).values, kept[v][0].sort(1).values)
+        assert [k.shape for k in kept[v]] == [k.shape for k in kept["plain"]]
+    assert models[("merged", 0.5)].backbone is models[("plain", 0.5)].backbone
+    macs = {v: count_macs(models[(v, 0.5)]).total for v in bench.VARIANTS}
+    assert macs["merged"] > macs["plain"] and macs["fused"] > macs["plain"]
+    rows = bench.measure(args)
+    assert {r["variant"] for r in rows} == set(bench.VARIANTS)
+    assert next(r for r in rows if r["variant"] == "fused")["vs_fused"] == 1.0
+    assert "| 2 | 0.5 | merged |" in bench.table(rows)

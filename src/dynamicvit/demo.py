@@ -120,6 +120,8 @@ class DemoConfig:
     # its loss jumps and the predictors can collapse; single ratio: none), 0: no clipping
     ratio_weight: float = 10.0  # keep-ratio loss weight (reference 2.0): with only 49 tokens each one
     # matters more to the CE, and at 2.0 the kept fraction drifts far above rho^s during training
+    token_weight: float = 0.5  # token distillation weight (the reference's); a merged token holds several
+    # patches, so the teacher's token at its place is not its target (benchmarks/frontier.py tries 0)
     device: str = "auto"  # training, evaluation and timing device
     threads: Optional[int] = None  # CPU threads (None: torch's default)
     num_workers: int = 1  # data loader processes
@@ -164,6 +166,8 @@ class DemoConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.token_weight < 0:
+            raise ConfigError(f"token_weight must be >= 0 (0: no token distillation), got {self.token_weight}")
         if self.clip_grad < 0:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.keep_ratios is not None:
@@ -365,6 +369,7 @@ def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.de
         freeze_backbone_epochs=0,
         warmup_epochs=cfg.warmup_epochs,
         ratio_weight=cfg.ratio_weight,
+        token_weight=cfg.token_weight,
         clip_grad=cfg.clip_grad or None,
         min_lr=1e-6,
         mixup=0.0,
