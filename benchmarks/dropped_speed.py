@@ -3,7 +3,8 @@ into one fused token ("fused") or merged into their most similar kept tokens ("m
 ratios, timed together.
 
 All models share one backbone and one set of prediction modules (random weights: with a fixed number of
-tokens per stage the speed does not depend on them), so at one keep ratio they keep the same tokens;
+tokens per stage the speed does not depend on them), so at one keep ratio they keep as many tokens per
+stage (the same ones at the first stage; later, what each did with the dropped tokens changes the scores);
 merging adds the similarity, the scatter of the dropped tokens and the size bias of proportional
 attention. MACs are counted exactly (`dynamicvit.runtime.flops.count_macs`, the merge included). Timed
 with the interleaved protocol of `dynamicvit.runtime.bench.compare_throughput`; the table gives each
@@ -64,9 +65,9 @@ def measure(args) -> list[dict]:
     models = build_models(args)
     macs = {key: count_macs(m).total for key, m in models.items()}
     shape = default_input_size(next(iter(models.values())))
+    named = {f"{v} {rho:g}": m for (v, rho), m in models.items()}
     rows = []
     for bs in args.batch_sizes:
-        named = {f"{v} {rho:g}": m for (v, rho), m in models.items()}
         res = compare_throughput(named, shape, bs, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                  measure_memory=False, progress=True)
         for (v, rho) in models:

@@ -6,7 +6,8 @@ C: the graphs at opset 18 and 20 (ONNX's Gelu operator, which ONNX Runtime fuses
 without spinning, timed together.
 
 Each group is timed in this one process with the interleaved protocol of
-`dynamicvit.runtime.bench.compare_throughput` (random weights, perturbed so that no two are equal).
+`dynamicvit.runtime.bench.compare_throughput` (random weights, perturbed so that no two are equal, as in
+`batch1_profile.py`).
 
     python benchmarks/ort_settings.py --threads 2
     python benchmarks/ort_settings.py --model vit_tiny_patch16_224 --model-kwargs img_size=32 --repeats 1 --threads 1
@@ -14,9 +15,14 @@ Each group is timed in this one process with the interleaved protocol of
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("batch1_profile", Path(__file__).resolve().parent / "batch1_profile.py")
+batch1_profile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(batch1_profile)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,19 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def groups(args, folder: Path) -> tuple[tuple[int, ...], dict]:
-    """(input size, {group title: {name: model}}) as described in the module docstring."""
-    import torch
-
-    import dynamicvit
-    from dynamicvit.commands._common import model_kwargs
+    """(input size, {group title: {name: model}}) as described in the module docstring; the dense and
+    pruned models are batch1_profile's (the same perturbed random weights)."""
     from dynamicvit.runtime.deploy import OnnxModel, export_onnx
     from dynamicvit.runtime.flops import default_input_size
 
-    torch.manual_seed(0)
-    pruned = dynamicvit.create_model(args.model, keep_ratio=args.keep_ratio, **model_kwargs(args.model_kwargs)).eval()
-    with torch.no_grad():
-        for p in pruned.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
+    pruned = batch1_profile.build_models(args)["pruned"]
     paths = {(tag, opset): export_onnx(m, folder / f"{tag}{opset}.onnx", opset=opset, verify=False).path
              for opset in (18, 20) for tag, m in (("dense", pruned.backbone), ("pruned", pruned))}
 

@@ -432,7 +432,6 @@ def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):
     assert list((tmp_path / "pics").glob("*.png"))
 
 
-
 def test_dropped_speed_benchmark_times_the_three_homes_on_the_same_tokens():
     """benchmarks/dropped_speed.py: plain, fused and merged share backbone and predictors, keep as many
     tokens at one keep ratio, and merging costs MACs on top of discarding."""
