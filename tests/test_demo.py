@@ -15,7 +15,8 @@ import dynamicvit
 from dynamicvit import cli
 from dynamicvit.data import FASHION_MNIST_SYSTEM_DIR
 from dynamicvit.demo import (
-    MARKER, REPORT, TEACHER_ASSET, DemoConfig, prepare_output, run_demo, save_sweep_plot, shipped_single_ratio_sweep,
+    MARKER, REPORT, TEACHER_ASSET, DemoConfig, fine_tune_config, prepare_output, run_demo, save_sweep_plot,
+    shipped_single_ratio_sweep,
 )
 from dynamicvit.errors import ConfigError, DataError
 
@@ -157,6 +158,12 @@ def test_demo_flags_select_the_recipe():
     assert parser.parse_args(["--clip-grad", "0"]).clip_grad == 0.0
     with pytest.raises(ConfigError, match="clip_grad must be >= 0"):
         DemoConfig(clip_grad=-1.0).validate()
+    with pytest.raises(ConfigError, match="token_weight must be >= 0"):
+        DemoConfig(token_weight=-0.5).validate()
+    no_token = DemoConfig(token_weight=0.0)  # no token distillation is a valid recipe, and it reaches training
+    no_token.validate()
+    assert fine_tune_config(no_token, Path("out"), Path("teacher.safetensors"), torch.device("cpu")).token_weight == 0.0
+    assert fine_tune_config(DemoConfig(), Path("out"), Path("teacher.safetensors"), torch.device("cpu")).token_weight == 0.5
     with pytest.raises(ConfigError, match="interval is empty"):
         DemoConfig(keep_ratios="0.9:0.5").validate()
 
