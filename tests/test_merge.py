@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import dynamicvit
-from dynamicvit.core.ops import (cosine_similarity, masked_softmax, merge_into_kept, merge_masked, policy_bias,
-                                 scatter_merge, size_bias)
+from dynamicvit.core.losses import DynamicViTLoss, held_targets
+from dynamicvit.core.ops import (carry_held, cosine_similarity, masked_softmax, merge_into_kept, merge_masked,
+                                 policy_bias, scatter_merge, size_bias)
 from dynamicvit.errors import CheckpointError, ConfigError
 from dynamicvit.runtime.flops import count_macs
 
@@ -119,11 +120,12 @@ def test_merge_masked_computes_merge_into_kept_for_the_same_decisions():
     patches, sizes = torch.randn(B, N, C), torch.randint(1, 4, (B, N)).float()
     order = torch.stack([torch.randperm(N) for _ in range(B)])
     keep, drop = order[:, :k], order[:, k:]
-    merged, out, _ = merge_into_kept(patches, sizes, keep, drop)
+    merged, out, target = merge_into_kept(patches, sizes, keep, drop)
     decision = torch.zeros(B, N).scatter(1, keep, 1.0)
-    masked, masked_sizes = merge_masked(patches, sizes, decision, 1.0 - decision)
+    masked, masked_sizes, went = merge_masked(patches, sizes, decision, 1.0 - decision)
     torch.testing.assert_close(masked.gather(1, keep.unsqueeze(-1).expand(-1, -1, C)), merged)
     torch.testing.assert_close(masked_sizes.gather(1, keep), out)
+    assert torch.equal(went.gather(1, drop), keep.gather(1, target))  # where each dropped token went
     # Dropped tokens keep their values and sizes (attention masks them out).
     assert torch.equal(masked.gather(1, drop.unsqueeze(-1).expand(-1, -1, C)), patches.gather(1, drop.unsqueeze(-1).expand(-1, -1, C)))
     assert torch.equal(masked_sizes.gather(1, drop), sizes.gather(1, drop))
@@ -133,7 +135,7 @@ def test_merge_masked_merges_only_the_tokens_dropped_now():
     patches = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
     keep = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     dropped = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # token 3 was dropped at an earlier stage
-    out, sizes = merge_masked(patches, torch.ones(1, 4), keep, dropped)
+    out, sizes, _ = merge_masked(patches, torch.ones(1, 4), keep, dropped)
     torch.testing.assert_close(out[0, 0], torch.tensor([1.0, 0.05]))
     assert torch.equal(out[0, 2], patches[0, 2]) and torch.equal(sizes, torch.tensor([[2.0, 1.0, 1.0, 1.0]]))
 
@@ -143,7 +145,7 @@ def test_merge_masked_gradient_reaches_the_decisions_and_stays_finite_when_every
     patches = torch.randn(2, 6, 4, requires_grad=True)
     keep = torch.tensor([[1.0, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0]], requires_grad=True)  # image 2 keeps nothing
     dropped = (1.0 - keep.detach()).requires_grad_()
-    out, sizes = merge_masked(patches, torch.ones(2, 6), keep, dropped)
+    out, sizes, _ = merge_masked(patches, torch.ones(2, 6), keep, dropped)
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], patches[1])  # nothing kept: nothing merged
     (out.square().sum() + sizes.sum()).backward()
@@ -232,6 +234,57 @@ def test_merged_into_follows_every_patch_to_the_token_that_holds_it():
                 assert torch.equal(holder[b], holder[b][previous[b]])
         previous = holder
     assert tiny_model(keep_ratio=0.5).eval().forward_pruned(x, return_scores=True).merged_into is None
+
+
+def test_carry_held_adds_the_rows_of_the_tokens_that_moved():
+    held = torch.eye(4).unsqueeze(0)
+    held = carry_held(held, torch.tensor([[0, 0, 2, 3]]), torch.tensor([[1.0, 1.0, 1.0, 1.0]]))  # 1 into 0
+    held = carry_held(held, torch.tensor([[2, 1, 2, 3]]), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))  # 0 into 2; 1, 3 gone
+    assert torch.equal(held[0, 2], torch.tensor([1.0, 1.0, 1.0, 0.0]))  # token 2 holds patches 0, 1 and 2
+    assert torch.equal(held[0, 3], torch.tensor([0.0, 0.0, 0.0, 1.0]))  # dropped earlier: its row as it was
+
+
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.4])
+def test_the_training_path_holds_the_patches_the_inference_path_merged(keep_ratio):
+    """For the inference path's decisions, `DynamicViTOutput.held` says which original patches each kept
+    token holds at the end, as `merged_into` does on the inference path, and its rows sum to the sizes."""
+    model = tiny_model(keep_ratio=keep_ratio, merge_dropped=True).eval()
+    x = _x(model)
+    with torch.no_grad():
+        pruned = model.forward_pruned(x, return_scores=True)
+        masked = model.forward_masked(x, decisions=_masks(model, pruned.kept_indices))
+    holder, kept = pruned.merged_into[-1], pruned.kept_indices[-1]
+    expected = torch.zeros(x.shape[0], model.num_patches, model.num_patches)
+    expected.scatter_(1, holder.unsqueeze(1), 1.0)  # expected[b, holder[b, o], o] = 1
+    rows = kept.unsqueeze(-1).expand(-1, -1, model.num_patches)
+    assert torch.equal(masked.held.gather(1, rows), expected.gather(1, rows))
+    assert masked.held.gather(1, rows).sum() == x.shape[0] * model.num_patches  # every patch held once
+    assert tiny_model(keep_ratio=keep_ratio).eval().forward_masked(x).held is None
+
+
+def test_held_targets_average_the_teachers_tokens_over_the_patches_a_token_holds():
+    teacher = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]])
+    held = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # token 0 holds 0 and 1
+    torch.testing.assert_close(held_targets(held, teacher)[0, [0, 2]], torch.tensor([[2.0, 1.0], [5.0, 4.0]]))
+    torch.testing.assert_close(held_targets(torch.eye(3).unsqueeze(0), teacher), teacher)
+
+
+def test_the_held_token_target_changes_the_loss_only_where_tokens_were_merged():
+    torch.manual_seed(0)
+    model = tiny_model(keep_ratio=0.5, merge_dropped=True).train()
+    x, y = _x(model, batch=4), torch.arange(4)
+    losses = {t: DynamicViTLoss(0.5, token_target=t) for t in ("position", "held")}
+    ones = [torch.ones(4, model.num_patches)] * len(model.prune_locs)
+    out = model.forward_masked(x, decisions=ones)  # nothing dropped: both targets are the teacher's tokens
+    teacher_tokens = torch.randn_like(out.tokens)
+    assert torch.equal(losses["position"](out, y, None, teacher_tokens)[0], losses["held"](out, y, None, teacher_tokens)[0])
+    out = model(x, keep_ratio=0.5)
+    position, held = (losses[t](out, y, None, teacher_tokens)[1]["token"] for t in losses)
+    assert not torch.allclose(position, held)
+    keep = out.mask > 0.5
+    torch.testing.assert_close(held, F.mse_loss(out.tokens[keep], held_targets(out.held, teacher_tokens)[keep]).detach())
+    with pytest.raises(ValueError, match="token_target"):
+        DynamicViTLoss(0.5, token_target="mean")
 
 
 def test_the_fused_masked_attention_takes_the_sizes_too():
@@ -395,6 +448,17 @@ def test_train_and_demo_take_merge_dropped():
     assert cfg.merge_dropped is True and cfg.fuse_dropped is False
     with pytest.raises(ConfigError, match="choose one"):
         train_cmd.config_from_args(parser.parse_args(["--merge-dropped", "--fuse-dropped"]))
+    assert cfg.token_target == "position"
+    cfg = train_cmd.config_from_args(parser.parse_args(["--merge-dropped", "--token-target", "held"]))
+    assert cfg.token_target == "held"
+    from dynamicvit.training.models import build_criterion
+    assert build_criterion(tiny_model(merge_dropped=True), cfg).token_target == "held"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--token-target", "mean"])
+    with pytest.raises(ConfigError, match="token_target must be one of position, held"):
+        dynamicvit.TrainConfig(token_target="mean").validate()
+    with pytest.raises(ConfigError, match="token_target must be one of position, held"):
+        DemoConfig(token_target="mean").validate()
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)
     args = parser.parse_args(["--merge-dropped"])

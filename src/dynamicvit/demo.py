@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from .core.base import SparseModel
 from .core.hosts import host_for
+from .core.losses import TOKEN_TARGETS
 from .core.settings import KeepRatioSampler
 from .data import build_dataset, resolve_dataset
 from .errors import CheckpointError, ConfigError
@@ -122,6 +123,8 @@ class DemoConfig:
     # matters more to the CE, and at 2.0 the kept fraction drifts far above rho^s during training
     token_weight: float = 0.5  # token distillation weight (the reference's); a merged token holds several
     # patches, so the teacher's token at its place is not its target (benchmarks/frontier.py tries 0)
+    token_target: str = "position"  # or "held": a merged token's target is the teacher's tokens averaged over
+    # the patches it holds
     device: str = "auto"  # training, evaluation and timing device
     threads: Optional[int] = None  # CPU threads (None: torch's default)
     num_workers: int = 1  # data loader processes
@@ -168,6 +171,8 @@ class DemoConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.token_weight < 0:
             raise ConfigError(f"token_weight must be >= 0 (0: no token distillation), got {self.token_weight}")
+        if self.token_target not in TOKEN_TARGETS:
+            raise ConfigError(f"token_target must be one of {', '.join(TOKEN_TARGETS)}, got {self.token_target!r}")
         if self.clip_grad < 0:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.keep_ratios is not None:
@@ -370,6 +375,7 @@ def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.de
         warmup_epochs=cfg.warmup_epochs,
         ratio_weight=cfg.ratio_weight,
         token_weight=cfg.token_weight,
+        token_target=cfg.token_target,
         clip_grad=cfg.clip_grad or None,
         min_lr=1e-6,
         mixup=0.0,

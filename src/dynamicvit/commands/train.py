@@ -53,6 +53,8 @@ FLAG_HELP = {
     "ratio_weight": "weight of the keep-ratio loss",
     "distill_weight": "weight of the KL distillation to the teacher's logits",
     "token_weight": "weight of the token distillation loss",
+    "token_target": "token distillation target of a merged token: position (the teacher's token at its place) or "
+    "held (the mean of the teacher's tokens over the patches it holds)",
     "smoothing": "label smoothing",
     "mixup": "mixup alpha (0 disables)",
     "cutmix": "cutmix alpha (0 disables)",
@@ -79,6 +81,7 @@ FLAG_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.losses import TOKEN_TARGETS
     from ..core.settings import BUDGETS
     from ..data import BAD_IMAGE_MODES
     from ..runtime.device import AMP_MODES
@@ -104,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=BAD_IMAGE_MODES, **common)
         elif f.name == "budget":
             parser.add_argument(flag, choices=BUDGETS, **common)
+        elif f.name == "token_target":
+            parser.add_argument(flag, choices=TOKEN_TARGETS, **common)
         elif f.name == "timm_kwargs":  # one spelling for every command: --model-kwargs (--timm-kwargs still works)
             parser.add_argument("--model-kwargs", flag, type=model_kwargs, metavar="KWARGS", **common)
         elif kind == "bool":

@@ -31,6 +31,8 @@ class DynamicViTOutput:
         mask: the final keep decision, (B, N), detached.
         class_logits: what CE and the logit distillation train when it differs from `logits`
             (`Host.class_logits`: LV-ViT's class head alone), else None.
+        held: merged tokens only: held[b, j, o] = 1 when patch token j holds original patch o at the
+            end, (B, N, N) (`ops.carry_held`; rows sum to the sizes), else None.
     """
 
     logits: torch.Tensor
@@ -38,6 +40,7 @@ class DynamicViTOutput:
     decisions: list[torch.Tensor]
     mask: torch.Tensor
     class_logits: Optional[torch.Tensor] = None
+    held: Optional[torch.Tensor] = None
 
 
 @dataclass

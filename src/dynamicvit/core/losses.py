@@ -13,6 +13,9 @@ Token distillation follows the host (`Host.token_distill`): for ViTs the MSE bet
 and the teacher's final patch tokens; for LV-ViT the KL divergence between their per-token aux-head
 class distributions. For LV-ViT the reference trains the class head alone (`DynamicViTOutput.
 class_logits`) with CE and the logit KL; the combined prediction is what inference reports.
+A token that merged others holds several patches; with `token_target="held"` its target is the mean of
+the teacher's tokens over the patches it holds (`held_targets`) instead of the teacher's token at its
+own position.
 
 Reference weights: 2.0 / 0.5 / 0.5 for DeiT and LV-ViT alike. Shapes: B batch, N patch tokens, C width,
 K classes.
@@ -139,6 +142,23 @@ def token_kl_distill(
 
 
 TOKEN_DISTILL = {"mse": token_distill, "kl": token_kl_distill}
+TOKEN_TARGETS = ("position", "held")
+
+
+def held_targets(held: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """The teacher's per-token targets averaged over the original patches each student token holds.
+
+    Args:
+        held: (B, N, N), held[b, j, o] = 1 when token j holds patch o (`DynamicViTOutput.held`).
+        teacher_tokens: (B, N, C).
+
+    Returns:
+        (B, N, C): row j is the mean of the teacher's tokens o that token j holds (its own when it
+        holds only itself; rows of dropped tokens are not compared).
+    """
+    held = held.float()
+    total = held.sum(-1, keepdim=True).clamp_min(1.0)
+    return torch.bmm(held, teacher_tokens.detach().float()) / total
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -175,13 +195,17 @@ class DynamicViTLoss(nn.Module):
         smoothing: float = 0.1,
         token_distill: Literal["mse", "kl"] = "mse",
         budget: str = "fixed",
+        token_target: str = "position",
     ):
         super().__init__()
+        if token_target not in TOKEN_TARGETS:
+            raise ValueError(f"token_target must be one of {TOKEN_TARGETS}, got {token_target!r}")
         if token_distill not in TOKEN_DISTILL:
             raise ValueError(f"token_distill must be one of {sorted(TOKEN_DISTILL)}, got {token_distill!r}")
         if budget not in BUDGET_RATIO:
             raise ValueError(f"budget must be one of {sorted(BUDGET_RATIO)}, got {budget!r}")
         self.token_distill = token_distill
+        self.token_target = token_target
         self.budget = budget
         self.keep_ratio = keep_ratio
         self.ratio_weight = ratio_weight
@@ -222,6 +246,9 @@ class DynamicViTLoss(nn.Module):
             total = total + self.distill_weight * kl
             terms["kl"] = kl.detach()
         if teacher_tokens is not None:
+            held = getattr(output, "held", None)
+            if self.token_target == "held" and held is not None:
+                teacher_tokens = held_targets(held, teacher_tokens)
             tok = TOKEN_DISTILL[self.token_distill](output.tokens, teacher_tokens, output.mask)
             total = total + self.token_weight * tok
             terms["token"] = tok.detach()
@@ -231,7 +258,7 @@ class DynamicViTLoss(nn.Module):
         return (
             f"keep_ratio={self.keep_ratio}, ratio_weight={self.ratio_weight}, "
             f"distill_weight={self.distill_weight}, token_weight={self.token_weight}, smoothing={self.smoothing}, "
-            f"token_distill={self.token_distill!r}, budget={self.budget!r}"
+            f"token_distill={self.token_distill!r}, budget={self.budget!r}, token_target={self.token_target!r}"
         )
 
 

@@ -11,7 +11,8 @@
 - `merge_into_kept` (inference path) / `merge_masked` (training path): each dropped token is added
   into its most similar kept token (`cosine_similarity`) as a size-weighted average (`scatter_merge`);
   `size_bias` and the `sizes` of `masked_softmax` / `policy_bias` make attention proportional to the
-  number of original tokens a merged token holds.
+  number of original tokens a merged token holds; `carry_held` follows which original patches each
+  token holds (the training path's target for merged tokens).
 
 Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
 """
@@ -457,7 +458,7 @@ def merge_into_kept(
 
 def merge_masked(
     patches: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor, dropped: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`merge_into_kept` on the training path, where no token is removed: what the inference path
     computes for the same decisions, differentiable in the decisions.
 
@@ -472,7 +473,8 @@ def merge_masked(
         dropped: the tokens this stage drops, previous decision - keep, (B, N).
 
     Returns:
-        (patch tokens (B, N, C), sizes (B, N)).
+        (patch tokens (B, N, C), sizes (B, N), where each token went (B, N): the kept token a newly
+        dropped one was added into, every other token's own index).
     """
     B, N, C = patches.shape
     kept = keep.detach() > 0.5  # < 0.5, not == 0: straight-through decisions are 0 or 1 up to rounding
@@ -484,7 +486,27 @@ def merge_masked(
     acc, total = _weighted_sums(patches.new_zeros(B, N, C), sizes.new_zeros(B, N), patches, weight, target)
     # Divide only where kept: a zero total elsewhere would give 0 / 0, and a NaN gradient through `where`.
     merged = acc / torch.where(kept, total, torch.ones_like(total)).to(acc.dtype).unsqueeze(-1)
-    return torch.where(kept.unsqueeze(-1), merged, patches), torch.where(kept, total, sizes)
+    return torch.where(kept.unsqueeze(-1), merged, patches), torch.where(kept, total, sizes), target
+
+
+def carry_held(held: torch.Tensor, target: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """Which original patches each token holds, after one merging stage of the training path.
+
+    held[b, j, o] is 1 when token j of image b holds original patch o (the identity before any merge);
+    the rows of the tokens that moved (kept or newly dropped, `moved` > 0.5) are added into the row of the
+    token they went to (`target`, from `merge_masked`), so a kept token's row sums to its size. Rows of
+    tokens dropped at an earlier stage stay as they were (nothing reads them). No gradient.
+
+    Args:
+        held: (B, N, N); target: (B, N); moved: (B, N), keep + dropped of this stage.
+
+    Returns:
+        (B, N, N).
+    """
+    moved = (moved.detach() > 0.5).unsqueeze(-1)
+    rows = torch.where(moved, held, torch.zeros_like(held))
+    gathered = torch.zeros_like(held).scatter_add(1, target.unsqueeze(-1).expand_as(held), rows)
+    return torch.where(moved, gathered, held)
 
 
 def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from ..core.losses import TOKEN_TARGETS
 from ..core.settings import BUDGETS, KeepRatioSampler
 from ..data import BAD_IMAGE_MODES
 from ..errors import ConfigError
@@ -175,6 +176,8 @@ class TrainConfig:
     distill_weight: float = 0.5  # KL(teacher || student) on logits
     token_weight: float = 0.5  # token distillation on the tokens kept at the end: MSE to the teacher's final
     # patch tokens (ViTs), KL to its per-token aux-head distributions (LV-ViT)
+    token_target: str = "position"  # merged tokens: "position" (the teacher's token where the student token
+    # sits, the paper's) or "held" (the mean of the teacher's tokens over the patches it holds)
     smoothing: float = 0.1  # label smoothing (folded into the soft targets under mixup/cutmix)
 
     # Augmentation.
@@ -260,6 +263,8 @@ class TrainConfig:
         for name in ("ratio_weight", "distill_weight", "token_weight", "mixup", "cutmix"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
+        need(self.token_target in TOKEN_TARGETS,
+             f"token_target must be one of {', '.join(TOKEN_TARGETS)} (held: for merged tokens), got {self.token_target!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

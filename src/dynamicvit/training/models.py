@@ -197,7 +197,7 @@ def build_criterion(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return DynamicSpatialLoss(model.stage_ratios, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing)
     return DynamicViTLoss(
         model.keep_ratio, cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.smoothing,
-        token_distill=model.host.token_distill, budget=cfg.budget,
+        token_distill=model.host.token_distill, budget=cfg.budget, token_target=cfg.token_target,
     )
 
 
