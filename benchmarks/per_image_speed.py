@@ -7,8 +7,11 @@ one process with interleaved repetitions (`dynamicvit.runtime.bench.compare_thro
 
 Same mean token count: before each batch size the thresholds are calibrated on the very images that
 are timed, so the per-image rows keep, on average, exactly the fixed budget's int(N * rho^s) tokens
-per stage (the table shows the spread). At batch 1 every model cycles through a pool of `--pool`
-images, one per call, so the time is the mean over images that keep different counts.
+per stage (the table shows the spread). At batch 1 one timed call runs every model over the whole
+pool of `--pool` images, one image at a time, the pool the thresholds were calibrated on: each timed
+repetition then holds exactly the fixed budget's mean token count, and the warmup has seen every
+shape. (Timing a few images of the pool per repetition, and the median of those, compares the fixed
+budget with whichever images the per-image model happened to draw.) The table reports per image.
 
 Images: random (default), or a dataset's validation images (`--dataset`); weights: random, with
 prediction modules scaled by `--predictor-std` so that images keep different counts, or a trained
@@ -52,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--pool", type=int, default=32, help="batch 1: images the models cycle through")
+    p.add_argument("--pool", type=int, default=32, help="batch 1: images each timed call runs, one at a time")
     p.add_argument("--dataset", default=None, help="time on this dataset's validation images (default: random images)")
     p.add_argument("--predictor-std", type=float, default=0.1,
                    help="random weights: std of the prediction modules' weights (0: their fresh initialization)")
@@ -67,17 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class Cycling(nn.Module):
-    """Runs `model` on the next image of `pool` at every call (the input only says the batch is one image)."""
+class PoolPass(nn.Module):
+    """Runs `model` on every image of `pool`, one at a time, at each call (the input only says the batch
+    is one image); returns the last image's logits."""
 
     def __init__(self, model: nn.Module, pool: torch.Tensor):
         super().__init__()
-        self.model, self.pool, self.next = model, pool, 0
+        self.model, self.pool = model, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        image = self.pool[self.next : self.next + 1]
-        self.next = (self.next + 1) % len(self.pool)
-        return self.model(image)
+        for i in range(len(self.pool)):
+            out = self.model(self.pool[i : i + 1])
+        return out
 
 
 def build_model(args):
@@ -125,7 +129,8 @@ def time_batch(args, base, kernels, bs: int, device) -> list[dict]:
     with torch.inference_mode():
         counts = models[f"per-image, {kernels[0]}"].to(device).forward_pruned((pool if bs == 1 else x).to(device)).kept_counts.cpu()
     macs = PerImageMacs.of(fixed.cpu())
-    timed = {k: Cycling(m, pool.to(device)) if bs == 1 else m for k, m in models.items()}
+    timed = {k: PoolPass(m, pool.to(device)) if bs == 1 else m for k, m in models.items()}
+    per_call = len(pool) if bs == 1 else 1  # images one timed call runs, in batches of bs
     results = compare_throughput(timed, x.shape[1:], bs, device=device, repeats=args.repeats, warmup=args.warmup,
                                  amp_dtype=None if args.amp == "none" else args.amp, threads=args.threads,
                                  measure_memory=False, progress=True, images=x)
@@ -135,10 +140,10 @@ def time_batch(args, base, kernels, bs: int, device) -> list[dict]:
         per_image = name != "fixed"
         c = counts.double() if per_image else torch.tensor(fixed.keep_counts(), dtype=torch.float64).expand_as(counts)
         rows.append(dict(
-            batch_size=bs, model=name, images_per_s=res.images_per_s, latency_ms=res.latency_ms,
+            batch_size=bs, model=name, images_per_s=res.images_per_s * per_call, latency_ms=res.latency_ms / per_call,
             speed_vs_fixed=res.images_per_s / base_rate, mean_counts=c.mean(0).tolist(),
             min_counts=c.min(0).values.int().tolist(), max_counts=c.max(0).values.int().tolist(),
-            gmacs=float(macs.per_image(c.long()).mean()) / 1e9, times_ms=res.times_ms,
+            gmacs=float(macs.per_image(c.long()).mean()) / 1e9, times_ms=res.times_ms, images_per_call=per_call,
         ))
     return rows
 

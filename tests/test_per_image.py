@@ -418,6 +418,20 @@ def test_speed_benchmark_dry_run(tmp_path, capsys):
     for r in rows:  # the same mean token count per stage in every row of a batch size
         fixed = next(f for f in rows if f["model"] == "fixed" and f["batch_size"] == r["batch_size"])
         assert r["mean_counts"] == pytest.approx(fixed["mean_counts"], abs=0.5)
+        assert r["images_per_call"] == (4 if r["batch_size"] == 1 else 1)  # batch 1: the whole pool per timed call
+
+
+def test_speed_benchmark_runs_the_whole_pool_in_each_timed_call_at_batch_1():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "per_image_speed.py"
+    spec = importlib.util.spec_from_file_location("per_image_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    script.PoolPass(lambda x: seen.append(x.clone()) or x.sum(), torch.arange(5.0).view(5, 1))(torch.zeros(1, 1))
+    assert torch.equal(torch.cat(seen), torch.arange(5.0).view(5, 1))
 
 
 def test_auto_takes_varlen_on_a_gpu_in_half_precision(monkeypatch):
