@@ -4,6 +4,7 @@ from the demo's Fashion-MNIST teacher with the demo's recipe.
     python benchmarks/frontier.py --output frontier --threads 2                 # fused and merged variants
     python benchmarks/frontier.py --output frontier --variants fused,merged,plain-0.25 --seed 1
     python benchmarks/frontier.py --output frontier-smoke --quick               # a dry run in a minute or two
+    python benchmarks/frontier.py --output all --combine a/frontier.json,b/frontier.json  # one table and plot
 
 Every model starts from the same dense teacher (the one shipped with dynamicvit, or --teacher) and is
 fine-tuned with `dynamicvit.training.loop.train` and the settings `dynamicvit demo` uses
@@ -99,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--retrain", action="store_true", help="fine-tune again even where a model is saved")
     p.add_argument("--quick", action="store_true", help="a dry run: the demo's quick settings, few budgets")
+    p.add_argument("--combine", default=None, metavar="JSON,JSON,...",
+                   help="train and evaluate nothing: one table and plot from the frontier.json of earlier runs "
+                        "(the same baseline and test images; a variant named twice is taken from the last)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 
@@ -224,7 +228,43 @@ def save_plot(rows: list[dict], dense: dict, names: list[str], path: Path) -> Pa
     return path
 
 
+def combine(paths: list[str]) -> dict:
+    """One report from several runs' frontier.json: every variant's cells next to the one baseline."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--combine: cannot read {path} ({e}); pass the frontier.json files earlier runs wrote") from None
+    first = reports[0]
+    key = lambda rep: ([(r["r"], r["macs"], r[BASELINE]) for r in rep["rows"]], rep["test_images"], rep["seed"])
+    for path, rep in zip(paths[1:], reports[1:]):
+        if key(rep) != key(first):
+            raise ConfigError(f"--combine: {path} has another baseline, seed or test set than {paths[0]}; combine runs "
+                              "that share the baseline's folder and settings")
+    out = {**first, "rows": [dict(r, variants={}) for r in first["rows"]], "variants": {}, "prune_locs": {}, "combined": paths}
+    for rep in reports:
+        out["variants"].update(rep["variants"])
+        out["prune_locs"].update(rep["prune_locs"])
+        for row, theirs in zip(out["rows"], rep["rows"]):
+            row["variants"].update(theirs["variants"])
+    return out
+
+
+def write_report(report: dict, out: Path) -> dict:
+    names = list(report["variants"])
+    atomic_write(out / "frontier.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    report["plot"] = str(save_plot(report["rows"], report["dense"], names, out / "frontier.png"))
+    print(format_table(report["rows"], report["dense"], names))
+    print(f"\n{report['test_images']} test images, seed {report['seed']}; frontier.json and frontier.png in {out}")
+    return report
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.combine:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        return write_report(combine([p for p in args.combine.split(",") if p]), out)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
@@ -253,11 +293,7 @@ def run(args: argparse.Namespace) -> dict:
               "prune_locs": {n: list(m.prune_locs) for n, m in variants.items()},
               "r_range": list(args.r_range), "tolerance": args.tolerance, "seed": args.seed,
               "test_images": len(test_set), "quick": args.quick}
-    atomic_write(out / "frontier.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    report["plot"] = str(save_plot(rows, dense, args.variants, out / "frontier.png"))
-    print(format_table(rows, dense, args.variants))
-    print(f"\n{len(test_set)} test images, seed {args.seed}; frontier.json and frontier.png in {out}")
-    return report
+    return write_report(report, out)
 
 
 def main(argv=None) -> int:

@@ -188,11 +188,47 @@ def test_the_loop_distills_a_plain_classifier_with_ce_and_kl(tmp_path, monkeypat
 
 
 def test_frontier_finds_the_keep_ratio_of_an_equal_budget():
-    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
-    frontier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frontier)
+    frontier = _frontier_script()
     model = dynamicvit.create_model("vit_tiny_patch16_224", keep_ratio=0.7, merge_dropped=True, **tiny_kwargs())
     target = count_macs(model.at_keep_ratio(0.5)).total
     rho, macs = frontier.equal_budget(model, target, 0.01)
     assert abs(macs / target - 1) <= 0.01 and macs == count_macs(model.at_keep_ratio(rho)).total
     assert frontier.equal_budget(model, target // 10, 0.01) is None  # below anything a keep ratio reaches
+
+
+def _frontier_script():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    return frontier
+
+
+def _report(variant: str, top1: list, baseline=(88.0, 87.0), seed=0) -> dict:
+    rows = [{"r": r, "macs": 1000 - r, "merging": b, "merging-untrained": b - 1,
+             "variants": {variant: {"keep_ratio": 0.5, "macs": 1000 - r, "top1": t} if t is not None else None}}
+            for r, b, t in zip((1, 2), baseline, top1)]
+    return {"dense": {"macs": 1100, "top1": 88.5}, "rows": rows, "variants": {variant: {"merge_dropped": True}},
+            "prune_locs": {variant: [2, 3, 4]}, "r_range": [4, 10], "tolerance": 0.01, "seed": seed,
+            "test_images": 100, "quick": False}
+
+
+def test_frontier_combines_the_reports_of_earlier_runs(tmp_path, capsys):
+    frontier = _frontier_script()
+    paths = []
+    for name, report in (("a", _report("fused", [88.1, 87.2])), ("b", _report("merged-deep", [88.4, None]))):
+        paths.append(tmp_path / name / "frontier.json")
+        paths[-1].parent.mkdir()
+        paths[-1].write_text(json.dumps(report))
+    out = frontier.run(frontier.parse_args(["--output", str(tmp_path / "all"), "--combine", ",".join(map(str, paths))]))
+    assert list(out["variants"]) == ["fused", "merged-deep"] and (tmp_path / "all" / "frontier.png").is_file()
+    assert [r["variants"]["merged-deep"] and r["variants"]["merged-deep"]["top1"] for r in out["rows"]] == [88.4, None]
+    assert [r["variants"]["fused"]["top1"] for r in out["rows"]] == [88.1, 87.2]
+    table = capsys.readouterr().out
+    assert "| 88.40 (0.5, 0.00 M) | 88.00 (1)" in table and "| - | 87.00 (2)" in table
+    assert json.loads((tmp_path / "all" / "frontier.json").read_text())["combined"] == list(map(str, paths))
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps(_report("merged", [88.0, 87.0], baseline=(88.2, 87.0))))
+    with pytest.raises(ConfigError, match="another baseline, seed or test set"):
+        frontier.run(frontier.parse_args(["--output", str(tmp_path / "x"), "--combine", f"{paths[0]},{other}"]))
+    with pytest.raises(ConfigError, match="cannot read"):
+        frontier.run(frontier.parse_args(["--output", str(tmp_path / "x"), "--combine", str(tmp_path / "none.json")]))
