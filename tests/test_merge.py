@@ -459,6 +459,10 @@ def test_train_and_demo_take_merge_dropped():
         dynamicvit.TrainConfig(token_target="mean").validate()
     with pytest.raises(ConfigError, match="token_target must be one of position, held"):
         DemoConfig(token_target="mean").validate()
+    with pytest.raises(ConfigError, match="'held' is the target of merged tokens: add --merge-dropped"):
+        train_cmd.config_from_args(parser.parse_args(["--token-target", "held"]))
+    with pytest.raises(ConfigError, match="'held' is the target of merged tokens: add --merge-dropped"):
+        DemoConfig(token_target="held").validate()
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)
     args = parser.parse_args(["--merge-dropped"])

@@ -173,6 +173,8 @@ class DemoConfig:
             raise ConfigError(f"token_weight must be >= 0 (0: no token distillation), got {self.token_weight}")
         if self.token_target not in TOKEN_TARGETS:
             raise ConfigError(f"token_target must be one of {', '.join(TOKEN_TARGETS)}, got {self.token_target!r}")
+        if self.token_target == "held" and not self.merge_dropped:
+            raise ConfigError("token_target 'held' is the target of merged tokens: add --merge-dropped, or drop it")
         if self.clip_grad < 0:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.keep_ratios is not None:

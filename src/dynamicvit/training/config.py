@@ -265,6 +265,8 @@ class TrainConfig:
         need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
         need(self.token_target in TOKEN_TARGETS,
              f"token_target must be one of {', '.join(TOKEN_TARGETS)} (held: for merged tokens), got {self.token_target!r}")
+        need(self.token_target == "position" or self.merge_dropped,
+             "token_target 'held' is the target of merged tokens: add --merge-dropped, or drop --token-target")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
