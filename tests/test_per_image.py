@@ -412,16 +412,16 @@ def test_speed_benchmark_dry_run(tmp_path, capsys):
     spec.loader.exec_module(script)
     assert script.main(["--dry-run", "--batch-sizes", "1,3", "--kernels", "loop,padded", "--json", str(tmp_path / "r.json")]) == 0
     table = capsys.readouterr().out
-    assert "| 3 | per-image, padded |" in table and "| 1 | fixed |" in table
+    assert "| 3 | per-image, padded |" in table and "| 1 | fixed |" in table and "| 1 | fixed, each image's counts |" in table
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert len(rows) == 6
+    assert len(rows) == 7
     for r in rows:  # the same mean token count per stage in every row of a batch size
         fixed = next(f for f in rows if f["model"] == "fixed" and f["batch_size"] == r["batch_size"])
         assert r["mean_counts"] == pytest.approx(fixed["mean_counts"], abs=0.5)
         assert r["images_per_call"] == (4 if r["batch_size"] == 1 else 1)  # batch 1: the whole pool per timed call
 
 
-def test_speed_benchmark_runs_the_whole_pool_in_each_timed_call_at_batch_1():
+def _speed_script():
     import importlib.util
     from pathlib import Path
 
@@ -429,6 +429,29 @@ def test_speed_benchmark_runs_the_whole_pool_in_each_timed_call_at_batch_1():
     spec = importlib.util.spec_from_file_location("per_image_speed", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_speed_benchmarks_control_row_runs_the_fixed_path_at_each_images_counts():
+    """The batch-1 control row keeps, in each image, the per-image budget's counts: the same logits."""
+    script = _speed_script()
+    model = calibrated()
+    pool = _images(6, 7)
+    with torch.no_grad():
+        per_image = model.forward_pruned(pool)
+        fixed = model.at_keep_ratio(0.5, budget="fixed").eval()
+        control = script.CountsPass(fixed, pool, per_image.kept_counts)
+        outs = []
+        for i in range(len(pool)):  # a pool of one image per call, to compare each image's logits
+            control.pool, control.counts = pool[i : i + 1], [tuple(int(c) for c in per_image.kept_counts[i])]
+            outs.append(control(pool[:1]))
+    assert len(set(map(tuple, per_image.kept_counts.tolist()))) > 1  # the images keep different counts
+    torch.testing.assert_close(torch.cat(outs), per_image.logits, atol=1e-5, rtol=1e-4)
+    assert "keep_counts" not in vars(fixed) and fixed.keep_counts() == model.at_keep_ratio(0.5, budget="fixed").keep_counts()
+
+
+def test_speed_benchmark_runs_the_whole_pool_in_each_timed_call_at_batch_1():
+    script = _speed_script()
     seen = []
     script.PoolPass(lambda x: seen.append(x.clone()) or x.sum(), torch.arange(5.0).view(5, 1))(torch.zeros(1, 1))
     assert torch.equal(torch.cat(seen), torch.arange(5.0).view(5, 1))
