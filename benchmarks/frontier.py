@@ -21,7 +21,9 @@ The budgets are the baseline's MACs at each r of --r-values (one image, every ma
 matching and the merges included: `dynamicvit.runtime.flops.count_macs`). Each variant is evaluated at
 the keep ratio whose MACs are closest to each budget, when within --tolerance (1%); otherwise the cell
 is empty. The table and frontier.json list the MACs of every cell; frontier.png draws top-1 against MACs,
-with the baseline also without training and the dense teacher.
+with the baseline also without training and the dense teacher. A run in a folder whose frontier.json
+has the same baseline and settings adds its variants to it; an earlier report of other settings is
+kept as frontier.earlier-N.json.
 """
 from __future__ import annotations
 
@@ -236,19 +238,53 @@ def combine(paths: list[str]) -> dict:
             reports.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as e:
             raise ConfigError(f"--combine: cannot read {path} ({e}); pass the frontier.json files earlier runs wrote") from None
-    first = reports[0]
-    key = lambda rep: ([(r["r"], r["macs"], r[BASELINE]) for r in rep["rows"]], rep["test_images"], rep["seed"])
     for path, rep in zip(paths[1:], reports[1:]):
-        if key(rep) != key(first):
+        if _settings(rep) != _settings(reports[0]):
             raise ConfigError(f"--combine: {path} has another baseline, seed or test set than {paths[0]}; combine runs "
                               "that share the baseline's folder and settings")
-    out = {**first, "rows": [dict(r, variants={}) for r in first["rows"]], "variants": {}, "prune_locs": {}, "combined": paths}
+    return {**_merged(reports), "combined": paths}
+
+
+def _settings(report: dict) -> tuple:
+    """What reports must share to sit in one table: the baseline's budgets and top-1, seed, test set."""
+    return [(r["r"], r["macs"], r[BASELINE]) for r in report["rows"]], report["test_images"], report["seed"]
+
+
+def _merged(reports: list[dict]) -> dict:
+    """The reports' variants side by side (a variant in several: the last one's cells)."""
+    out = {**reports[0], "rows": [dict(r, variants={}) for r in reports[0]["rows"]], "variants": {}, "prune_locs": {}}
     for rep in reports:
         out["variants"].update(rep["variants"])
         out["prune_locs"].update(rep["prune_locs"])
         for row, theirs in zip(out["rows"], rep["rows"]):
             row["variants"].update(theirs["variants"])
     return out
+
+
+def with_earlier(report: dict, out: Path) -> dict:
+    """A run whose folder already holds a frontier.json adds its variants to it (the same baseline and
+    settings; a variant run again replaces its cells); an earlier report of other settings is kept
+    under a new name, never replaced."""
+    path = out / "frontier.json"
+    if not path.is_file():
+        return report
+    try:
+        earlier = json.loads(path.read_text())
+        same = _settings(earlier) == _settings(report)
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if same:
+        _logger.info("adding %s to the variants of %s", ", ".join(report["variants"]), path)
+        return _merged([earlier, report])
+    _set_aside(path)
+    return report
+
+
+def _set_aside(path: Path) -> None:
+    """Keep an earlier report under the first free name frontier.earlier-N.json."""
+    aside = next(p for p in (path.with_name(f"frontier.earlier-{i}.json") for i in range(1, 10_000)) if not p.exists())
+    path.rename(aside)
+    _logger.info("the earlier %s is kept as %s", path, aside)
 
 
 def write_report(report: dict, out: Path) -> dict:
@@ -264,7 +300,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.combine:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        return write_report(combine([p for p in args.combine.split(",") if p]), out)
+        paths = [p for p in args.combine.split(",") if p]
+        report = combine(paths)
+        target = out / "frontier.json"
+        if target.is_file() and not any(Path(p).resolve() == target.resolve() for p in paths):
+            _set_aside(target)
+        return write_report(report, out)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
@@ -293,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
               "prune_locs": {n: list(m.prune_locs) for n, m in variants.items()},
               "r_range": list(args.r_range), "tolerance": args.tolerance, "seed": args.seed,
               "test_images": len(test_set), "quick": args.quick}
-    return write_report(report, out)
+    return write_report(with_earlier(report, out), out)
 
 
 def main(argv=None) -> int:

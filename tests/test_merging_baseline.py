@@ -232,3 +232,24 @@ def test_frontier_combines_the_reports_of_earlier_runs(tmp_path, capsys):
         frontier.run(frontier.parse_args(["--output", str(tmp_path / "x"), "--combine", f"{paths[0]},{other}"]))
     with pytest.raises(ConfigError, match="cannot read"):
         frontier.run(frontier.parse_args(["--output", str(tmp_path / "x"), "--combine", str(tmp_path / "none.json")]))
+
+
+def test_a_frontier_run_adds_its_variants_to_the_folders_report_and_never_replaces_another(tmp_path, caplog):
+    frontier = _frontier_script()
+    (tmp_path / "frontier.json").write_text(json.dumps(_report("fused", [88.1, 87.2])))
+    merged = frontier.with_earlier(_report("merged-deep", [88.4, 87.5]), tmp_path)
+    assert list(merged["variants"]) == ["fused", "merged-deep"]
+    assert [r["variants"]["fused"]["top1"] for r in merged["rows"]] == [88.1, 87.2]
+    again = frontier.with_earlier(_report("fused", [88.3, 87.0]), tmp_path)  # a variant run again: its new cells
+    assert [r["variants"]["fused"]["top1"] for r in again["rows"]] == [88.3, 87.0]
+    earlier = _report("fused", [88.1, 87.2], seed=1)
+    (tmp_path / "frontier.json").write_text(json.dumps(earlier))
+    new = frontier.with_earlier(_report("merged", [88.0, 87.0]), tmp_path)  # another seed: kept aside, not merged
+    assert list(new["variants"]) == ["merged"] and not (tmp_path / "frontier.json").exists()
+    assert json.loads((tmp_path / "frontier.earlier-1.json").read_text()) == earlier
+    # --combine into a folder that holds another report keeps it too
+    (tmp_path / "a.json").write_text(json.dumps(_report("fused", [88.1, 87.2])))
+    (tmp_path / "frontier.json").write_text(json.dumps(earlier))
+    frontier.run(frontier.parse_args(["--output", str(tmp_path), "--combine", str(tmp_path / "a.json")]))
+    assert json.loads((tmp_path / "frontier.earlier-2.json").read_text()) == earlier
+    assert list(json.loads((tmp_path / "frontier.json").read_text())["variants"]) == ["fused"]
