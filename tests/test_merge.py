@@ -287,6 +287,29 @@ def test_the_held_token_target_changes_the_loss_only_where_tokens_were_merged():
         DynamicViTLoss(0.5, token_target="mean")
 
 
+def test_held_is_built_only_for_the_loss_that_reads_it(monkeypatch):
+    """The training path records each merge's (target, moved); `held` is folded from them on read, so the
+    default token target never pays for the (B, N, N) tensor."""
+    import dynamicvit.core.base as base
+
+    torch.manual_seed(0)
+    model = tiny_model(keep_ratio=0.5, merge_dropped=True).train()
+    x, y = _x(model, batch=3), torch.arange(3)
+    out = model(x, keep_ratio=0.5)
+    assert len(out.merges) == len(model.prune_locs)
+    steps = torch.eye(model.num_patches).expand(3, -1, -1)
+    for target, moved in out.merges:
+        steps = carry_held(steps, target, moved)
+    assert torch.equal(out.held, steps)
+    teacher_tokens = torch.randn_like(out.tokens)
+    built = []
+    monkeypatch.setattr(base, "held_after", lambda merges: built.append(1) or steps)
+    DynamicViTLoss(0.5, token_target="position")(out, y, None, teacher_tokens)
+    assert built == []
+    DynamicViTLoss(0.5, token_target="held")(out, y, None, teacher_tokens)
+    assert built == [1]
+
+
 def test_the_fused_masked_attention_takes_the_sizes_too():
     """With the training path's fused kernel (`fused_masked_attention`) the paths still agree."""
     from dynamicvit.runtime.speedups import fused_masked_attention

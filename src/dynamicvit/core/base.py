@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import layouts
+from .ops import held_after
 
 
 @dataclass
@@ -31,8 +32,9 @@ class DynamicViTOutput:
         mask: the final keep decision, (B, N), detached.
         class_logits: what CE and the logit distillation train when it differs from `logits`
             (`Host.class_logits`: LV-ViT's class head alone), else None.
-        held: merged tokens only: held[b, j, o] = 1 when patch token j holds original patch o at the
-            end, (B, N, N) (`ops.carry_held`; rows sum to the sizes), else None.
+        merges: merged tokens only: each merging stage's (target, moved), both (B, N), detached: the
+            token each patch token went to (its own index unless dropped there) and whether it took part
+            (kept or newly dropped); else None. `held` is built from them when read.
     """
 
     logits: torch.Tensor
@@ -40,7 +42,13 @@ class DynamicViTOutput:
     decisions: list[torch.Tensor]
     mask: torch.Tensor
     class_logits: Optional[torch.Tensor] = None
-    held: Optional[torch.Tensor] = None
+    merges: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def held(self) -> Optional[torch.Tensor]:
+        """Merged tokens only: held[b, j, o] = 1 when patch token j holds original patch o at the end,
+        (B, N, N) (`ops.held_after`; rows sum to the sizes), else None. Built on each read."""
+        return None if self.merges is None else held_after(self.merges)
 
 
 @dataclass

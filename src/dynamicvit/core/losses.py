@@ -246,8 +246,8 @@ class DynamicViTLoss(nn.Module):
             total = total + self.distill_weight * kl
             terms["kl"] = kl.detach()
         if teacher_tokens is not None:
-            held = getattr(output, "held", None)
-            if self.token_target == "held" and held is not None:
+            held = getattr(output, "held", None) if self.token_target == "held" else None  # built on read
+            if held is not None:
                 teacher_tokens = held_targets(held, teacher_tokens)
             tok = TOKEN_DISTILL[self.token_distill](output.tokens, teacher_tokens, output.mask)
             total = total + self.token_weight * tok

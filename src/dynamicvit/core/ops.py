@@ -509,6 +509,18 @@ def carry_held(held: torch.Tensor, target: torch.Tensor, moved: torch.Tensor) ->
     return torch.where(moved, gathered, held)
 
 
+def held_after(merges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """`carry_held` over every merging stage, from the identity: which original patches each token holds
+    at the end, (B, N, N). `merges` holds each stage's (target, moved), both (B, N), as the training path
+    records them; built only when asked for (the token target of merged tokens reads it)."""
+    target = merges[0][0]
+    B, N = target.shape
+    held = torch.eye(N, device=target.device).expand(B, N, N)
+    for target, moved in merges:
+        held = carry_held(held, target, moved)
+    return held
+
+
 def ratio_shift(keep_ratio: Optional[float], reference: float) -> float:
     """logit(keep_ratio) - logit(reference): how far elastic training moves the keep logits (0 for None).
 

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from .base import DynamicViTOutput, PrunedOutput, SparseModel
 from . import packed
 from .hosts import Host, host_for
-from .ops import (PredictionModule, carry_held, fold_dropped, merge_into_kept, merge_masked, prune_tokens, ratio_shift,
+from .ops import (PredictionModule, fold_dropped, merge_into_kept, merge_masked, prune_tokens, ratio_shift,
                   sample_keep, select_tokens, split_positions)
 from .settings import SparsityConfig, _as_ratio
 
@@ -257,7 +257,7 @@ class DynamicViT(SparseModel):
         shift = ratio_shift(keep_ratio, self.keep_ratio)
         fused_weight = None  # (B, 1, 1): total weight held by the fused token x[:, P + N]
         sizes = None  # (B, N): original patches each patch token holds, once merging has begun
-        held = None  # (B, N, N): which ones (`ops.carry_held`)
+        merges = [] if self.merge_dropped else None  # each stage's (target, moved): `DynamicViTOutput.held`
         policy = None
         stage_decisions = []
         stage_at = self._stage_at()
@@ -286,13 +286,14 @@ class DynamicViT(SparseModel):
                     present = (decision < 0.5).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, 1)
                     policy = torch.cat([policy, present], dim=1)
                 if self.merge_dropped:
-                    x, sizes, held = self._merge_masked(x, sizes, held, previous, decision)
+                    x, sizes, merge = self._merge_masked(x, sizes, previous, decision)
+                    merges.append(merge)
             x = host.block(i, x, policy, _with_prefix(sizes, P))
         x = host.norm(x[:, : P + N])
         mask = decision.squeeze(-1).detach()
         return DynamicViTOutput(
             logits=host.logits(x, mask), tokens=host.distill_targets(x), decisions=stage_decisions, mask=mask,
-            class_logits=host.class_logits(x), held=held,
+            class_logits=host.class_logits(x), merges=merges,
         )
 
     # -- inference path: tokens removed --------------------------------------------------------
@@ -377,17 +378,16 @@ class DynamicViT(SparseModel):
 
     # -- merging dropped tokens ----------------------------------------------------------------
 
-    def _merge_masked(self, x, sizes, held, previous, decision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training path: the newly dropped patch tokens of x (B, P + N, C) merged into the kept ones,
-        the sizes (B, N) and the original patches each token holds (B, N, N) after the merge."""
+    def _merge_masked(self, x, sizes, previous, decision) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Training path: the newly dropped patch tokens of x (B, P + N, C) merged into the kept ones, the
+        sizes (B, N) after the merge, and (where each token went, whether it took part), each (B, N)."""
         P = self.num_prefix_tokens
         B, N = x.shape[0], x.shape[1] - P
         if sizes is None:
             sizes = x.new_ones(B, N, dtype=torch.float32)
-            held = torch.eye(N, device=x.device).expand(B, N, N)
-        moved = previous.squeeze(-1)  # kept + newly dropped
+        moved = previous.squeeze(-1).detach() > 0.5  # kept + newly dropped
         patches, sizes, target = merge_masked(x[:, P:], sizes, decision.squeeze(-1), (previous - decision).squeeze(-1))
-        return torch.cat([x[:, :P], patches], dim=1), sizes, carry_held(held, target, moved)
+        return torch.cat([x[:, :P], patches], dim=1), sizes, (target, moved)
 
     def _merge_pruned(self, tokens, score, num_keep, sizes):
         """Inference path: keep the `num_keep` best-scoring patch tokens of tokens (B, P + n, C) and merge
