@@ -493,6 +493,13 @@ def test_train_and_demo_take_merge_dropped():
     assert cfg.merge_dropped and not cfg.fuse_dropped  # merging replaces the recipe's fusion
     with pytest.raises(ConfigError, match="choose one"):
         DemoConfig(fuse_dropped=True, merge_dropped=True).validate()
+    assert demo_cmd.config_from_args(args).token_target == "position"
+    cfg = demo_cmd.config_from_args(parser.parse_args(["--merge-dropped", "--token-target", "held", "--prune-locs", "1,2,3,4,5"]))
+    assert (cfg.token_target, cfg.merge_dropped, cfg.prune_locs) == ("held", True, (1, 2, 3, 4, 5))
+    with pytest.raises(ConfigError, match="'held' is the target of merged tokens: add --merge-dropped"):
+        demo_cmd.config_from_args(parser.parse_args(["--token-target", "held"])).validate()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--token-target", "mean"])
 
 
 def test_the_commands_take_a_merged_checkpoint(tmp_path, capsys):

@@ -205,6 +205,14 @@ def test_output_under_proc_is_one_line(capsys, command):
     assert one_error_line(err, command).startswith(f"dynamicvit {command}: error: --output /proc/dynamicvit-run/x cannot be written")
 
 
+def test_demo_refuses_the_held_target_without_merged_tokens_before_it_writes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, _, err = run_cli(capsys, "demo", "--token-target", "held", "--output", out)
+    assert code == 2
+    assert "'held' is the target of merged tokens: add --merge-dropped" in one_error_line(err, "demo")
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("flag", ["--json", "--markdown", "--plot"])
 def test_bench_output_files_are_checked_before_timing(tmp_path, capsys, flag):
     code, _, err = run_cli(capsys, "bench", flag, tmp_path)  # a folder where a file belongs

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-dropped", action="store_true",
                         help="add each dropped token into its most similar kept token (size-weighted, with "
                              "proportional attention) instead of fusing or discarding it")
+    parser.add_argument("--token-target", choices=("position", "held"), default=None,
+                        help="token distillation target of a merged token: position (the teacher's token at its "
+                             "place, the default) or held (the teacher's tokens averaged over the patches it "
+                             "holds; needs --merge-dropped)")
     parser.add_argument("--compare-single-ratio", action="store_true",
                         help="also fine-tune the single-ratio model for the keep-ratio plot (twice the fine-tuning "
                              "time; default: its sweep measured on the shipped teacher)")
@@ -61,11 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, format_table, run_demo
-    from ..files import check_output_dir
-
-    check_output_dir(args.output)  # a file or an unwritable folder: one line now, not after minutes of training
+def config_from_args(args: argparse.Namespace):
+    """The `DemoConfig` the flags describe: only the settings given on the command line override the
+    (full or quick) defaults."""
+    from ..demo import DemoConfig
 
     settings = dict(
         output=args.output, data_dir=args.data_dir, download=args.download, teacher=args.teacher,
@@ -74,13 +77,20 @@ def run(args: argparse.Namespace) -> int:
         compare_single_ratio=args.compare_single_ratio, device=args.device, threads=args.threads, seed=args.seed,
         progress=args.progress,
     )
-    # Only the settings given on the command line override the (full or quick) defaults.
     tuning = dict(epochs=args.epochs, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
                   backbone_lr_scale=args.backbone_lr_scale, num_workers=args.num_workers,
-                  ratio_weight=args.ratio_weight, clip_grad=args.clip_grad,
+                  ratio_weight=args.ratio_weight, clip_grad=args.clip_grad, token_target=args.token_target,
                   prune_locs=tuple(args.prune_locs) if args.prune_locs else None)
     tuning = {k: v for k, v in tuning.items() if v is not None}
-    cfg = DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)
+    return DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import format_table, run_demo
+    from ..files import check_output_dir
+
+    check_output_dir(args.output)  # a file or an unwritable folder: one line now, not after minutes of training
+    cfg = config_from_args(args)
 
     report = run_demo(cfg)
     out = Path(cfg.output)
