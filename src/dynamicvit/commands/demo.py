@@ -10,6 +10,7 @@ HELP = "Fashion-MNIST end to end: dense teacher vs DynamicViT, accuracy, MACs, s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.losses import TOKEN_TARGETS
     from ..demo import DemoConfig
 
     d = DemoConfig()
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-dropped", action="store_true",
                         help="add each dropped token into its most similar kept token (size-weighted, with "
                              "proportional attention) instead of fusing or discarding it")
-    parser.add_argument("--token-target", choices=("position", "held"), default=None,
+    parser.add_argument("--token-target", choices=TOKEN_TARGETS, default=None,
                         help="token distillation target of a merged token: position (the teacher's token at its "
                              "place, the default) or held (the teacher's tokens averaged over the patches it "
                              "holds; needs --merge-dropped)")

@@ -385,7 +385,7 @@ class DynamicViT(SparseModel):
         B, N = x.shape[0], x.shape[1] - P
         if sizes is None:
             sizes = x.new_ones(B, N, dtype=torch.float32)
-        moved = previous.squeeze(-1).detach() > 0.5  # kept + newly dropped
+        moved = previous.squeeze(-1).detach()  # kept + newly dropped (`carry_held` thresholds it)
         patches, sizes, target = merge_masked(x[:, P:], sizes, decision.squeeze(-1), (previous - decision).squeeze(-1))
         return torch.cat([x[:, :P], patches], dim=1), sizes, (target, moved)
 
