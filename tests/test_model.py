@@ -33,15 +33,19 @@ def _images(model: DynamicViT, batch: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 # Every invariant holds with the dropped tokens fused into one extra token, or merged into the kept
-# ones, too.
-VARIANT_IDS = list(VARIANTS) + [f"{v}+fused" for v in VARIANTS] + [f"{v}+merged" for v in VARIANTS]
+# ones, too, and with slim prediction modules (width 8 instead of the model's).
+VARIANT_IDS = (list(VARIANTS) + [f"{v}+fused" for v in VARIANTS] + [f"{v}+merged" for v in VARIANTS]
+               + ["vit+slim", "registers_token+fused+slim", "lvvit_s+merged+slim"])
 
 
 @pytest.fixture(params=VARIANT_IDS, ids=VARIANT_IDS)
 def variant(request) -> DynamicViT:
-    key, _, home = request.param.partition("+")
+    key, *options = request.param.split("+")
     name, kw = VARIANTS[key]
-    return tiny_model(name, fuse_dropped=home == "fused", merge_dropped=home == "merged", **kw).eval()
+    model = tiny_model(name, fuse_dropped="fused" in options, merge_dropped="merged" in options,
+                       predictor_width=8 if "slim" in options else None, **kw)
+    assert all(p.in_conv[1].out_features == (8 if "slim" in options else model.embed_dim) for p in model.predictors)
+    return model.eval()
 
 
 def test_keep_ratio_one_reproduces_timm(variant):

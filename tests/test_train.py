@@ -458,7 +458,7 @@ def test_training_warns_when_the_kept_fraction_misses_the_target(tmp_path, caplo
     from dynamicvit.core import vit as model_module
     from dynamicvit.core.ops import PredictionModule
 
-    monkeypatch.setattr(model_module, "PredictionModule", lambda dim, prior: PredictionModule(dim, keep_prior=0.5))
+    monkeypatch.setattr(model_module, "PredictionModule", lambda dim, prior, width=None: PredictionModule(dim, keep_prior=0.5, width=width))
     cfg = config(tmp_path, epochs=1, ratio_weight=0.0, max_steps_per_epoch=2)
     with caplog.at_level("WARNING", logger="dynamicvit.training.loop"):
         train(cfg, train_set=synthetic(16))

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from .core.base import SparseModel
 from .core.hosts import host_for
 from .core.losses import TOKEN_TARGETS
-from .core.settings import KeepRatioSampler
+from .core.settings import KeepRatioSampler, check_predictor_width
 from .data import build_dataset, resolve_dataset
 from .errors import CheckpointError, ConfigError
 from .extras import require
@@ -106,6 +106,7 @@ class DemoConfig:
     fuse_dropped: Optional[bool] = None  # fold the dropped tokens into one extra token (`--fuse-dropped`);
     # None: the recipe's choice (elastic: yes, single ratio: no; never with merge_dropped)
     merge_dropped: bool = False  # add each dropped token into its most similar kept token (`--merge-dropped`)
+    predictor_width: Optional[int] = None  # hidden width of the prediction modules; None: the model's width (64 for the shipped teacher)
     compare_single_ratio: bool = False  # also fine-tune the single-ratio model and sweep it (twice the
     # fine-tuning time); otherwise the plot shows its sweep measured on the shipped teacher
     prune_locs: Optional[tuple[int, ...]] = None  # blocks before which to prune; None: SHIPPED_PRUNE_LOCS
@@ -181,6 +182,7 @@ class DemoConfig:
             KeepRatioSampler.parse(self.keep_ratios)
         if self.fuse_dropped and self.merge_dropped:
             raise ConfigError("--fuse-dropped and --merge-dropped are two homes for the dropped tokens; choose one")
+        check_predictor_width(self.predictor_width)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         for name in ("train_images", "test_images"):
@@ -368,6 +370,7 @@ def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.de
         keep_ratios=cfg.keep_ratios,
         fuse_dropped=cfg.fuse_dropped,
         merge_dropped=cfg.merge_dropped,
+        predictor_width=cfg.predictor_width,
         prune_locs=list(prune_locs) if prune_locs else None,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,

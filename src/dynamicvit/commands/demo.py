@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token distillation target of a merged token: position (the teacher's token at its "
                              "place, the default) or held (the teacher's tokens averaged over the patches it "
                              "holds; needs --merge-dropped)")
+    parser.add_argument("--predictor-width", type=positive_int, default=None, metavar="W",
+                        help="hidden width of the prediction modules, a multiple of 4 up to the model's width "
+                             "(default: the model's width, 64 for the shipped teacher, the paper's layout)")
     parser.add_argument("--compare-single-ratio", action="store_true",
                         help="also fine-tune the single-ratio model for the keep-ratio plot (twice the fine-tuning "
                              "time; default: its sweep measured on the shipped teacher)")
@@ -81,6 +84,7 @@ def config_from_args(args: argparse.Namespace):
     tuning = dict(epochs=args.epochs, train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
                   backbone_lr_scale=args.backbone_lr_scale, num_workers=args.num_workers,
                   ratio_weight=args.ratio_weight, clip_grad=args.clip_grad, token_target=args.token_target,
+                  predictor_width=args.predictor_width,
                   prune_locs=tuple(args.prune_locs) if args.prune_locs else None)
     tuning = {k: v for k, v in tuning.items() if v is not None}
     return DemoConfig.quick_mode(**settings, **tuning) if args.quick else DemoConfig(**settings, **tuning)

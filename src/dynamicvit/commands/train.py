@@ -32,6 +32,8 @@ FLAG_HELP = {
     "keep_ratios": "elastic training: LO:HI (e.g. 0.4:1.0, uniform), low:LO:HI (small ratios drawn more often) or A,B,C, a keep ratio drawn per step (default: --keep-ratio only)",
     "fuse_dropped": "fold each stage's dropped tokens into one extra token instead of discarding them",
     "merge_dropped": "add each dropped token into its most similar kept token (size-weighted; excludes --fuse-dropped)",
+    "predictor_width": "hidden width of the prediction modules, a multiple of 4 (default: the model's width, the "
+    "paper's layout; a quarter of it costs about a fifth of the MACs)",
     "budget": "fixed, or per-image: the ratio loss holds the batch's mean kept fraction at rho^s, not each image's "
     "(calibrate the thresholds afterwards with `dynamicvit calibrate`)",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "

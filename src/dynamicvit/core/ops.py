@@ -14,7 +14,8 @@
   number of original tokens a merged token holds; `carry_held` follows which original patches each
   token holds (the training path's target for merged tokens).
 
-Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width.
+Shapes: B batch, N patch tokens, P prefix tokens, M = P + N, C width, H heads, D head width, W a
+prediction module's hidden width.
 """
 from __future__ import annotations
 
@@ -32,18 +33,23 @@ class PredictionModule(nn.Module):
     Submodule names and indices follow the reference checkpoints (`in_conv.0`, `in_conv.1`,
     `out_conv.0/2/4`), so their weights load after renaming the `score_predictor.` prefix alone.
     Channel 0 of the output is "keep".
+
+    `width` (W) is the hidden width: the module maps C -> W -> W/2 -> W/4 -> 2. The reference uses
+    W = C, about 1.4 C^2 MACs per token, a tenth of a block's 12 C^2; at low budgets, with a stage
+    before most blocks, that tenth competes with the tokens for the same MACs. W = C/4 costs about
+    0.27 C^2 per token. W must be a multiple of 4.
     """
 
-    def __init__(self, embed_dim: int, keep_prior: float = 0.5):
+    def __init__(self, embed_dim: int, keep_prior: float = 0.5, width: Optional[int] = None):
         super().__init__()
-        C = embed_dim
-        self.in_conv = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU())
+        C, W = embed_dim, width or embed_dim
+        self.in_conv = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, W), nn.GELU())
         self.out_conv = nn.Sequential(
-            nn.Linear(C, C // 2),
+            nn.Linear(W, W // 2),
             nn.GELU(),
-            nn.Linear(C // 2, C // 4),
+            nn.Linear(W // 2, W // 4),
             nn.GELU(),
-            nn.Linear(C // 4, 2),
+            nn.Linear(W // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
         self.reset_parameters(keep_prior)
@@ -86,20 +92,20 @@ class PredictionModule(nn.Module):
         """
         P = num_prefix_tokens
         norm, fc_in = self.in_conv[0], self.in_conv[1]
-        h = _gelu(F.linear(norm(x), fc_in.weight, fc_in.bias))  # (B, P + N, C)
-        C = h.shape[-1]
-        local, glob = h[..., : C // 2], h[:, P:, C // 2 :]
+        h = _gelu(F.linear(norm(x), fc_in.weight, fc_in.bias))  # (B, P + N, W)
+        W = h.shape[-1]
+        local, glob = h[..., : W // 2], h[:, P:, W // 2 :]
         if policy is None:
-            glob = glob.mean(dim=1, keepdim=True)  # (B, 1, C/2)
+            glob = glob.mean(dim=1, keepdim=True)  # (B, 1, W/2)
         else:
             # Masked mean: dropped tokens must not leak into the global feature. An all-dropped
             # row gives 0 / eps = 0 instead of the reference's 0 / 0 = NaN.
             glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(1e-6)
         # out_conv[0] acts on concat(local, global). Split its weight instead of concatenating: the
-        # global half is one row per image, so it costs (C/2)^2 per image instead of per token, and
+        # global half is one row per image, so it costs (W/2)^2 per image instead of per token, and
         # no (B, N, C) copy is made. Same weights and result as the reference layout.
         fc0, fc1, fc2 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
-        z = F.linear(local, fc0.weight[:, : C // 2]).add_(F.linear(glob, fc0.weight[:, C // 2 :], fc0.bias))
+        z = F.linear(local, fc0.weight[:, : W // 2]).add_(F.linear(glob, fc0.weight[:, W // 2 :], fc0.bias))
         z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))
         z = F.linear(z, fc2.weight, fc2.bias)
         return z[:, P:]
@@ -140,15 +146,15 @@ class PredictionModule(nn.Module):
         """
         w = self._inference_weights()
         norm, fc_in, fc1 = self.in_conv[0], self.in_conv[1], self.out_conv[2]
-        h = _gelu(F.linear(norm(patches), fc_in.weight, fc_in.bias))  # (B, n, C) or (T, C)
-        local, glob = h.split(h.shape[-1] // 2, dim=-1)  # (B, n, C/2) each
+        h = _gelu(F.linear(norm(patches), fc_in.weight, fc_in.bias))  # (B, n, W) or (T, W)
+        local, glob = h.split(h.shape[-1] // 2, dim=-1)  # (B, n, W/2) each
         if segments is None:
             z = F.linear(local, w.local).add_(F.linear(glob.mean(dim=1, keepdim=True), w.glob, w.bias))
         else:
             image, counts = segments
             mean = glob.new_zeros(counts.shape[0], glob.shape[-1]).index_add_(0, image, glob) / counts[:, None]
-            z = F.linear(local, w.local).add_(F.linear(mean, w.glob, w.bias)[image])  # (T, C/2)
-        z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))  # (B, n, C/4)
+            z = F.linear(local, w.local).add_(F.linear(mean, w.glob, w.bias)[image])  # (T, W/2)
+        z = _gelu(F.linear(_gelu(z), fc1.weight, fc1.bias))  # (B, n, W/4)
         return F.linear(z, w.margin, w.margin_bias)
 
     def _inference_weights(self) -> "_InferenceWeights":
@@ -183,10 +189,10 @@ class PredictionModule(nn.Module):
 
 
 class _InferenceWeights(NamedTuple):
-    local: torch.Tensor  # (C/2, C/2), out_conv[0] on the local half
-    glob: torch.Tensor  # (C/2, C/2), out_conv[0] on the global half
-    bias: torch.Tensor  # (C/2,)
-    margin: torch.Tensor  # (1, C/4), w_keep - w_drop
+    local: torch.Tensor  # (W/2, W/2), out_conv[0] on the local half (W: the module's width)
+    glob: torch.Tensor  # (W/2, W/2), out_conv[0] on the global half
+    bias: torch.Tensor  # (W/2,)
+    margin: torch.Tensor  # (1, W/4), w_keep - w_drop
     margin_bias: torch.Tensor  # (1,), b_keep - b_drop
 
     @classmethod

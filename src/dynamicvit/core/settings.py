@@ -142,6 +142,21 @@ class SparsityConfig:
             )
 
 
+def check_predictor_width(width, embed_dim: Optional[int] = None) -> Optional[int]:
+    """The hidden width of the prediction modules, checked: None (or the model's width) is the paper's
+    layout, returned as None; otherwise a multiple of 4 from 4 to the model's width `embed_dim` (not
+    checked when None: settings checked before the model is built)."""
+    if width is None:
+        return None
+    if isinstance(width, bool) or not isinstance(width, int) or width < 4 or width % 4 or width > (embed_dim or width):
+        up_to = f" to the model's width {embed_dim}" if embed_dim else ""
+        raise ConfigError(
+            f"predictor_width must be a multiple of 4 from 4{up_to} (the prediction modules map it to width/2, "
+            f"width/4 and 2), got {width!r}; leave it unset for the paper's layout"
+        )
+    return None if width == embed_dim else width
+
+
 def _check_budget(cfg: SparsityConfig, num_patches: int) -> None:
     if cfg.budget not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {cfg.budget!r}")

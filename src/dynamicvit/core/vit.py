@@ -46,7 +46,7 @@ from . import packed
 from .hosts import Host, host_for
 from .ops import (PredictionModule, fold_dropped, merge_into_kept, merge_masked, prune_tokens, ratio_shift,
                   sample_keep, select_tokens, split_positions)
-from .settings import SparsityConfig, _as_ratio
+from .settings import SparsityConfig, _as_ratio, check_predictor_width
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class DynamicViT(SparseModel):
             `keep_ratio` alone, as in the paper.
         budget, thresholds, min_keep: the per-image budget (see `SparsityConfig`); thresholds are
             {keep ratio: (t_1, ..., t_S)} as `dynamicvit.core.budget.calibrate_thresholds` finds them.
+        predictor_width: hidden width of the prediction modules (see `PredictionModule`); None: the
+            model's width, the paper's layout.
 
     Attributes:
         packed_attention: how the per-image budget computes attention on the packed batch (one of
@@ -91,6 +93,7 @@ class DynamicViT(SparseModel):
         budget: str = "fixed",
         thresholds: Optional[Mapping[float, Sequence[float]]] = None,
         min_keep: int = 1,
+        predictor_width: Optional[int] = None,
     ):
         super().__init__()
         self.host: Host = host_for(backbone)
@@ -103,7 +106,9 @@ class DynamicViT(SparseModel):
             self.set_keep_ratio_range(keep_ratio_range)
         # Each stage starts by keeping about rho of the tokens before it, so stage s starts at its target rho^s.
         prior = min(max(self.config.keep_ratio, 0.05), 0.95)
-        self.predictors = nn.ModuleList(PredictionModule(self.embed_dim, prior) for _ in self.config.prune_locs)
+        self.predictor_width = check_predictor_width(predictor_width, self.embed_dim)
+        self.predictors = nn.ModuleList(PredictionModule(self.embed_dim, prior, self.predictor_width)
+                                        for _ in self.config.prune_locs)
         self._set_source(model_name, timm_kwargs)
 
     # -- properties ----------------------------------------------------------------------------
@@ -148,6 +153,7 @@ class DynamicViT(SparseModel):
             # Written only when set, so the settings of a model without them read as before.
             **({"fuse_dropped": True} if self.fuse_dropped else {}),
             **({"merge_dropped": True} if self.merge_dropped else {}),
+            **({"predictor_width": self.predictor_width} if self.predictor_width else {}),
             **({"keep_ratio_range": list(self.keep_ratio_range)} if self.keep_ratio_range else {}),
             **({"budget": self.budget} if self.budget != "fixed" else {}),
             **({"thresholds": {repr(r): list(t) for r, t in self.config.thresholds}, "min_keep": self.config.min_keep}
@@ -160,7 +166,7 @@ class DynamicViT(SparseModel):
         twin = DynamicViT(self.backbone, keep_ratio, self.prune_locs, self.model_name, self.timm_kwargs,
                           fuse_dropped=self.fuse_dropped, keep_ratio_range=self.keep_ratio_range,
                           merge_dropped=self.merge_dropped, budget=budget or self.budget, thresholds=self.thresholds,
-                          min_keep=self.config.min_keep)
+                          min_keep=self.config.min_keep, predictor_width=self.predictor_width)
         twin.predictors = self.predictors
         twin.packed_attention = self.packed_attention
         return twin
@@ -221,6 +227,8 @@ class DynamicViT(SparseModel):
             text += ", fuse_dropped=True"
         if self.merge_dropped:
             text += ", merge_dropped=True"
+        if self.predictor_width:
+            text += f", predictor_width={self.predictor_width}"
         if self.budget != "fixed":
             text += f", budget={self.budget!r}, thresholds={self.config.stage_thresholds()}, min_keep={self.config.min_keep}"
         if self.keep_ratio_range is not None:

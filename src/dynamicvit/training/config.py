@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..core.losses import TOKEN_TARGETS
-from ..core.settings import BUDGETS, KeepRatioSampler
+from ..core.settings import BUDGETS, KeepRatioSampler, check_predictor_width
 from ..data import BAD_IMAGE_MODES
 from ..errors import ConfigError
 from ..runtime.device import AMP_MODES
@@ -149,6 +149,8 @@ class TrainConfig:
     # keep_ratio alone (the paper's recipe). The model's keep ratio at inference stays keep_ratio.
     fuse_dropped: bool = False  # fold each stage's dropped tokens into one extra token instead of discarding them
     merge_dropped: bool = False  # add each dropped token into its most similar kept token (excludes fuse_dropped)
+    predictor_width: Optional[int] = None  # hidden width of the prediction modules (multiple of 4); None: the
+    # model's width, the paper's layout. A quarter of it costs a fifth of the MACs (see PredictionModule)
     budget: str = "fixed"  # "per-image": the ratio loss pulls the batch's mean kept fraction to rho^s, not each
     # image's, so images may keep more or fewer tokens (calibrate thresholds afterwards: dynamicvit calibrate)
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages
@@ -291,6 +293,7 @@ class TrainConfig:
         need(self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.keep_ratios is not None:
             KeepRatioSampler.parse(self.keep_ratios)
+        check_predictor_width(self.predictor_width)
         need(not (self.fuse_dropped and self.merge_dropped),
              "--fuse-dropped and --merge-dropped are two homes for the dropped tokens; choose one")
         if self.dense and self.teacher:

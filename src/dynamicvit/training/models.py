@@ -74,7 +74,7 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
     teacher = _teacher(cfg, kwargs)
     teacher.eval().requires_grad_(False)
     student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped,
-                       merge_dropped=cfg.merge_dropped)
+                       merge_dropped=cfg.merge_dropped, predictor_width=cfg.predictor_width)
     student.backbone.requires_grad_(True)
     if cfg.predictor_keep_prior is not None:
         for predictor in student.predictors:

@@ -63,6 +63,7 @@ def create_model(
     restart_streams: bool = True,
     fuse_dropped: Optional[bool] = None,
     merge_dropped: Optional[bool] = None,
+    predictor_width: Optional[int] = None,
     **timm_kwargs,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Build the timm model `name` and add DynamicViT prediction modules.
@@ -91,6 +92,8 @@ def create_model(
             discarding them (default: the checkpoint's setting, else off).
         merge_dropped: ViTs only: add each dropped token into its most similar kept token (default:
             the checkpoint's setting, else off); excludes `fuse_dropped`.
+        predictor_width: ViTs only: hidden width of the prediction modules, a multiple of 4 up to the
+            model's width (default: the checkpoint's, else the model's width, the paper's layout).
         timm_kwargs: passed to `timm.create_model` (img_size, num_classes, drop_path_rate, ...).
     """
     if hf.is_hf_spec(name):
@@ -112,12 +115,13 @@ def create_model(
                 keep_ratio = settings["keep_ratio"]
             fuse_dropped = _stored_flag(settings, "fuse_dropped", fuse_dropped, checkpoint_path)
             merge_dropped = _stored_flag(settings, "merge_dropped", merge_dropped, checkpoint_path)
+            predictor_width = _stored_width(settings, predictor_width, checkpoint_path)
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
 
     def build() -> Union[DynamicViT, DynamicSpatial]:
         backbone = create_backbone(name, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
         return _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs,
-                     bool(fuse_dropped), bool(merge_dropped))
+                     bool(fuse_dropped), bool(merge_dropped), predictor_width)
 
     if checkpoint is None:
         return build()
@@ -136,6 +140,18 @@ def _stored_flag(settings: dict, name: str, asked: Optional[bool], path: PathLik
         raise CheckpointError(
             f"{path} was trained with {name}={stored}, but {name}={asked} was asked for; drop the argument "
             "(the checkpoint's setting is used)"
+        )
+    return stored
+
+
+def _stored_width(settings: dict, asked: Optional[int], path: PathLike) -> Optional[int]:
+    """A checkpoint's predictor width (None: the paper's layout); an explicit `asked` that differs is an error
+    (the prediction modules' weights have that width)."""
+    stored = settings.get("predictor_width")
+    if asked is not None and asked != stored:
+        raise CheckpointError(
+            f"{path} holds prediction modules of width {stored or 'the model width'}, but predictor_width={asked} "
+            "was asked for; drop the argument (the checkpoint's width is used)"
         )
     return stored
 
@@ -192,6 +208,7 @@ def _rebuild(path: PathLike, state: dict, settings: Optional[dict], overrides: d
             **{k: settings[k] for k in ("stage_ratios", "restart_streams") if k in settings},  # DynamicSpatial
             fuse_dropped=bool(settings.get("fuse_dropped", False)),
             merge_dropped=bool(settings.get("merge_dropped", False)),
+            predictor_width=settings.get("predictor_width"),
             **kwargs,
         )
         if settings.get("keep_ratio_range"):
@@ -214,7 +231,8 @@ def _rebuild_transformers(path: PathLike, state: dict, settings: dict, overrides
             return backbone
         return DynamicViT(backbone, settings["keep_ratio"], settings["prune_locs"],
                           fuse_dropped=bool(settings.get("fuse_dropped", False)),
-                          keep_ratio_range=settings.get("keep_ratio_range"))
+                          keep_ratio_range=settings.get("keep_ratio_range"),
+                          predictor_width=settings.get("predictor_width"))
 
     model = built_from_settings(path, state, build)
     load_state(model, state, source=f"checkpoint {path}")
@@ -362,17 +380,19 @@ def sparsify(
     restart_streams: bool = True,
     fuse_dropped: bool = False,
     merge_dropped: bool = False,
+    predictor_width: Optional[int] = None,
 ) -> Union[DynamicViT, DynamicSpatial]:
     """Wrap a timm ViT, ConvNeXt or Swin, or a transformers ViT, DeiT, DINOv2 or CLIP vision model, that the
     user already has (weights shared, not copied). A transformers model runs at its config.image_size."""
     kwargs = getattr(model, "dynamicvit_timm_kwargs", None)
     if kwargs is None:
         kwargs = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_cfg_overlay"}
-    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs, fuse_dropped, merge_dropped)
+    return _wrap(model, keep_ratio, prune_locs, stage_ratios, restart_streams, None, kwargs, fuse_dropped, merge_dropped,
+                 predictor_width)
 
 
 def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name, timm_kwargs, fuse_dropped=False,
-          merge_dropped=False):
+          merge_dropped=False, predictor_width=None):
     """DynamicSpatial for hierarchical backbones, DynamicViT otherwise."""
     if isinstance(backbone, SparseModel):
         raise ConfigError(
@@ -383,6 +403,9 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
         if fuse_dropped or merge_dropped:
             flag = "fuse_dropped" if fuse_dropped else "merge_dropped"
             raise ConfigError(f"{flag} applies to ViTs only: ConvNeXt and Swin keep every position of their maps")
+        if predictor_width is not None:
+            raise ConfigError("predictor_width applies to ViTs only: ConvNeXt and Swin keep the authors' prediction "
+                              "modules; drop the argument")
         return DynamicSpatial(
             backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, model_name=name, timm_kwargs=timm_kwargs
         )
@@ -391,7 +414,7 @@ def _wrap(backbone, keep_ratio, prune_locs, stage_ratios, restart_streams, name,
             "stage_ratios applies to ConvNeXt and Swin models only; ViTs keep int(N * keep_ratio ** s) tokens per stage"
         )
     return DynamicViT(backbone, keep_ratio, prune_locs, model_name=name, timm_kwargs=timm_kwargs,
-                      fuse_dropped=fuse_dropped, merge_dropped=merge_dropped)
+                      fuse_dropped=fuse_dropped, merge_dropped=merge_dropped, predictor_width=predictor_width)
 
 
 def register_with_timm() -> None:

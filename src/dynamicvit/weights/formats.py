@@ -256,6 +256,7 @@ def _check_sparsity(settings: dict, where: str) -> None:
         ("restart_streams", lambda v: isinstance(v, bool), "true or false"),
         ("fuse_dropped", lambda v: isinstance(v, bool), "true or false"),
         ("merge_dropped", lambda v: isinstance(v, bool), "true or false"),
+        ("predictor_width", lambda v: is_int(v) and 4 <= v <= 65536 and v % 4 == 0, "a multiple of 4"),
     ):
         if settings.get(key) is not None and not ok(settings[key]):
             raise CheckpointError(f"{where} hold {key} {short_repr(settings[key])}; expected {expected}")

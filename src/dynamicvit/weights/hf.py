@@ -180,7 +180,8 @@ def load_folder(
         raise CheckpointError(f"{folder} was saved with fuse_dropped={settings.get('fuse_dropped', False)}; drop the argument")
     model = DynamicViT(backbone, settings["keep_ratio"] if keep_ratio is None else keep_ratio, prune_locs,
                        fuse_dropped=bool(settings.get("fuse_dropped", False)),
-                       keep_ratio_range=settings.get("keep_ratio_range"))
+                       keep_ratio_range=settings.get("keep_ratio_range"),
+                       predictor_width=settings.get("predictor_width"))
     load_state(model, state, source=f"the prediction modules in {stored}", allow_missing_prefix="backbone.")
     return model
 
