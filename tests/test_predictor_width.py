@@ -144,3 +144,34 @@ def test_onnx_export_of_a_slim_model_is_verified(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(OnnxModel(result.path)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_detached_predictor_input_leaves_the_ratio_loss_to_the_prediction_modules(detach):
+    from dynamicvit.core.losses import ratio_loss
+
+    model = tiny_model(merge_dropped=True, predictor_width=8).train()
+    model.detach_predictor_input = detach
+    assert model.at_keep_ratio(0.5).detach_predictor_input == detach
+    out = model(torch.randn(4, 3, 32, 32))
+    ratio_loss(out.decisions, 0.3).backward(retain_graph=True)
+    backbone = [n for n, p in model.backbone.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictors[0].parameters())
+    assert (backbone == []) == detach  # the paper's method sends the ratio loss into the backbone too
+    model.zero_grad()
+    out.logits.square().sum().backward()  # the task's gradient still reaches every backbone parameter
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_train_takes_detach_predictor_input(tmp_path):
+    from dynamicvit.commands import train as train_cmd
+    from dynamicvit.training.models import build_models
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    assert train_cmd.config_from_args(parser.parse_args(["--detach-predictor-input"])).detach_predictor_input
+    path = dynamicvit.save_model(tiny_model().backbone, tmp_path / "teacher.safetensors")
+    student, _ = build_models(dynamicvit.TrainConfig(teacher=str(path), detach_predictor_input=True,
+                                                     dataset="fashion-mnist"), {})
+    assert student.detach_predictor_input
+    assert "detach_predictor_input" not in student.settings()  # a training choice: inference is the same

@@ -106,7 +106,9 @@ class DemoConfig:
     fuse_dropped: Optional[bool] = None  # fold the dropped tokens into one extra token (`--fuse-dropped`);
     # None: the recipe's choice (elastic: yes, single ratio: no; never with merge_dropped)
     merge_dropped: bool = False  # add each dropped token into its most similar kept token (`--merge-dropped`)
-    predictor_width: Optional[int] = None  # hidden width of the prediction modules; None: the model's width (64 for the shipped teacher)
+    predictor_width: Optional[int] = None  # hidden width of the prediction modules; None: the model's width
+    # (64 for the shipped teacher)
+    detach_predictor_input: bool = False  # no gradient from the prediction modules into the backbone
     compare_single_ratio: bool = False  # also fine-tune the single-ratio model and sweep it (twice the
     # fine-tuning time); otherwise the plot shows its sweep measured on the shipped teacher
     prune_locs: Optional[tuple[int, ...]] = None  # blocks before which to prune; None: SHIPPED_PRUNE_LOCS
@@ -371,6 +373,7 @@ def fine_tune_config(cfg: DemoConfig, out: Path, teacher: Path, device: torch.de
         fuse_dropped=cfg.fuse_dropped,
         merge_dropped=cfg.merge_dropped,
         predictor_width=cfg.predictor_width,
+        detach_predictor_input=cfg.detach_predictor_input,
         prune_locs=list(prune_locs) if prune_locs else None,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,

@@ -34,6 +34,8 @@ FLAG_HELP = {
     "merge_dropped": "add each dropped token into its most similar kept token (size-weighted; excludes --fuse-dropped)",
     "predictor_width": "hidden width of the prediction modules, a multiple of 4 (default: the model's width, the "
     "paper's layout; a quarter of it costs about a fifth of the MACs)",
+    "detach_predictor_input": "ViTs: the prediction modules pass no gradient back into the backbone (the keep-ratio "
+    "loss trains them alone)",
     "budget": "fixed, or per-image: the ratio loss holds the batch's mean kept fraction at rho^s, not each image's "
     "(calibrate the thresholds afterwards with `dynamicvit calibrate`)",
     "prune_locs": "comma-separated blocks before which to prune, e.g. 3,6,9 (default: evenly spaced; "

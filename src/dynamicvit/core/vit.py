@@ -76,9 +76,13 @@ class DynamicViT(SparseModel):
     Attributes:
         packed_attention: how the per-image budget computes attention on the packed batch (one of
             `core.packed.ATTENTION_KERNELS`; set it with `core.packed.set_packed_attention`).
+        detach_predictor_input: training path only: the prediction modules read the tokens without
+            passing a gradient back into the backbone, so the keep-ratio loss (and the decisions'
+            straight-through gradient) trains the prediction modules alone. False is the paper's method.
     """
 
     packed_attention: str = "auto"
+    detach_predictor_input: bool = False
 
     def __init__(
         self,
@@ -169,6 +173,7 @@ class DynamicViT(SparseModel):
                           min_keep=self.config.min_keep, predictor_width=self.predictor_width)
         twin.predictors = self.predictors
         twin.packed_attention = self.packed_attention
+        twin.detach_predictor_input = self.detach_predictor_input
         return twin
 
     def set_keep_ratio(self, keep_ratio: float, budget: Optional[str] = None) -> None:
@@ -275,7 +280,8 @@ class DynamicViT(SparseModel):
                 tokens = x[:, : P + N]  # without the fused token
                 previous = decision
                 if decisions is None or self.fuse_dropped:
-                    log_probs = self.predictors[stage](tokens, decision, P)  # (B, N, 2)
+                    seen = tokens.detach() if self.detach_predictor_input else tokens
+                    log_probs = self.predictors[stage](seen, decision, P)  # (B, N, 2)
                 if decisions is None:
                     logits = log_probs + log_probs.new_tensor([shift, 0.0]) if shift else log_probs
                     decision = sample_keep(logits, decision)

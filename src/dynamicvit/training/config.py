@@ -151,6 +151,8 @@ class TrainConfig:
     merge_dropped: bool = False  # add each dropped token into its most similar kept token (excludes fuse_dropped)
     predictor_width: Optional[int] = None  # hidden width of the prediction modules (multiple of 4); None: the
     # model's width, the paper's layout. A quarter of it costs a fifth of the MACs (see PredictionModule)
+    detach_predictor_input: bool = False  # ViTs: no gradient from the prediction modules into the backbone
+    # (the keep-ratio loss then trains the prediction modules alone); False: the paper's method
     budget: str = "fixed"  # "per-image": the ratio loss pulls the batch's mean kept fraction to rho^s, not each
     # image's, so images may keep more or fewer tokens (calibrate thresholds afterwards: dynamicvit calibrate)
     prune_locs: Optional[list[int]] = None  # blocks before which to prune; None: three evenly spaced stages

@@ -76,6 +76,11 @@ def build_models(cfg: TrainConfig, kwargs: dict) -> tuple[nn.Module, Optional[nn
     student = sparsify(copy.deepcopy(teacher), cfg.keep_ratio, cfg.prune_locs, fuse_dropped=cfg.fuse_dropped,
                        merge_dropped=cfg.merge_dropped, predictor_width=cfg.predictor_width)
     student.backbone.requires_grad_(True)
+    if cfg.detach_predictor_input:
+        if isinstance(student, DynamicSpatial):
+            raise ConfigError("--detach-predictor-input is for ViTs and LV-ViTs; ConvNeXt and Swin train their "
+                              "prediction modules with the backbone")
+        student.detach_predictor_input = True
     if cfg.predictor_keep_prior is not None:
         for predictor in student.predictors:
             predictor.reset_parameters(cfg.predictor_keep_prior)
